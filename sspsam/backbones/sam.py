@@ -1,0 +1,127 @@
+"""SAM's image encoder, prompt encoder and mask decoder, reused from Meta's segment_anything.
+
+The three parts keep the attribute names of ``segment_anything.modeling.Sam`` so the official
+checkpoints (``sam_vit_{b,l,h}_*.pth``, MobileSAM's ``mobile_sam.pt``) load with strict key checks.
+MobileSAM swaps the ViT image encoder for TinyViT (``tiny_vit.py``) and keeps the rest.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import load_into, read_state_dict
+from ..errors import ConfigError
+from ._imports import segment_anything_modeling
+
+# Meta's three ViT encoders (segment_anything/build_sam.py).
+VIT_ENCODERS = {
+    "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
+    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
+    "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
+}
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class SAMBackbone(nn.Module):
+    """SAM minus its Python-side prompting utilities: encoders and decoder as modules."""
+
+    def __init__(
+        self,
+        encoder: str = "vit_b",
+        img_size: int = 1024,
+        prompt_dim: int = 256,
+        encoder_overrides: dict | None = None,
+        decoder_mlp_dim: int = 2048,
+        decoder_heads: int = 8,
+    ):
+        super().__init__()
+        modeling = segment_anything_modeling()
+        patch = 16
+        if img_size % patch:
+            raise ConfigError(f"sam.img_size must be a multiple of {patch}, got {img_size}")
+        overrides = dict(encoder_overrides or {})
+        if encoder in VIT_ENCODERS:
+            kw = {**VIT_ENCODERS[encoder], **overrides}
+            self.image_encoder = modeling.ImageEncoderViT(
+                img_size=img_size,
+                patch_size=patch,
+                mlp_ratio=4,
+                norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                qkv_bias=True,
+                use_rel_pos=True,
+                window_size=kw.pop("window_size", 14),
+                out_chans=prompt_dim,
+                **kw,
+            )
+        elif encoder == "tiny_vit":
+            from .tiny_vit import TinyViT
+
+            self.image_encoder = TinyViT(img_size=img_size, out_chans=prompt_dim, **overrides)
+        else:
+            raise ConfigError(f"unknown SAM encoder '{encoder}'; choose one of {[*VIT_ENCODERS, 'tiny_vit']}")
+        grid = img_size // patch
+        self.prompt_encoder = modeling.PromptEncoder(
+            embed_dim=prompt_dim, image_embedding_size=(grid, grid), input_image_size=(img_size, img_size), mask_in_chans=16
+        )
+        self.mask_decoder = modeling.MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=modeling.TwoWayTransformer(
+                depth=2, embedding_dim=prompt_dim, mlp_dim=decoder_mlp_dim, num_heads=decoder_heads
+            ),
+            transformer_dim=prompt_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        )
+        self.encoder_name = encoder
+        self.img_size = img_size
+        self.grid = grid
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "SAMBackbone":
+        known = {"encoder", "img_size", "prompt_dim", "encoder_overrides", "decoder_mlp_dim", "decoder_heads", "weights"}
+        if extra := set(cfg) - known:
+            raise ConfigError(f"unknown keys in sam config: {sorted(extra)}")
+        return cls(**{k: v for k, v in cfg.items() if k != "weights"})
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """An official SAM / MobileSAM checkpoint (keys image_encoder.*, prompt_encoder.*, mask_decoder.*)."""
+        sd = read_state_dict(path, what="SAM")
+        load_into(self, sd, what=f"SAM {self.encoder_name} ({path})")
+
+    def encode_image(self, images: torch.Tensor, valid_hw: torch.Tensor | None = None) -> torch.Tensor:
+        """[B,3,S,S] letterboxed 0..255 → image embedding [B, prompt_dim, S/16, S/16].
+
+        ``valid_hw`` [B,2] is the letterboxed content size; the padding beyond it is set to 0
+        after normalisation, exactly as SAM pads. Without it the whole square counts as content.
+        """
+        if images.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"SAM expects {self.img_size}x{self.img_size} letterboxed input, got {tuple(images.shape[-2:])}")
+        x = (images - self.pixel_mean) / self.pixel_std
+        if valid_hw is not None:
+            idx = torch.arange(self.img_size, device=x.device)
+            rows = idx[None, :] < valid_hw[:, :1].to(x.device)
+            cols = idx[None, :] < valid_hw[:, 1:].to(x.device)
+            x = x * (rows[:, None, :, None] & cols[:, None, None, :])
+        return self.image_encoder(x)
+
+    def decode(
+        self, image_embedding: torch.Tensor, sparse: torch.Tensor, multimask: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image's embedding [1,C,h,w] and T prompt sets [T,K,C] → low-res logits [T,1,4h,4w], IoU [T,1]."""
+        t = sparse.shape[0]
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(t, -1, self.grid, self.grid)
+        return self.mask_decoder(
+            image_embeddings=image_embedding,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )

@@ -1,0 +1,130 @@
+"""Reading official and sspsam checkpoints with errors that name the problem; atomic writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+FORMAT_VERSION = 1
+
+
+def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
+    # Training frameworks nest the weights under a few customary keys.
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError("the file holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.split("/", 1)[-1].startswith("code/") for n in zf.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+def read_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Load tensors from a .pth/.pt (pickle or TorchScript, e.g. OpenAI CLIP) or .safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} file not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} file is empty: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return dict(load_file(str(path)))
+        if _is_torchscript(path):
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # torch raises several types for truncated zips and pickles
+        raise CheckpointError(
+            f"{what} file {path} is truncated or corrupt ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "download or import it again"
+        ) from exc
+    try:
+        return _unwrap(obj.get("state_dict", obj) if isinstance(obj, Mapping) and "sspsam" in obj else obj)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{what} file {path}: {exc}") from None
+
+
+def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, strict: bool = True) -> None:
+    """load_state_dict with a readable report of missing, unexpected and mis-shaped keys."""
+    own = module.state_dict()
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches (e.g. {mismatched[0]})")
+    if strict and missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+    if strict and unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    if problems:
+        raise CheckpointError(
+            f"{what}: the checkpoint does not fit this model: " + "; ".join(problems)
+            + " — is it a checkpoint for another model variant?"
+        )
+    module.load_state_dict(state_dict, strict=strict)
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call ``write(tmp_path)`` and move the result into place, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_checkpoint(path: str | os.PathLike, config: dict, state_dict: Mapping[str, torch.Tensor], **extra) -> Path:
+    """An sspsam checkpoint: the config travels with the weights, so a file alone rebuilds the model."""
+    payload = {"sspsam": FORMAT_VERSION, "config": config, "state_dict": dict(state_dict), **extra}
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def read_sspsam_checkpoint(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model checkpoint not found: {path}")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"model checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        ) from exc
+    if not isinstance(obj, Mapping) or "sspsam" not in obj or "config" not in obj:
+        raise CheckpointError(
+            f"{path} is not an sspsam model checkpoint (no 'sspsam'/'config' entries); "
+            "backbone files (SAM .pth, CLIP .pt) go through `sspsam weights import`"
+        )
+    if obj["sspsam"] > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer sspsam (format {obj['sspsam']}); upgrade sspsam")
+    return dict(obj)

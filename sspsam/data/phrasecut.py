@@ -1,0 +1,136 @@
+"""VGPhraseCut in the layout of ChenyunWu/PhraseCutDataset (``data/VGPhraseCut_v0``)::
+
+    VGPhraseCut_v0/
+      image_data_split.json       [{image_id, width, height, split, coco_id, flickr_id, url}, ...]
+      refer_train.json  refer_val.json  refer_test.json  refer_miniv.json
+      refer_input_<split>.json    (inputs only, optional)
+      images/<image_id>.jpg
+
+Each ``refer_<split>.json`` is a list of tasks (phrase–region pairs)::
+
+    {task_id, image_id, ann_ids, instance_boxes (xywh), Polygons, phrase, phrase_structure}
+
+``Polygons`` holds, per instance, a list of polygons, each a list of [x, y] points. The
+ground truth is PhraseCut's own ``polygons_to_mask`` of all polygons of all instances
+(int-truncated vertices, PIL fill + outline) — not COCO's rasteriser. Splits may be joined with
+'_' as the reference loader allows (``val_miniv``: the README notes ``val`` excludes miniv).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import DatasetLayoutError
+from .base import Record, ReferringDataset, Tokenizer
+
+SPLITS = ("train", "val", "test", "miniv")
+LAYOUT_HINT = (
+    "expected the VGPhraseCut layout: ROOT/image_data_split.json, ROOT/refer_<split>.json and "
+    "ROOT/images/<image_id>.jpg (ROOT = PhraseCutDataset/data/VGPhraseCut_v0)"
+)
+IMAGE_EXTS = (".jpg", ".png", ".jpeg")
+
+
+INFO_NAMES = ("image_data_split.json", "image_data_split3000.json")  # file_paths.py / README name
+
+
+def resolve_root(root: Path) -> Path:
+    """Accept the VGPhraseCut_v0 folder itself, or a folder above it."""
+    for cand in (root, root / "VGPhraseCut_v0", root / "data" / "VGPhraseCut_v0"):
+        if any((cand / n).is_file() for n in INFO_NAMES):
+            return cand
+    if not root.is_dir():
+        raise DatasetLayoutError(f"dataset root {root} does not exist — {LAYOUT_HINT}")
+    held = ", ".join(sorted(p.name for p in root.iterdir())[:12]) or "nothing"
+    raise DatasetLayoutError(
+        f"missing image_data_split.json: expected {root / 'image_data_split.json'} "
+        f"(that folder holds: {held}) — {LAYOUT_HINT}"
+    )
+
+
+def _image_path(image_dir: Path, image_id: int) -> Path:
+    for ext in IMAGE_EXTS:
+        p = image_dir / f"{image_id}{ext}"
+        if p.is_file():
+            return p
+    return image_dir / f"{image_id}.jpg"
+
+
+class PhraseCutDataset(ReferringDataset):
+    """One sample per PhraseCut task (phrase → union of its instances' polygons).
+
+    ``sent_id`` and ``ref_id`` are the task_id strings; ``no_target`` is True only for a task
+    without polygons (the released data has none).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "val",
+        image_size: int = 1024,
+        tokenizer: Tokenizer | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(image_size, tokenizer, **kwargs)
+        root = resolve_root(Path(root))
+        self.root, self.split = root, split
+        splits = split.split("_")
+        for s in splits:
+            if s not in SPLITS:
+                raise ValueError(f"unknown PhraseCut split {s!r}; one of {', '.join(SPLITS)} (join with '_')")
+        info_path = next(root / n for n in INFO_NAMES if (root / n).is_file())
+        try:
+            infos = json.loads(info_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DatasetLayoutError(f"{info_path} is not valid JSON ({exc})") from None
+        img_info = {int(im["image_id"]): im for im in infos}
+        self.image_dir = root / "images"
+        if not self.image_dir.is_dir():
+            raise DatasetLayoutError(f"missing images folder: expected {self.image_dir} — {LAYOUT_HINT}")
+
+        for s in splits:
+            path = root / f"refer_{s}.json"
+            if not path.is_file():
+                raise DatasetLayoutError(f"missing refer_{s}.json: expected {path} — {LAYOUT_HINT}")
+            try:
+                tasks = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise DatasetLayoutError(f"{path} is not valid JSON ({exc})") from None
+            for task in tasks:
+                for key in ("task_id", "image_id", "phrase", "Polygons"):
+                    if key not in task:
+                        raise DatasetLayoutError(
+                            f"{path}: task {task.get('task_id')} lacks '{key}'"
+                            + (" (refer_input_*.json files hold no ground truth)" if key == "Polygons" else "")
+                        )
+                iid = int(task["image_id"])
+                info = img_info.get(iid)
+                if info is None:
+                    raise DatasetLayoutError(f"{path}: task {task['task_id']} names image {iid}, absent from {info_path}")
+                polygons = [poly for instance in task["Polygons"] for poly in instance]
+                self.records.append(
+                    Record(
+                        image_path=_image_path(self.image_dir, iid),
+                        height=int(info["height"]),
+                        width=int(info["width"]),
+                        text=str(task["phrase"]),
+                        no_target=not any(len(p) >= 2 for p in polygons),
+                        image_id=iid,
+                        sent_id=str(task["task_id"]),
+                        ref_id=str(task["task_id"]),
+                        split=s,
+                        segments=polygons,
+                        kind="phrasecut",
+                        extra={
+                            "ann_ids": list(task.get("ann_ids", [])),
+                            "instance_boxes": task.get("instance_boxes", []),
+                            "phrase_structure": task.get("phrase_structure"),
+                        },
+                    )
+                )
+        if not self.records:
+            raise ValueError(f"no tasks in split {split!r} under {root}")
+
+    def __repr__(self) -> str:
+        return f"PhraseCutDataset(split={self.split}: {len(self)} tasks)"

@@ -1,0 +1,25 @@
+"""One exception family, so the CLI and the service can turn any of them into a one-line message."""
+
+
+class SSPSamError(RuntimeError):
+    """Base class: something the user can fix (a file, a name, an input), not a bug."""
+
+
+class ImageLoadError(SSPSamError):
+    """The image file is missing, unreadable, corrupt or of an unsupported kind."""
+
+
+class ImageTooLargeError(ImageLoadError):
+    """The image has more pixels than the configured limit (decompression-bomb guard)."""
+
+
+class TextError(SSPSamError):
+    """A phrase is empty, too long, or not text."""
+
+
+class CheckpointError(SSPSamError):
+    """A checkpoint file is missing, truncated, corrupt, or does not fit the model."""
+
+
+class ConfigError(SSPSamError):
+    """A model config is missing or malformed."""

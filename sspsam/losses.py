@@ -1,0 +1,66 @@
+"""SSP-SAM's training objective (official recipe): 4·dice + 4·focal on masks, 5·L1 + 2·GIoU on the
+auxiliary box, and (our GRES switch) a BCE on the no-target logit."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample soft dice with +1 smoothing (so an empty target with an empty prediction costs 0); mean over samples."""
+    p = logits.sigmoid().flatten(1)
+    t = target.float().flatten(1)
+    return (1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)).mean()
+
+
+def sigmoid_focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """Focal loss (Lin et al.) averaged over pixels and samples."""
+    t = target.float()
+    p = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
+    p_t = p * t + (1 - p) * (1 - t)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
+    return loss.flatten(1).mean(1).mean()
+
+
+def box_cxcywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
+    cx, cy, w, h = b.unbind(-1)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+
+
+def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Element-wise GIoU of paired xyxy boxes [N,4]."""
+    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
+    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+    lt, rb = torch.max(a[:, :2], b[:, :2]), torch.min(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    union = area_a + area_b - inter
+    iou = inter / union.clamp(min=1e-7)
+    hull = (torch.max(a[:, 2:], b[:, 2:]) - torch.min(a[:, :2], b[:, :2])).clamp(min=0).prod(-1)
+    return iou - (hull - union) / hull.clamp(min=1e-7)
+
+
+def ssp_loss(out: dict, mask: torch.Tensor, box: torch.Tensor, no_target: torch.Tensor, weights: dict) -> dict[str, torch.Tensor]:
+    """out: model outputs; mask [T,S,S] bool (letterboxed GT); box [T,4] cxcywh in [0,1]; no_target [T] bool."""
+    logits = out["mask_logits"][:, 0]
+    logits = F.interpolate(logits[:, None], size=mask.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    losses = {
+        "dice": weights.get("dice", 4.0) * dice_loss(logits, mask),
+        "focal": weights.get("focal", 4.0)
+        * sigmoid_focal_loss(logits, mask, weights.get("focal_alpha", 0.25), weights.get("focal_gamma", 2.0)),
+    }
+    has = ~no_target
+    if has.any() and "box" in out:
+        pb, gb = out["box"][has], box[has].to(out["box"].dtype)
+        losses["box_l1"] = weights.get("box_l1", 5.0) * F.l1_loss(pb, gb)
+        giou = generalized_box_iou(box_cxcywh_to_xyxy(pb), box_cxcywh_to_xyxy(gb))
+        losses["box_giou"] = weights.get("box_giou", 2.0) * (1 - giou).mean()
+    if "no_target_logit" in out:
+        losses["no_target"] = weights.get("no_target", 1.0) * F.binary_cross_entropy_with_logits(
+            out["no_target_logit"], no_target.float()
+        )
+    losses["total"] = sum(losses.values())
+    return losses

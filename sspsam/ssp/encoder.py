@@ -1,0 +1,45 @@
+"""Semantic-Spatial Prompt encoder: the four SSP-SAM modules wired as in the paper's Fig. 2."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..backbones.clip import TextFeatures
+from .fusion import SemanticSpatialFusion
+from .linguistic_adapter import LinguisticAttentionAdapter
+from .prompt_generator import PromptGenerator
+from .visual_adapter import VisualAttentionAdapter
+
+
+class SemanticSpatialPromptEncoder(nn.Module):
+    """CLIP patch + word features → K prompt tokens for SAM's mask decoder (plus the box token)."""
+
+    def __init__(
+        self,
+        clip_dim: int,
+        num_patches: int,
+        d_model: int = 512,
+        prompt_dim: int = 256,
+        num_prompts: int = 128,
+        vaa_heads: int = 8,
+        vaa_mlp_layers: int = 3,
+        sigma_init: float = 0.5,
+        scale_init: float = 1.0,
+        pg_layers: int = 6,
+        pg_heads: int = 8,
+        pg_ffn: int = 2048,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.linguistic_adapter = LinguisticAttentionAdapter(clip_dim, d_model)
+        self.visual_adapter = VisualAttentionAdapter(clip_dim, d_model, vaa_heads, vaa_mlp_layers, sigma_init, scale_init)
+        self.fusion = SemanticSpatialFusion(d_model, prompt_dim)
+        self.prompt_generator = PromptGenerator(num_patches, prompt_dim, num_prompts, pg_layers, pg_heads, pg_ffn, dropout)
+
+    def forward(self, patches: torch.Tensor, text: TextFeatures) -> dict[str, torch.Tensor]:
+        """patches [T,N,E] (already gathered per phrase), text features for T phrases."""
+        phrase, words, word_weights = self.linguistic_adapter(text.words, text.pad_mask)
+        visual, maps = self.visual_adapter(patches, text.sentence, words, text.pad_mask)
+        out = self.prompt_generator(self.fusion(visual, phrase))
+        return {**out, **maps, "word_weights": word_weights}

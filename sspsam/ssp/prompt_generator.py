@@ -1,0 +1,74 @@
+"""Prompt Generator (SSP-SAM §III): a DETR-style encoder that turns fused tokens into SAM prompts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _EncoderLayer(nn.Module):
+    """Post-norm transformer layer with positions added to queries and keys only (as DETR)."""
+
+    def __init__(self, dim: int, heads: int, ffn: int, dropout: float):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(ffn, dim))
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        qk = x + pos
+        x = self.norm1(x + self.drop1(self.attn(qk, qk, x, need_weights=False)[0]))
+        return self.norm2(x + self.drop2(self.ffn(x)))
+
+
+class BoxHead(nn.Module):
+    """MLP(dim, dim, 4, 3 layers) → normalised (cx, cy, w, h): the auxiliary box of the official code."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, 4)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x.sigmoid()
+
+
+class PromptGenerator(nn.Module):
+    """[box token, K learnable prompt tokens, N multimodal tokens] → encoder → K SAM sparse prompts.
+
+    The learnable tokens read the whole fused map through self-attention, so each becomes a
+    prompt carrying both what (semantics) and where (position) — unlike a click, which only says where.
+    """
+
+    def __init__(
+        self,
+        num_tokens: int,
+        dim: int = 256,
+        num_prompts: int = 128,
+        layers: int = 6,
+        heads: int = 8,
+        ffn: int = 2048,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.num_prompts = num_prompts
+        self.box_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.prompt_tokens = nn.Parameter(torch.randn(1, num_prompts, dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + num_prompts + num_tokens, dim) * 0.02)
+        self.layers = nn.ModuleList([_EncoderLayer(dim, heads, ffn, dropout) for _ in range(layers)])
+        self.box_head = BoxHead(dim)
+
+    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """tokens [T,N,dim] → prompts [T,K,dim], box [T,4], box_token [T,dim]."""
+        t, n, _ = tokens.shape
+        if 1 + self.num_prompts + n != self.pos_embed.shape[1]:
+            raise ValueError(f"PromptGenerator was built for {self.pos_embed.shape[1] - 1 - self.num_prompts} tokens, got {n}")
+        x = torch.cat([self.box_token.expand(t, -1, -1), self.prompt_tokens.expand(t, -1, -1), tokens], dim=1)
+        pos = self.pos_embed.expand(t, -1, -1)
+        for layer in self.layers:
+            x = layer(x, pos)
+        box_token = x[:, 0]
+        return {"prompts": x[:, 1 : 1 + self.num_prompts], "box": self.box_head(box_token), "box_token": box_token}

@@ -1,0 +1,97 @@
+"""`sspsam` command line: segment, weights, models."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+from PIL import Image
+from rich.console import Console
+
+from . import cli_weights
+from .checkpoint import atomic_write
+from .errors import SSPSamError
+
+app = typer.Typer(
+    help="Language-guided segmentation with SAM and CLIP (SSP-SAM).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(cli_weights.app, name="weights", help="List, fetch, import and verify checkpoint files (offline-friendly).")
+err = Console(stderr=True)
+
+
+def _fail(exc: Exception) -> None:
+    err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+    raise typer.Exit(code=1)
+
+
+def _slug(text: str, n: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "phrase"
+
+
+@app.command()
+def segment(
+    image: Path = typer.Argument(..., help="Image file (JPEG, PNG, TIFF, WebP…; EXIF orientation is applied)."),
+    text: list[str] = typer.Argument(..., help="One or more phrases, each quoted: \"the man holding the baby\"."),
+    output: Path = typer.Option(Path("out"), "-o", "--output", help="Folder for the mask PNG, overlay PNG and JSON."),
+    model: str = typer.Option("shapes-demo", "--model", "-m", help="Bundled model name, variant name with weights in the cache, or a checkpoint path."),
+    device: str = typer.Option("cpu", "--device", help="torch device: cpu, cuda, cuda:1, mps."),
+) -> None:
+    """Segment what each phrase refers to. Writes <name>_mask.png, <name>_overlay.png and <name>.json (COCO RLE)."""
+    from .imageio import load_image
+    from .masks import overlay
+    from .predictor import Segmenter, clean_phrases
+
+    try:  # cheap checks first: a bad image or phrase should not wait for a model to load
+        rgb = load_image(image)
+        phrases = clean_phrases(text)
+        seg = Segmenter.from_pretrained(model, device=device)
+        res = seg.segment(rgb, phrases)
+    except SSPSamError as exc:
+        _fail(exc)
+    except RuntimeError as exc:  # e.g. an unavailable CUDA device
+        _fail(exc)
+    output.mkdir(parents=True, exist_ok=True)
+    stem = image.stem
+    many = len(res) > 1
+    written = []
+    for i, phrase in enumerate(res.phrases):
+        tag = f"{stem}_{i}_{_slug(phrase)}" if many else stem
+        mask_png = Image.fromarray(res.masks[i].astype(np.uint8) * 255)
+        written.append(atomic_write(output / f"{tag}_mask.png", lambda p, im=mask_png: im.save(p, format="PNG")))
+    label = [f"{p} ({s:.2f})" if not n else f"{p}: no match" for p, s, n in zip(res.phrases, res.scores, res.no_target)]
+    ov = overlay(rgb, list(res.masks), label)
+    written.append(atomic_write(output / f"{stem}_overlay.png", lambda p: ov.save(p, format="PNG")))
+    payload = {"image": str(image), "model": seg.name, **res.to_json()}
+    written.append(atomic_write(output / f"{stem}.json", lambda p: Path(p).write_text(json.dumps(payload, indent=1))))
+    for p, s, n in zip(res.phrases, res.scores, res.no_target):
+        print(f"{p!r}: " + ("no matching object" if n else f"mask, score {s:.3f}"))
+    for w in written:
+        print(f"wrote {w}")
+
+
+@app.command()
+def models() -> None:
+    """List bundled models and model variants (configs)."""
+    from .config import list_configs
+    from .predictor import BUNDLED
+
+    for name in BUNDLED:
+        print(f"{name}\tbundled (trained on synthetic shapes; a demo, not for real photos)")
+    for name in list_configs():
+        print(f"{name}\tvariant (needs weights: `sspsam weights list`)")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Segmenter: the public API. An image and one or many phrases in; masks in the image's size out.
+
+The image towers (SAM's encoder, CLIP's image tower) are the expensive part, so an image is
+encoded once and every phrase is decoded against the cached features — as SAM's own predictor
+does with ``set_image``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_into, read_sspsam_checkpoint
+from .config import build_model, list_configs, load_config
+from .errors import CheckpointError, TextError
+from .imageio import ImageLike, load_image
+from .masks import encode_rle
+from .transforms import Letterbox, letterbox_image, to_tensor, unletterbox_logits
+
+MAX_PHRASE_CHARS = 1000
+DEFAULT_MODEL = "shapes-demo"
+BUNDLED = {"shapes-demo": "assets/shapes-demo.pt"}
+
+
+def clean_phrases(text_or_texts: str | list[str]) -> list[str]:
+    texts = [text_or_texts] if isinstance(text_or_texts, str) else list(text_or_texts)
+    if not texts:
+        raise TextError("no phrase given")
+    out = []
+    for t in texts:
+        if not isinstance(t, str):
+            raise TextError(f"a phrase must be text, got {type(t).__name__}")
+        clean = " ".join("".join(ch if ch.isprintable() else " " for ch in t).split())
+        if not clean:
+            raise TextError("empty phrase: say what to segment, e.g. \"the dog on the left\"")
+        if len(clean) > MAX_PHRASE_CHARS:
+            raise TextError(f"phrase is {len(clean)} characters long; at most {MAX_PHRASE_CHARS} are accepted")
+        out.append(clean)
+    return out
+
+
+@dataclass
+class Segmentation:
+    """Results for N phrases on one image."""
+
+    phrases: list[str]
+    masks: np.ndarray  # [N, H, W] bool, original image size; all False where no_target
+    scores: np.ndarray  # [N] float in [0, 1]
+    no_target: np.ndarray  # [N] bool: "nothing in the image matches this phrase"
+    no_target_prob: np.ndarray | None = None
+    extras: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.phrases)
+
+    def to_json(self) -> dict:
+        h, w = self.masks.shape[1:]
+        return {
+            "image_size": [int(h), int(w)],
+            "results": [
+                {
+                    "phrase": p,
+                    "score": float(s),
+                    "no_target": bool(n),
+                    **({"no_target_prob": float(self.no_target_prob[i])} if self.no_target_prob is not None else {}),
+                    "area": int(m.sum()),
+                    "rle": encode_rle(m),
+                }
+                for i, (p, m, s, n) in enumerate(zip(self.phrases, self.masks, self.scores, self.no_target))
+            ],
+        }
+
+
+@dataclass
+class _Encoded:
+    key: str
+    features: object
+    box: Letterbox
+
+
+class Segmenter:
+    def __init__(self, model, device: str | torch.device = "cpu", name: str | None = None):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.name = name or model.config.get("name", "ssp-sam")
+        inf = model.config.get("inference", {})
+        self.mask_threshold = float(inf.get("mask_threshold", 0.0))
+        self.no_target_min_pixels = int(inf.get("no_target_min_pixels", 50))
+        self.no_target_prob = float(inf.get("no_target_prob", 0.5))
+        self._cache: _Encoded | None = None
+
+    # ---- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path = DEFAULT_MODEL, device: str = "cpu") -> "Segmenter":
+        """A bundled model name, a registered variant whose weights are in the cache, or a checkpoint path."""
+        name = str(name_or_path)
+        if name in BUNDLED:
+            path = Path(str(resources.files("sspsam") / BUNDLED[name]))
+            return cls(_model_from_checkpoint(path), device, name)
+        path = Path(name)
+        if path.suffix or path.exists():
+            return cls(_model_from_checkpoint(path), device, path.stem)
+        if name in list_configs():
+            from .weights import require
+
+            return cls(_model_from_checkpoint(require(name)), device, name)
+        raise CheckpointError(
+            f"unknown model '{name}': use a checkpoint path, a bundled model ({', '.join(BUNDLED)}) "
+            f"or a variant ({', '.join(c for c in list_configs() if c != 'ssp-sam-tiny')})"
+        )
+
+    # ---- inference ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def set_image(self, image: ImageLike) -> np.ndarray:
+        """Encode an image once; later ``segment`` calls on the same pixels reuse it."""
+        rgb = load_image(image)
+        key = hashlib.blake2b(rgb.tobytes(), digest_size=16).hexdigest() + str(rgb.shape)
+        if self._cache is None or self._cache.key != key:
+            square, box = letterbox_image(rgb, self.model.image_size)
+            x = to_tensor(square)[None].to(self.device)
+            valid = torch.tensor([box.scaled_hw], device=self.device)
+            self._cache = _Encoded(key, self.model.encode_image(x, valid), box)
+        return rgb
+
+    @torch.inference_mode()
+    def segment(self, image: ImageLike, text_or_texts: str | list[str], batch_size: int = 16) -> Segmentation:
+        phrases = clean_phrases(text_or_texts)
+        self.set_image(image)
+        enc = self._cache
+        masks, scores, no_target, nt_probs = [], [], [], []
+        for i in range(0, len(phrases), batch_size):
+            chunk = phrases[i : i + batch_size]
+            tokens = self.model.clip.tokenize(chunk).to(self.device)
+            text = self.model.encode_text(tokens)
+            out = self.model.decode(enc.features, text, torch.zeros(len(chunk), dtype=torch.long, device=self.device))
+            m, s, n, p = self._postprocess(out, enc.box)
+            masks.append(m), scores.append(s), no_target.append(n), nt_probs.append(p)
+        has_head = nt_probs[0] is not None
+        return Segmentation(
+            phrases=phrases,
+            masks=np.concatenate(masks),
+            scores=np.concatenate(scores),
+            no_target=np.concatenate(no_target),
+            no_target_prob=np.concatenate(nt_probs) if has_head else None,
+        )
+
+    def _postprocess(self, out: dict, box: Letterbox):
+        low = out["mask_logits"][:, 0].float()
+        # The official GRES rule: fewer than N positive pixels at 512x512 means "no target".
+        sq = F.interpolate(low[:, None], size=(512, 512), mode="bilinear", align_corners=False)[:, 0]
+        sh, sw = (round(v * 512 / box.size) for v in box.scaled_hw)
+        area512 = (sq[:, :sh, :sw] > self.mask_threshold).sum((1, 2))
+        iou = out["iou"].float().clamp(0, 1)
+        if "no_target_logit" in out:
+            prob = out["no_target_logit"].float().sigmoid()
+            no_target = prob > self.no_target_prob
+            score = iou * (1 - prob)
+            prob = prob.cpu().numpy()
+        else:
+            prob = None
+            no_target = area512 < self.no_target_min_pixels
+            score = iou
+        full = unletterbox_logits(low, box) > self.mask_threshold
+        full[no_target] = False
+        return full.cpu().numpy(), score.cpu().numpy(), no_target.cpu().numpy(), prob
+
+
+def _model_from_checkpoint(path: Path):
+    ckpt = read_sspsam_checkpoint(path)
+    model = build_model(ckpt["config"])
+    sd = ckpt["state_dict"]
+    external = ckpt.get("external_backbones", [])
+    if external:  # frozen backbones are not copied into every checkpoint: load them from the weights cache
+        from .weights import require
+
+        for part in external:
+            weights_name = ckpt["config"][part].get("weights")
+            getattr(model, part).load_checkpoint(require(weights_name))
+        sd = {**{k: v for k, v in model.state_dict().items() if k.split(".")[0] in external}, **sd}
+    load_into(model, sd, what=f"model checkpoint {path}")
+    return model

@@ -1,0 +1,19 @@
+"""sspsam: language-guided segmentation with SAM and CLIP (SSP-SAM; ESC-Net and SAM-MI to come)."""
+
+from .errors import CheckpointError, ConfigError, ImageLoadError, SSPSamError, TextError
+
+__version__ = "0.1.0"
+__all__ = ["Segmenter", "Segmentation", "build_model", "load_config", "SSPSamError", "CheckpointError",
+           "ConfigError", "ImageLoadError", "TextError", "__version__"]
+
+
+def __getattr__(name):  # keep `import sspsam` light: torch-heavy parts load on first use
+    if name in ("Segmenter", "Segmentation"):
+        from . import predictor
+
+        return getattr(predictor, name)
+    if name in ("build_model", "load_config"):
+        from . import config
+
+        return getattr(config, name)
+    raise AttributeError(name)

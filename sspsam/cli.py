@@ -78,6 +78,33 @@ def segment(
 
 
 @app.command()
+def train(
+    config: str = typer.Argument(..., help="Variant name (e.g. ssp-sam-vitb) or a YAML config path."),
+    data: Path = typer.Option(..., "--data", help="Data root in the refer / gRefCOCO layout."),
+    out: Path = typer.Option(Path("runs/ssp-sam"), "--out", help="Run folder: last.pt (resumable), model.pt, log.jsonl."),
+    dataset: str = typer.Option("refcoco", "--dataset", help="refcoco | grefcoco."),
+    steps: int = typer.Option(1000, "--steps", help="Optimiser steps to reach (counting steps already done on --resume)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Samples per step per process (the paper: 8 per GPU)."),
+    lr: float = typer.Option(1e-4, "--lr", help="Learning rate of the SSP encoder (paper 1e-4)."),
+    decoder_lr: float = typer.Option(1e-5, "--decoder-lr", help="Learning rate of SAM's mask decoder (paper 1e-5)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue bit-exactly from OUT/last.pt."),
+    ckpt_every: int = typer.Option(500, "--ckpt-every", help="Steps between atomic checkpoints."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (autocast)."),
+    device: str = typer.Option("cpu", "--device", help="torch device; under torchrun each rank uses its local GPU."),
+) -> None:
+    """Train SSP-SAM (backbones frozen as in the paper). Multi-GPU: torchrun --nproc_per_node N -m sspsam.cli train ..."""
+    from .config import load_config
+    from .trainer import train as run_training
+
+    try:
+        res = run_training(load_config(config), data, out, dataset=dataset, steps=steps, batch_size=batch_size, lr=lr,
+                           decoder_lr=decoder_lr, resume=resume, ckpt_every=ckpt_every, precision=precision, device=device)
+    except SSPSamError as exc:
+        _fail(exc)
+    print(f"trained to step {res['step']}; model: {res['model']}")
+
+
+@app.command()
 def models() -> None:
     """List bundled models and model variants (configs)."""
     from .config import list_configs

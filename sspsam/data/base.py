@@ -68,6 +68,28 @@ class Record:
 # masks
 
 
+
+def sentence_records(ref: dict, img: dict, image_dir: Path, segs: list, *, no_target: bool, ann_ids: list,
+                     text_field: str) -> list["Record"]:
+    """One Record per sentence of a refer/gRefCOCO ref (both formats share the ref/sentence layout)."""
+    return [
+        Record(
+            image_path=image_dir / img["file_name"],
+            height=int(img["height"]),
+            width=int(img["width"]),
+            text=str(sent.get(text_field) or sent.get("sent") or sent.get("raw", "")),
+            no_target=no_target,
+            image_id=int(ref["image_id"]),
+            sent_id=sent["sent_id"],
+            ref_id=ref["ref_id"],
+            split=ref["split"],
+            segments=segs,
+            kind="coco",
+            extra={"ann_ids": list(ann_ids), "category_id": ref.get("category_id")},
+        )
+        for sent in ref["sentences"]
+    ]
+
 def decode_coco_segmentation(seg: Any, height: int, width: int) -> np.ndarray:
     """A COCO 'segmentation' (polygon list, compressed or uncompressed RLE) → bool HxW.
 

@@ -18,7 +18,7 @@ import pickle
 from pathlib import Path
 
 from . import DatasetLayoutError
-from .base import Record, ReferringDataset, Tokenizer, find_dir
+from .base import ReferringDataset, Tokenizer, find_dir, sentence_records
 from .refer import load_instances
 
 LAYOUT_HINT = (
@@ -133,23 +133,9 @@ class GRefCOCODataset(ReferringDataset):
                     if ann.get("iscrowd", 0):
                         continue  # as ReLA's loader
                     segs.append(ann["segmentation"])
-            for sent in ref["sentences"]:
-                self.records.append(
-                    Record(
-                        image_path=self.image_dir / img["file_name"],
-                        height=int(img["height"]),
-                        width=int(img["width"]),
-                        text=str(sent.get(text_field) or sent.get("sent") or sent.get("raw", "")),
-                        no_target=no_target,
-                        image_id=int(ref["image_id"]),
-                        sent_id=sent["sent_id"],
-                        ref_id=ref["ref_id"],
-                        split=ref["split"],
-                        segments=segs,
-                        kind="coco",
-                        extra={"ann_ids": [] if no_target else list(ann_ids), "category_id": ref.get("category_id")},
-                    )
-                )
+            self.records.extend(
+                sentence_records(ref, img, self.image_dir, segs, no_target=no_target, ann_ids=[] if no_target else ann_ids, text_field=text_field)
+            )
         if not self.records:
             raise ValueError(f"no refs in split {split!r} of {refs_path}; splits present: {', '.join(available)}")
 

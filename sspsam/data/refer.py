@@ -22,7 +22,7 @@ import pickle
 from pathlib import Path
 
 from . import DatasetLayoutError
-from .base import Record, ReferringDataset, Tokenizer, find_dir, require_file
+from .base import ReferringDataset, Tokenizer, find_dir, require_file, sentence_records
 
 DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef")
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "refclef": "unc"}
@@ -160,23 +160,9 @@ class RefCOCODataset(ReferringDataset):
                 if aid not in anns:
                     raise DatasetLayoutError(f"{refs_path}: ref {ref['ref_id']} names annotation {aid}, absent from {inst_path}")
                 segs.append(anns[aid]["segmentation"])
-            for sent in ref["sentences"]:
-                self.records.append(
-                    Record(
-                        image_path=self.image_dir / img["file_name"],
-                        height=int(img["height"]),
-                        width=int(img["width"]),
-                        text=str(sent.get(text_field) or sent.get("sent") or sent.get("raw", "")),
-                        no_target=False,
-                        image_id=int(ref["image_id"]),
-                        sent_id=sent["sent_id"],
-                        ref_id=ref["ref_id"],
-                        split=ref["split"],
-                        segments=segs,
-                        kind="coco",
-                        extra={"ann_ids": list(ann_ids), "category_id": ref.get("category_id")},
-                    )
-                )
+            self.records.extend(
+                sentence_records(ref, img, self.image_dir, segs, no_target=False, ann_ids=ann_ids, text_field=text_field)
+            )
         if not self.records:
             raise ValueError(
                 f"no refs in split {split!r} of {refs_path}; splits present: {', '.join(available) or 'none'}"

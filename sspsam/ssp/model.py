@@ -68,7 +68,7 @@ class SSPSAM(nn.Module):
         logits = out["prompts"].new_empty(t, 1, h, w)
         ious = out["prompts"].new_empty(t, 1)
         for sel, lo, iou in chunks:
-            logits[sel], ious[sel] = lo, iou
+            logits[sel], ious[sel] = lo.to(logits.dtype), iou.to(ious.dtype)
         result = {"mask_logits": logits, "iou": ious[:, 0], "box": out["box"],
                   "sentence_map": out["sentence_map"], "word_weights": out["word_weights"]}
         if self.no_target_head is not None:

@@ -1,0 +1,440 @@
+"""The training loop: seeded, resumable bit-exactly from ``last.pt``, optionally distributed.
+
+    from sspsam.config import load_config
+    from sspsam.trainer import train
+    train(load_config("ssp-sam-tiny"), data_root, Path("runs/x"), steps=1000, batch_size=8,
+          lr=1e-4, decoder_lr=1e-5, ckpt_every=100)
+
+Files in ``out_dir``:
+
+* ``last.pt``    — training state (trainable weights, optimizer, scheduler, step, data position and
+  the RNG states of torch/numpy/random and the sampler generator), written atomically every
+  ``ckpt_every`` steps and at the end; ``resume=True`` continues from it.
+* ``log.jsonl``  — one JSON line per logged optimizer step: ``{"step", "lr", "decoder_lr", <losses>}``.
+* ``model.pt``   — the final model (:func:`sspsam.checkpoint.save_checkpoint`), loadable with
+  :meth:`sspsam.predictor.Segmenter.from_pretrained`.
+
+Determinism: everything random is drawn from the global torch/numpy/random generators (model init,
+dropout, augmentation; ``num_workers=0``) or from the sampler's own ``torch.Generator``; all of them
+are saved, and the data position is saved as (epoch-start sampler state, micro-batches consumed),
+so the loss sequence after a resume equals that of the uninterrupted run on the same machine.
+The learning-rate schedule spans ``total_steps`` (default ``steps``): to stop early and resume
+later with the same schedule, pass the same ``total_steps`` to both calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Sampler
+
+from .checkpoint import atomic_write, load_into, save_checkpoint
+from .config import build_model
+from .errors import CheckpointError, ConfigError
+from .losses import ssp_loss
+from .train import param_groups
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+LAST = "last.pt"
+LOG = "log.jsonl"
+MODEL = "model.pt"
+
+
+# ----------------------------------------------------------------------------------------------
+# seeding and RNG state
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _rng_state(sampler_gen: torch.Generator) -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    out = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "random": _to_lists(random.getstate()),
+        "sampler": sampler_gen.get_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def _to_lists(x):
+    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuples(x):
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, (tuple, list)) else x
+
+
+def _set_rng_state(state: dict, sampler_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    random.setstate(_to_tuples(state["random"]))
+    sampler_gen.set_state(state["sampler"])
+    if "cuda" in state and torch.cuda.is_available():
+        with contextlib.suppress(Exception):
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+class ResumableSampler(Sampler[int]):
+    """A random permutation per epoch from its own generator, sharded by rank (as
+    DistributedSampler with drop_last), that can skip the samples already consumed.
+
+    ``epoch_state`` is the generator state the current epoch's permutation was drawn from; with it
+    and the number of samples consumed the exact position in the data stream is restored."""
+
+    def __init__(self, n: int, generator: torch.Generator, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.generator, self.rank, self.world_size = n, generator, rank, world_size
+        self.per_rank = n // world_size
+        self.skip = 0
+        self.epoch_state: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.per_rank - self.skip
+
+    def __iter__(self) -> Iterator[int]:
+        self.epoch_state = self.generator.get_state()
+        perm = torch.randperm(self.n, generator=self.generator).tolist()
+        mine = perm[: self.per_rank * self.world_size][self.rank :: self.world_size]
+        skip, self.skip = self.skip, 0
+        return iter(mine[skip:])
+
+
+def _to_batch(samples: list[dict]) -> dict:
+    """Dataset samples → the tensors ssp_loss needs (valid_hw only when every sample has one)."""
+    out = {
+        "image": torch.stack([s["image"] for s in samples]),
+        "mask": torch.stack([torch.as_tensor(s["mask"]).bool() for s in samples]),
+        "box": torch.stack([torch.as_tensor(s["box"], dtype=torch.float32) for s in samples]),
+        "no_target": torch.tensor([bool(s["no_target"]) for s in samples], dtype=torch.bool),
+        "text": [s["text"] for s in samples],
+    }
+    if all("valid_hw" in s for s in samples):
+        out["valid_hw"] = torch.stack([torch.as_tensor(s["valid_hw"]) for s in samples])
+    return out
+
+
+def _dataset(name: str, data_root, image_size: int, tcfg: dict):
+    kw = dict(
+        train=bool(tcfg.get("augment", True)),
+        flip=bool(tcfg.get("flip", False)),
+        scale_range=tuple(tcfg.get("scale_range", (0.7, 1.0))),
+        colour_jitter=float(tcfg.get("colour_jitter", 0.2)),
+    )
+    split = tcfg.get("split", "train")
+    if name == "grefcoco":
+        from .data import GRefCOCODataset
+
+        return GRefCOCODataset(data_root, split=split, image_size=image_size, **kw)
+    if name in ("refcoco", "refcoco+", "refcocog"):
+        from .data import RefCOCODataset
+
+        return RefCOCODataset(data_root, dataset=name, split=split, image_size=image_size, **kw)
+    raise ConfigError(f"unknown training dataset {name!r}; one of refcoco, refcoco+, refcocog, grefcoco")
+
+
+# ----------------------------------------------------------------------------------------------
+# schedule
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float = 0.0):
+    """LambdaLR factor for optimizer step s (0-based): linear warm-up, then cosine to min_ratio."""
+    total_steps, warmup_steps = max(1, int(total_steps)), max(0, int(warmup_steps))
+
+    def factor(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        t = min(1.0, (s - warmup_steps) / span)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return factor
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoint of the training state
+
+
+def _trainable_state(model, frozen: list[str]) -> dict[str, torch.Tensor]:
+    prefixes = tuple(f"{p}." for p in frozen)
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+
+
+def read_train_state(path: str | os.PathLike) -> dict:
+    """Load ``last.pt``; a missing, truncated, corrupt or foreign file raises CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no training checkpoint to resume from: {path} does not exist")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"training checkpoint {path} is truncated or corrupt "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+            "delete it to start over"
+        ) from exc
+    need = ("sspsam_train", "step", "model", "optimizer", "scheduler", "rng", "data")
+    if not isinstance(obj, dict) or any(k not in obj for k in need):
+        raise CheckpointError(f"{path} is not an sspsam training checkpoint (missing {', '.join(k for k in need if k not in (obj if isinstance(obj, dict) else {}))})")
+    if obj["sspsam_train"] > STATE_VERSION:
+        raise CheckpointError(f"{path} was written by a newer sspsam (training state {obj['sspsam_train']})")
+    return obj
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a half-written last line from a crash
+        if int(rec.get("step", 0)) <= last_step:
+            keep.append(line)
+    text = "".join(f"{x}\n" for x in keep)
+
+    def write(tmp):
+        Path(tmp).write_text(text)
+
+    atomic_write(path, write)
+
+
+# ----------------------------------------------------------------------------------------------
+# distributed
+
+
+def _setup_distributed(device: str) -> tuple[int, int, bool]:
+    """(rank, world_size, we_initialised_it). Initialises from torchrun's env when present."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if dist.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
+        backend = "nccl" if str(device).startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, False
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(
+    cfg: dict,
+    data_root: str | Path,
+    out_dir: str | Path,
+    *,
+    dataset: str = "refcoco",
+    steps: int,
+    batch_size: int,
+    lr: float,
+    decoder_lr: float,
+    seed: int = 3407,
+    resume: bool = False,
+    ckpt_every: int = 1000,
+    log_every: int = 1,
+    device: str = "cpu",
+    precision: str = "fp32",
+    grad_accum: int = 1,
+    total_steps: int | None = None,
+    warmup_steps: int | None = None,
+    clip_grad: float | None = None,
+    weight_decay: float | None = None,
+    load_backbones: bool = True,
+) -> dict:
+    """Train for ``steps`` optimizer steps (each of ``grad_accum`` micro-batches of ``batch_size``
+    per process). Returns ``{"step", "losses" (this call's per-step dicts), "last", "model",
+    "log", "seconds"}``."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if steps < 1 or batch_size < 1 or grad_accum < 1 or ckpt_every < 1 or log_every < 1:
+        raise ValueError("steps, batch_size, grad_accum, ckpt_every and log_every must be >= 1")
+    out_dir = Path(out_dir)
+    tcfg = dict(cfg.get("train") or {})
+    frozen = list(tcfg.get("freeze") or [])
+    total_steps = int(total_steps or tcfg.get("total_steps") or steps)
+    if warmup_steps is None:
+        warmup_steps = int(tcfg.get("warmup_steps", max(1, round(0.05 * total_steps))))
+    clip_grad = float(tcfg.get("clip_grad", 0.1)) if clip_grad is None else clip_grad
+    weight_decay = float(tcfg.get("weight_decay", 1e-4)) if weight_decay is None else weight_decay
+    loss_weights = dict(cfg.get("loss") or {})
+
+    rank, world, own_pg = _setup_distributed(device)
+    if world > 1 and str(device).startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    dev = torch.device(device)
+    is_main = rank == 0
+    last_path, log_path, model_path = out_dir / LAST, out_dir / LOG, out_dir / MODEL
+
+    state = read_train_state(last_path) if resume else None  # fail before any work
+
+    # ---- model (same seed on every rank: identical init) -------------------------------------
+    seed_everything(seed)
+    model = build_model(cfg)
+    if load_backbones:
+        for part in ("clip", "sam"):
+            name = (cfg.get(part) or {}).get("weights")
+            if name:
+                from .weights import require
+
+                getattr(model, part).load_checkpoint(require(name))
+    if frozen:
+        model.freeze(frozen)
+    model.to(dev)
+    core = model
+    groups = param_groups(model, lr, decoder_lr, weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_steps))
+
+    # ---- data --------------------------------------------------------------------------------
+    ds = _dataset(dataset, data_root, core.image_size, tcfg)
+    if len(ds) // world < batch_size:
+        raise ValueError(f"the {dataset} training split has {len(ds)} samples: too few for batch_size {batch_size} x {world} processes")
+    seed_everything(seed + rank)  # per-rank augmentation / dropout streams
+    sampler_gen = torch.Generator().manual_seed(seed)  # same permutation on every rank
+    sampler = ResumableSampler(len(ds), sampler_gen, rank, world)
+    loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=0, drop_last=True,
+                        collate_fn=_to_batch, generator=torch.Generator().manual_seed(seed))
+
+    step, epoch, consumed = 0, 0, 0
+    if state is not None:
+        try:
+            load_into(core, state["model"], what=f"training checkpoint {last_path}", strict=False)
+            missing = [k for k in _trainable_state(core, frozen) if k not in state["model"]]
+            if missing:
+                raise CheckpointError(f"training checkpoint {last_path} lacks {len(missing)} trainable entries (e.g. {missing[0]})")
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            step, epoch, consumed = int(state["step"]), int(state["data"]["epoch"]), int(state["data"]["consumed"])
+            _set_rng_state(state["rng"], sampler_gen)
+            sampler_gen.set_state(state["data"]["epoch_state"])
+            sampler.skip = consumed * batch_size
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"training checkpoint {last_path} does not fit this run ({type(exc).__name__}: {exc})") from exc
+        if int(state.get("total_steps", total_steps)) != total_steps:
+            warnings.warn(f"resuming with total_steps={total_steps}, the checkpoint used {state['total_steps']}: the LR schedule changes")
+        if is_main:
+            _truncate_log(log_path, step)
+    elif is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
+
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(core, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
+
+    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    trainable = [p for p in core.parameters() if p.requires_grad]
+
+    def save_state() -> None:
+        payload = {
+            "sspsam_train": STATE_VERSION,
+            "step": step,
+            "total_steps": total_steps,
+            "seed": seed,
+            "model": _trainable_state(core, frozen),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(sampler_gen),
+            "data": {"epoch": epoch, "consumed": consumed, "epoch_state": sampler.epoch_state},
+        }
+        atomic_write(last_path, lambda tmp: torch.save(payload, tmp))
+
+    it = None
+    history: list[dict] = []
+    start = time.time()
+    log_fh = open(log_path, "a") if is_main else None
+    try:
+        while step < steps:
+            model.train()
+            for name in frozen:
+                core.get_submodule(name).eval()
+            optimizer.zero_grad(set_to_none=True)
+            sums: dict[str, float] = {}
+            for micro in range(grad_accum):
+                while True:
+                    if it is None:
+                        it = iter(loader)
+                    try:
+                        batch = next(it)
+                        break
+                    except StopIteration:
+                        it, epoch, consumed = None, epoch + 1, 0
+                consumed += 1
+                batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+                tokens = core.clip.tokenize(batch["text"]).to(dev)
+                sync = micro == grad_accum - 1 or world == 1
+                ctx = contextlib.nullcontext() if sync else model.no_sync()
+                with ctx:
+                    with autocast():
+                        out = model(batch["image"], tokens, batch.get("valid_hw"))
+                    out = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
+                    losses = ssp_loss(out, batch["mask"], batch["box"], batch["no_target"], loss_weights)
+                    (losses["total"] / grad_accum).backward()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / grad_accum
+            if clip_grad:
+                torch.nn.utils.clip_grad_norm_(trainable, clip_grad)
+            lrs = [g["lr"] for g in optimizer.param_groups]
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            rec = {"step": step, "lr": lrs[0], "decoder_lr": lrs[1], **sums}
+            history.append(rec)
+            if log_fh is not None and (step % log_every == 0 or step == steps):
+                log_fh.write(json.dumps(rec) + "\n")
+                log_fh.flush()
+                log.info("step %d/%d loss %.4f lr %.3g", step, steps, sums.get("total", float("nan")), lrs[0])
+            if step % ckpt_every == 0 or step == steps:
+                if is_main:
+                    save_state()
+                if world > 1:
+                    dist.barrier()
+        if is_main:
+            sd = {k: v.detach().cpu() for k, v in core.state_dict().items()}
+            save_checkpoint(model_path, cfg, sd)
+        if world > 1:
+            dist.barrier()
+    finally:
+        if log_fh is not None:
+            log_fh.close()
+        if own_pg and dist.is_initialized():
+            dist.destroy_process_group()
+    return {
+        "step": step,
+        "losses": history,
+        "last": last_path,
+        "model": model_path,
+        "log": log_path,
+        "seconds": time.time() - start,
+    }

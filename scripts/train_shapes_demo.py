@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from sspsam.checkpoint import save_checkpoint
+from sspsam.checkpoint import read_sspsam_checkpoint, save_checkpoint
 from sspsam.config import build_model, load_config
 from sspsam.data.shapes import make_scene, no_target_expressions, single_target_expressions
 from sspsam.train import collate, make_sample, param_groups, train_step
@@ -40,13 +40,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seed", type=int, default=3407)
     ap.add_argument("--out", default="sspsam/assets/shapes-demo.pt")
+    ap.add_argument("--init", help="start from this sspsam checkpoint (e.g. a frozen-tower warm-up)")
+    ap.add_argument("--unfreeze", action="store_true", help="train the CLIP and SAM towers too")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     cfg = load_config("ssp-sam-tiny")
     cfg["name"] = "shapes-demo"
     model = build_model(cfg)
-    model.freeze(["clip", "sam.image_encoder"])  # the paper's recipe, and 3x cheaper steps on a CPU
+    if args.init:
+        model.load_state_dict({k: v.float() for k, v in read_sspsam_checkpoint(args.init)["state_dict"].items()})
+    if not args.unfreeze:
+        model.freeze(["clip", "sam.image_encoder"])  # the paper's recipe, and 3x cheaper steps on a CPU
     opt = torch.optim.AdamW(param_groups(model, 5e-4, 5e-4), lr=5e-4)
     t0, step = time.time(), 0
     while time.time() - t0 < args.minutes * 60:

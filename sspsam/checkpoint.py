@@ -34,6 +34,19 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
+def _corrupt(what: str, path: Path, exc: Exception, hint: str = "") -> CheckpointError:
+    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return CheckpointError(f"{what} {path} is truncated or corrupt ({type(exc).__name__}: {first})" + (f"; {hint}" if hint else ""))
+
+
+def torch_load(path: str | os.PathLike, what: str, hint: str = "") -> Any:
+    """torch.load (weights only) whose many failure types for cut or damaged files become one named error."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise _corrupt(what, Path(path), exc, hint) from exc
+
+
 def read_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Load tensors from a .pth/.pt (pickle or TorchScript, e.g. OpenAI CLIP) or .safetensors file."""
     path = Path(path)
@@ -49,13 +62,8 @@ def read_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> dict[s
         if _is_torchscript(path):
             return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except CheckpointError:
-        raise
     except Exception as exc:  # torch raises several types for truncated zips and pickles
-        raise CheckpointError(
-            f"{what} file {path} is truncated or corrupt ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-            "download or import it again"
-        ) from exc
+        raise _corrupt(f"{what} file", path, exc, "download or import it again") from exc
     try:
         return _unwrap(obj.get("state_dict", obj) if isinstance(obj, Mapping) and "sspsam" in obj else obj)
     except CheckpointError as exc:
@@ -114,12 +122,7 @@ def read_sspsam_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model checkpoint not found: {path}")
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"model checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-        ) from exc
+    obj = torch_load(path, "model checkpoint")
     if not isinstance(obj, Mapping) or "sspsam" not in obj or "config" not in obj:
         raise CheckpointError(
             f"{path} is not an sspsam model checkpoint (no 'sspsam'/'config' entries); "

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
-from .checkpoint import atomic_write, load_into, save_checkpoint
+from .checkpoint import atomic_write, load_into, save_checkpoint, torch_load
 from .config import build_model
 from .errors import CheckpointError, ConfigError
 from .losses import ssp_loss
@@ -190,14 +190,7 @@ def read_train_state(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no training checkpoint to resume from: {path} does not exist")
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"training checkpoint {path} is truncated or corrupt "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
-            "delete it to start over"
-        ) from exc
+    obj = torch_load(path, "training checkpoint", "delete it to start over")
     need = ("sspsam_train", "step", "model", "optimizer", "scheduler", "rng", "data")
     if not isinstance(obj, dict) or any(k not in obj for k in need):
         raise CheckpointError(f"{path} is not an sspsam training checkpoint (missing {', '.join(k for k in need if k not in (obj if isinstance(obj, dict) else {}))})")

@@ -36,8 +36,7 @@ class TextFeatures:
 
 def open_clip_config(arch: str) -> dict:
     """Read an architecture JSON shipped inside open_clip (e.g. 'ViT-B-16', 'ViT-L-14-336')."""
-    _bare = open_clip_modules()  # makes sure the package is importable
-    del _bare
+    open_clip_modules()  # registers the package without its torchvision-importing __init__
     cfg_dir = Path(resources.files("open_clip")) / "model_configs"
     path = cfg_dir / f"{arch}.json"
     if not path.is_file():

@@ -63,4 +63,16 @@ def build_model(cfg: dict | str | Path):
         from .ssp.model import SSPSAM
 
         return SSPSAM(clip, sam, cfg.get("ssp", {}), config=cfg)
+    if arch == "escnet":
+        from .ovss.escnet import ESCNet
+
+        return ESCNet(clip, sam, cfg.get("escnet", {}), config=cfg)
+    if arch == "sam-mi":
+        from .ovss.sam_mi import SAMMI
+
+        return SAMMI(clip, sam, cfg.get("sam_mi", {}), config=cfg)
+    if arch == "zeroshot":
+        from .zeroshot.pipeline import ZeroShot
+
+        return ZeroShot(clip, sam, cfg.get("zeroshot", {}), config=cfg)
     raise ConfigError(f"unknown model type '{arch}' in config '{cfg.get('name')}'")

@@ -1,0 +1,1 @@
+"""Training-free path: pretrained CLIP + SAM only (OVSS and RES)."""

@@ -82,7 +82,7 @@ def train(
     config: str = typer.Argument(..., help="Variant name (e.g. ssp-sam-vitb) or a YAML config path."),
     data: Path = typer.Option(..., "--data", help="Data root in the refer / gRefCOCO layout."),
     out: Path = typer.Option(Path("runs/ssp-sam"), "--out", help="Run folder: last.pt (resumable), model.pt, log.jsonl."),
-    dataset: str = typer.Option("refcoco", "--dataset", help="refcoco | grefcoco."),
+    dataset: str = typer.Option("refcoco", "--dataset", help="refcoco | refcoco+ | refcocog | grefcoco | phrasecut."),
     steps: int = typer.Option(1000, "--steps", help="Optimiser steps to reach (counting steps already done on --resume)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Samples per step per process (the paper: 8 per GPU)."),
     lr: float = typer.Option(1e-4, "--lr", help="Learning rate of the SSP encoder (paper 1e-4)."),
@@ -91,6 +91,9 @@ def train(
     ckpt_every: int = typer.Option(500, "--ckpt-every", help="Steps between atomic checkpoints."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (autocast)."),
     device: str = typer.Option("cpu", "--device", help="torch device; under torchrun each rank uses its local GPU."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimiser step."),
+    total_steps: Optional[int] = typer.Option(None, "--total-steps", help="Length of the LR schedule (default: --steps); keep it fixed across resumes."),
+    seed: int = typer.Option(3407, "--seed", help="Seed (the official recipe: 3407)."),
 ) -> None:
     """Train SSP-SAM (backbones frozen as in the paper). Multi-GPU: torchrun --nproc_per_node N -m sspsam.cli train ..."""
     from .config import load_config
@@ -98,10 +101,44 @@ def train(
 
     try:
         res = run_training(load_config(config), data, out, dataset=dataset, steps=steps, batch_size=batch_size, lr=lr,
-                           decoder_lr=decoder_lr, resume=resume, ckpt_every=ckpt_every, precision=precision, device=device)
+                           decoder_lr=decoder_lr, resume=resume, ckpt_every=ckpt_every, precision=precision, device=device,
+                           grad_accum=grad_accum, total_steps=total_steps, seed=seed, progress=True)
     except SSPSamError as exc:
         _fail(exc)
     print(f"trained to step {res['step']}; model: {res['model']}")
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Argument(..., help="Checkpoint path (e.g. runs/x/model.pt), bundled model name, or variant with weights in the cache."),
+    data: Path = typer.Option(..., "--data", help="Dataset root (refer / gRefCOCO / PhraseCut layout)."),
+    dataset: str = typer.Option("refcoco", "--dataset", help="refcoco | refcoco+ | refcocog | grefcoco | phrasecut."),
+    split: str = typer.Option("val", "--split", help="val | testA | testB | test (refer), val/testA/testB (gRefCOCO), val/test (PhraseCut)."),
+    split_by: Optional[str] = typer.Option(None, "--split-by", help="refer split scheme: unc (RefCOCO/+), umd or google (RefCOCOg)."),
+    output: Path = typer.Option(Path("eval"), "-o", "--output", help="Folder for metrics.json, table.md and pr_curve.png."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Stop after this many (image, sentence) samples."),
+    device: str = typer.Option("cpu", "--device", help="torch device."),
+) -> None:
+    """Evaluate on a referring benchmark with the reference metrics (RES: mIoU/oIoU/Pr@X; GRES: gIoU/cIoU/N-acc/T-acc; PhraseCut)."""
+    from rich.progress import Progress
+
+    from . import evaluate as ev
+    from .predictor import Segmenter
+
+    try:
+        task = ev.task_of(dataset)
+        seg = Segmenter.from_pretrained(model, device=device)
+        ds = ev.open_dataset(dataset, data, split, seg.model.image_size, split_by)
+        with Progress(console=err, transient=True) as bar:
+            job = bar.add_task(f"{dataset} {split}", total=len(ds) if max_samples is None else min(len(ds), max_samples))
+            res = ev.evaluate(seg, ds, task, max_samples=max_samples, progress=lambda d, t: bar.update(job, completed=d))
+        files = ev.write_report(output, res, task, dataset, split, seg.name)
+    except (SSPSamError, RuntimeError) as exc:
+        _fail(exc)
+    print(ev.markdown_table(res["metrics"], task, dataset, split, seg.name), end="")
+    print(f"{res['n']} samples in {res['seconds']:.1f} s")
+    for f in files.values():
+        print(f"wrote {f}")
 
 
 @app.command()

@@ -11,6 +11,7 @@ Files in ``out_dir``:
   the RNG states of torch/numpy/random and the sampler generator), written atomically every
   ``ckpt_every`` steps and at the end; ``resume=True`` continues from it.
 * ``log.jsonl``  — one JSON line per logged optimizer step: ``{"step", "lr", "decoder_lr", <losses>}``.
+* ``tb/``        — TensorBoard scalars (the same numbers as log.jsonl).
 * ``model.pt``   — the final model (:func:`sspsam.checkpoint.save_checkpoint`), loadable with
   :meth:`sspsam.predictor.Segmenter.from_pretrained`.
 
@@ -155,7 +156,11 @@ def _dataset(name: str, data_root, image_size: int, tcfg: dict):
         from .data import RefCOCODataset
 
         return RefCOCODataset(data_root, dataset=name, split=split, image_size=image_size, **kw)
-    raise ConfigError(f"unknown training dataset {name!r}; one of refcoco, refcoco+, refcocog, grefcoco")
+    if name == "phrasecut":
+        from .data import PhraseCutDataset
+
+        return PhraseCutDataset(data_root, split=split, image_size=image_size, **kw)
+    raise ConfigError(f"unknown training dataset {name!r}; one of refcoco, refcoco+, refcocog, grefcoco, phrasecut")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,6 +239,31 @@ def _setup_distributed(device: str) -> tuple[int, int, bool]:
 
 
 # ----------------------------------------------------------------------------------------------
+# logs a person watches
+
+
+def _tensorboard(path: Path, step: int):
+    """TensorBoard scalars; ``purge_step`` drops events a crashed run wrote past the checkpoint."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency, but the loop must not die for a log
+        warnings.warn("tensorboard is not installed: no TensorBoard logs (log.jsonl is still written)")
+        return None
+    return SummaryWriter(str(path), purge_step=step if step else None)
+
+
+def _progress_bar(steps: int, step: int):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+                   TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+    task = bar.add_task("train", total=steps, completed=step, loss=float("nan"))
+    bar.start()
+    return bar, task
+
+
+# ----------------------------------------------------------------------------------------------
 # the loop
 
 
@@ -259,10 +289,12 @@ def train(
     clip_grad: float | None = None,
     weight_decay: float | None = None,
     load_backbones: bool = True,
+    tensorboard: bool = True,
+    progress: bool = False,
 ) -> dict:
     """Train for ``steps`` optimizer steps (each of ``grad_accum`` micro-batches of ``batch_size``
-    per process). Returns ``{"step", "losses" (this call's per-step dicts), "last", "model",
-    "log", "seconds"}``."""
+    per process). Returns ``{"step", "module" (the trained nn.Module of this rank), "losses" (this
+    call's per-step dicts), "last", "model", "log", "seconds"}``."""
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     if steps < 1 or batch_size < 1 or grad_accum < 1 or ckpt_every < 1 or log_every < 1:
@@ -367,6 +399,8 @@ def train(
     history: list[dict] = []
     start = time.time()
     log_fh = open(log_path, "a") if is_main else None
+    tb = _tensorboard(out_dir / "tb", step) if (tensorboard and is_main) else None
+    bar = _progress_bar(steps, step) if (progress and is_main) else None
     try:
         while step < steps:
             model.train()
@@ -408,6 +442,12 @@ def train(
                 log_fh.write(json.dumps(rec) + "\n")
                 log_fh.flush()
                 log.info("step %d/%d loss %.4f lr %.3g", step, steps, sums.get("total", float("nan")), lrs[0])
+            if tb is not None:
+                for k, v in rec.items():
+                    if k != "step":
+                        tb.add_scalar(f"train/{k}", v, step)
+            if bar is not None:
+                bar[0].update(bar[1], completed=step, loss=sums.get("total", float("nan")))
             if step % ckpt_every == 0 or step == steps:
                 if is_main:
                     save_state()
@@ -421,10 +461,15 @@ def train(
     finally:
         if log_fh is not None:
             log_fh.close()
+        if tb is not None:
+            tb.close()
+        if bar is not None:
+            bar[0].stop()
         if own_pg and dist.is_initialized():
             dist.destroy_process_group()
     return {
         "step": step,
+        "module": core,
         "losses": history,
         "last": last_path,
         "model": model_path,

@@ -306,6 +306,7 @@ class ReferringDataset(Dataset):
             sh, sw = lb.scaled_hw
             sx, sy, ox, oy = sw / W, sh / H, 0.0, 0.0
             img_t = to_tensor(img_sq)
+            content_hw = (sh, sw)
 
         box = torch.zeros(4)
         if extent is not None and not r.no_target:
@@ -325,6 +326,8 @@ class ReferringDataset(Dataset):
             "sent_id": r.sent_id,
             "ref_id": r.ref_id,
             "orig_size": torch.tensor([H, W], dtype=torch.long),
+            # the image content inside the square: SAM zeroes the padding beyond it
+            "valid_hw": torch.tensor([int(v) for v in content_hw], dtype=torch.long),
             "index": i,
         }
         if self.tokenizer is not None:

@@ -20,6 +20,7 @@ import json
 import pickle
 import sys
 from collections import Counter
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,12 @@ def _scene(seed: int, i: int, **kw) -> Scene:
     return make_scene(np.random.default_rng([int(seed), int(i)]), **kw)
 
 
+def _keep(by_obj: dict[int, list[Expression]], templates: Collection[str] | None) -> dict[int, list[Expression]]:
+    if templates is None:
+        return by_obj
+    return {k: [e for e in v if e.template in templates] for k, v in by_obj.items()}
+
+
 def _coco_tables(scenes, image_ids, ann_ids, file_names):
     images, annotations = [], []
     for scene, iid, aids, fname in zip(scenes, image_ids, ann_ids, file_names):
@@ -164,13 +171,18 @@ def generate_refer(
     image_ext: str = "jpg",
     max_refs_per_image: int = 3,
     max_sentences: int = 3,
+    scene_options: dict | None = None,
+    templates: Collection[str] | None = None,
+    train_share: float = 0.6,
 ) -> dict:
     """Write ``root/<dataset>/{instances.json, refs(<split_by>).p}`` and the images under
     ``root/images/mscoco/images/train2014/`` (lichengunc/refer layout).
 
     Every ref has one target annotation and 1..``max_sentences`` sentences that identify it
-    uniquely. Returns a summary: files written, ``refs`` and ``sentences`` per split, ``images``
-    per split.
+    uniquely. ``scene_options`` holds ``make_scene`` options (``n_objects``, ``palette``, ``background``,
+    ``width``/``height``) and ``templates`` keeps only expressions of those templates (e.g.
+    ``{"colour"}``): together they make easier, well-posed sets for end-to-end tests. Returns a
+    summary: files written, ``refs`` and ``sentences`` per split, ``images`` per split.
     """
     if (dataset, split_by) not in SPLITS or dataset == "grefcoco":
         raise ValueError(
@@ -180,7 +192,7 @@ def generate_refer(
     root = Path(root)
     rng = np.random.default_rng([int(seed), 1])
     splits = SPLITS[(dataset, split_by)]
-    image_splits = assign_splits(n_images, splits, rng)
+    image_splits = assign_splits(n_images, splits, rng, train_share)
     image_ids = sorted(_unique_ids(rng, n_images, 1, 581_930))
     image_dir = root / "images" / "mscoco" / "images" / "train2014"
 
@@ -189,8 +201,8 @@ def generate_refer(
     for i in range(n_images):
         attempt = 0
         while True:  # a scene where at least one object can be named uniquely
-            scene = _scene(seed, i + 1_000_003 * attempt)
-            by_obj = {k: v for k, v in single_target_expressions(scene).items() if v}
+            scene = _scene(seed, i + 1_000_003 * attempt, **(scene_options or {}))
+            by_obj = {k: v for k, v in _keep(single_target_expressions(scene), templates).items() if v}
             if by_obj:
                 break
             attempt += 1
@@ -249,6 +261,10 @@ def generate_grefcoco(
     split_by: str = "unc",
     image_ext: str = "jpg",
     max_sentences: int = 2,
+    scene_options: dict | None = None,
+    templates: Collection[str] | None = None,
+    multi_target: bool = True,
+    train_share: float = 0.6,
 ) -> dict:
     """Write ``root/grefcoco/{grefs(unc).json, instances.json}`` and the images under
     ``root/images/train2014/`` (ReLA layout).
@@ -256,11 +272,13 @@ def generate_grefcoco(
     Per image: one or two single-target refs, up to two multi-target refs and one no-target ref
     (``ann_id == [-1]``, ``category_id == [-1]``, ``no_target: true``). Returns a summary with
     ``refs``/``sentences`` per split and ``kinds`` (single/multi/none sentence counts).
+    ``scene_options``/``templates`` as in :func:`generate_refer` (``templates`` filters the no-target
+    expressions too); ``multi_target=False`` leaves out the multi-target refs.
     """
     root = Path(root)
     rng = np.random.default_rng([int(seed), 2])
     splits = SPLITS[("grefcoco", split_by)] if ("grefcoco", split_by) in SPLITS else ("train", "val")
-    image_splits = assign_splits(n_images, splits, rng)
+    image_splits = assign_splits(n_images, splits, rng, train_share)
     image_ids = sorted(_unique_ids(rng, n_images, 1, 581_930))
     image_dir = root / "images" / "train2014"
 
@@ -270,10 +288,10 @@ def generate_grefcoco(
     for i in range(n_images):
         attempt = 0
         while True:
-            scene = _scene(seed, 7 * i + 3 + 1_000_003 * attempt)
-            singles = {k: v for k, v in single_target_expressions(scene).items() if v}
-            multis = multi_target_expressions(scene)
-            nones = no_target_expressions(scene)
+            scene = _scene(seed, 7 * i + 3 + 1_000_003 * attempt, **(scene_options or {}))
+            singles = {k: v for k, v in _keep(single_target_expressions(scene), templates).items() if v}
+            multis = multi_target_expressions(scene) if multi_target else []
+            nones = [e for e in no_target_expressions(scene) if templates is None or e.template in templates]
             if singles and nones:
                 break
             attempt += 1

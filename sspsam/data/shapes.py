@@ -195,12 +195,14 @@ def make_scene(
     background: str = "mixed",
     integer_vertices: bool = False,
     palette: tuple[str, ...] | None = None,
+    radius: tuple[float, float] = (0.07, 0.2),
 ) -> Scene:
     """A scene of 2+ non-overlapping shapes, fully determined by ``seed``.
 
     ``width``/``height`` default to a random landscape or portrait size (so letterboxing is
     exercised); ``background`` is ``"plain"``, ``"noise"`` or ``"mixed"`` (either, by the seed);
-    ``integer_vertices`` rounds every vertex to an integer (PhraseCut's loader truncates them).
+    ``integer_vertices`` rounds every vertex to an integer (PhraseCut's loader truncates them);
+    ``radius`` is the range of shape radii as fractions of the shorter image side.
     """
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     seed_int = None if isinstance(seed, np.random.Generator) else int(seed)
@@ -224,8 +226,8 @@ def make_scene(
 
     lo, hi = n_objects
     target_n = int(rng.integers(lo, hi + 1))
-    r_min = max(8.0, min(width, height) * 0.07)
-    r_max = max(r_min + 1, min(width, height) * 0.2)
+    r_min = max(8.0, min(width, height) * radius[0])
+    r_max = max(r_min + 1, min(width, height) * radius[1])
     placed: list[tuple[float, float, float]] = []
     specs = []
     for _ in range(400):
@@ -379,6 +381,7 @@ def no_target_expressions(scene: Scene) -> list[Expression]:
         if colour not in present_c:
             for shape in sorted(present_s):
                 out.append(Expression(f"the {colour} {shape}", (), "none", "absent-colour"))
+            out.append(Expression(f"the {colour} shape", (), "none", "absent-colour-only"))
     for shape in SHAPES:
         if shape not in present_s:
             for colour in sorted(present_c):

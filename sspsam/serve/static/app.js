@@ -1,0 +1,267 @@
+// sspsam web page: send an image and phrases (or classes) to the API and draw the masks it returns.
+// Masks arrive as COCO RLE with pycocotools' compressed string counts; decodeRle turns them into
+// row-major 0/1 arrays here, so the page draws exactly what the API returned.
+// For tests: window.__lastResult holds the last response and its decoded masks, and
+// <body data-state> is idle | loading | done | error.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { file: null, bitmap: null, result: null, masks: [], mode: "segment" };
+
+// ---- COCO RLE ------------------------------------------------------------------------------
+
+// pycocotools' rleFrString: 5 bits per character (offset 48), bit 0x20 = more characters follow,
+// bit 0x10 of the last one = negative; from the third count on, counts are deltas to the one two back.
+function rleCounts(s) {
+  const counts = [];
+  let p = 0;
+  while (p < s.length) {
+    let x = 0, k = 0, more = true;
+    while (more) {
+      const c = s.charCodeAt(p) - 48;
+      x += (c & 0x1f) * 2 ** (5 * k);
+      more = (c & 0x20) !== 0;
+      p++; k++;
+      if (!more && (c & 0x10)) x -= 2 ** (5 * k);
+    }
+    if (counts.length > 2) x += counts[counts.length - 2];
+    counts.push(x);
+  }
+  return counts;
+}
+
+// RLE runs alternate 0s and 1s (starting with 0s) down the columns (Fortran order).
+function decodeRle(rle) {
+  const [h, w] = rle.size;
+  const counts = typeof rle.counts === "string" ? rleCounts(rle.counts) : rle.counts;
+  const out = new Uint8Array(h * w);
+  let idx = 0, one = false;
+  for (const n of counts) {
+    if (one) for (let i = idx; i < idx + n; i++) out[(i % h) * w + Math.floor(i / h)] = 1;
+    idx += n;
+    one = !one;
+  }
+  return out;
+}
+
+// the same colours as sspsam.masks.palette (golden-ratio hues), so page and PNG overlays agree
+function palette(n) {
+  const out = [];
+  for (let i = 0; i < n; i++) {
+    const h = (0.02 + i * 0.618034) % 1.0, s = 0.85, v = 1.0;
+    const j = Math.floor(h * 6), f = h * 6 - j;
+    const p = v * (1 - s), q = v * (1 - s * f), t = v * (1 - s * (1 - f));
+    const rgb = [[v, t, p], [q, v, p], [p, v, t], [p, q, v], [t, p, v], [v, p, q]][j % 6];
+    out.push(rgb.map((c) => Math.floor(c * 255)));
+  }
+  return out;
+}
+
+// ---- input -----------------------------------------------------------------------------------
+
+function setStatus(text, kind) {
+  $("status").textContent = text;
+  document.body.dataset.state = kind;
+}
+
+async function takeFile(file) {
+  if (!file) return;
+  state.file = file;
+  $("filename").textContent = `${file.name} (${Math.round(file.size / 1024)} KB)`;
+  try {
+    state.bitmap = await createImageBitmap(file, { imageOrientation: "from-image" });
+  } catch (e) {
+    state.bitmap = null;  // the browser cannot show it; the server may still read it (e.g. TIFF)
+  }
+  state.result = null;
+  state.masks = [];
+  if (state.bitmap) drawImage(state.bitmap.height, state.bitmap.width);
+  renderLegend();
+  drawOverlay();
+  setStatus("Image ready: type what to find.", "idle");
+}
+
+function drawImage(h, w) {
+  for (const c of [$("image"), $("overlay")]) { c.width = w; c.height = h; }
+  const ctx = $("image").getContext("2d");
+  ctx.clearRect(0, 0, w, h);
+  if (state.bitmap) ctx.drawImage(state.bitmap, 0, 0, w, h);
+}
+
+function texts() {
+  const raw = $("text").value;
+  if (state.mode === "ovss") return [raw];
+  const parts = raw.split(";").map((t) => t.trim()).filter(Boolean);
+  return parts.length ? parts : [raw];  // an empty phrase goes through so the server's message is shown
+}
+
+async function run(event) {
+  event.preventDefault();
+  if (!state.file) { setStatus("Choose or drop an image first.", "error"); return; }
+  const mode = state.mode, sent = texts();
+  const form = new FormData();
+  form.append("image", state.file, state.file.name);
+  for (const t of sent) form.append(mode === "ovss" ? "classes" : "phrases", t);
+  setStatus("Segmenting…", "loading");
+  $("run").disabled = true;
+  try {
+    const resp = await fetch(mode === "ovss" ? "/v1/ovss" : "/v1/segment", { method: "POST", body: form });
+    const body = await resp.json().catch(() => ({ error: { message: `HTTP ${resp.status}` } }));
+    if (!resp.ok) {
+      setStatus(`Error ${resp.status}: ${body.error ? body.error.message : resp.statusText}`, "error");
+      return;
+    }
+    show(mode, sent, body);
+  } catch (e) {
+    setStatus(`Request failed: ${e}`, "error");
+  } finally {
+    $("run").disabled = false;
+  }
+}
+
+// ---- output ----------------------------------------------------------------------------------
+
+function show(mode, sent, body) {
+  const [h, w] = body.image_size;
+  const items = mode === "ovss"
+    ? body.masks.map((m) => ({ label: m.class, score: m.share, kind: "share", rle: m.rle, empty: false }))
+    : body.results.map((r) => ({ label: r.phrase, score: r.score, kind: "score", rle: r.rle, empty: r.no_target }));
+  const colours = palette(items.length);
+  state.result = body;
+  state.masks = items.map((m, i) => ({ ...m, colour: colours[i], visible: true, data: decodeRle(m.rle) }));
+  drawImage(h, w);
+  renderLegend();
+  drawOverlay();
+  const found = state.masks.filter((m) => !m.empty).length;
+  setStatus(mode === "ovss" ? `${found} classes present.` : `${found} of ${items.length} phrases found.`, "done");
+  $("dl-mask").disabled = $("dl-json").disabled = false;
+  window.__lastResult = { mode, texts: sent, response: body, width: w, height: h, masks: state.masks };
+}
+
+function renderLegend() {
+  const ul = $("legend");
+  ul.replaceChildren();
+  state.masks.forEach((m, i) => {
+    const li = document.createElement("li");
+    const box = document.createElement("input");
+    box.type = "checkbox";
+    box.checked = m.visible;
+    box.dataset.index = i;
+    box.addEventListener("change", () => { m.visible = box.checked; drawOverlay(); });
+    const sw = document.createElement("span");
+    sw.className = "swatch";
+    sw.style.background = `rgb(${m.colour.join(",")})`;
+    const name = document.createElement("span");
+    name.textContent = m.label;
+    const score = document.createElement("span");
+    score.className = "score";
+    score.textContent = m.empty ? "no match" : describe(m);
+    li.append(box, sw, name, score);
+    ul.append(li);
+  });
+  if (!state.masks.length) $("dl-mask").disabled = $("dl-json").disabled = true;
+}
+
+function describe(m) {
+  return m.kind === "share" ? `${(m.score * 100).toFixed(1)}%` : m.score.toFixed(3);
+}
+
+function drawOverlay() {
+  const canvas = $("overlay"), w = canvas.width, h = canvas.height;
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, w, h);
+  const visible = state.masks.filter((m) => m.visible && !m.empty);
+  canvas.dataset.masks = visible.length;
+  if (!visible.length || !w || !h) return;
+  const img = ctx.createImageData(w, h), px = img.data;
+  for (const m of visible) {
+    const [r, g, b] = m.colour;
+    for (let i = 0; i < m.data.length; i++) {
+      if (m.data[i]) { px[4 * i] = r; px[4 * i + 1] = g; px[4 * i + 2] = b; px[4 * i + 3] = 128; }
+    }
+  }
+  ctx.putImageData(img, 0, 0);
+}
+
+function hover(event) {
+  const canvas = $("overlay"), rect = canvas.getBoundingClientRect(), tip = $("tip");
+  const x = Math.floor((event.clientX - rect.left) * canvas.width / rect.width);
+  const y = Math.floor((event.clientY - rect.top) * canvas.height / rect.height);
+  const hit = [...state.masks].reverse().find((m) => m.visible && !m.empty && m.data[y * canvas.width + x]);
+  if (!hit) { tip.hidden = true; return; }
+  tip.textContent = `${hit.label} — ${hit.kind} ${describe(hit)}`;
+  tip.style.left = `${event.clientX - rect.left + 12}px`;
+  tip.style.top = `${event.clientY - rect.top + 12}px`;
+  tip.hidden = false;
+}
+
+function download(blob, name) {
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(blob);
+  a.download = name;
+  a.click();
+  setTimeout(() => URL.revokeObjectURL(a.href), 1000);
+}
+
+function stem() {
+  return state.file ? state.file.name.replace(/\.[^.]*$/, "") : "image";
+}
+
+// one visible mask: white on black (a binary mask); several: each in its colour on black
+function downloadMask() {
+  const [h, w] = state.result.image_size;
+  const c = document.createElement("canvas");
+  c.width = w; c.height = h;
+  const ctx = c.getContext("2d"), img = ctx.createImageData(w, h), px = img.data;
+  const visible = state.masks.filter((m) => m.visible && !m.empty);
+  for (let i = 0; i < w * h; i++) px[4 * i + 3] = 255;
+  for (const m of visible) {
+    const colour = visible.length === 1 ? [255, 255, 255] : m.colour;
+    for (let i = 0; i < m.data.length; i++) {
+      if (m.data[i]) { px[4 * i] = colour[0]; px[4 * i + 1] = colour[1]; px[4 * i + 2] = colour[2]; }
+    }
+  }
+  ctx.putImageData(img, 0, 0);
+  c.toBlob((blob) => download(blob, `${stem()}_mask.png`), "image/png");
+}
+
+function downloadJson() {
+  const { overlay_png, label_png, ...rest } = state.result;  // the masks are in the RLE; keep the file small
+  download(new Blob([JSON.stringify(rest, null, 1)], { type: "application/json" }), `${stem()}.json`);
+}
+
+// ---- wiring ----------------------------------------------------------------------------------
+
+function setMode(mode) {
+  state.mode = mode;
+  $("run").textContent = mode === "ovss" ? "Label" : "Segment";
+  $("text").placeholder = mode === "ovss" ? "circle, square, triangle, background" : "the red circle on the left";
+  $("hint").textContent = mode === "ovss" ? "Class names, comma-separated." : "Several phrases: separate them with “;”.";
+}
+
+async function loadModels() {
+  try {
+    const info = await (await fetch("/v1/models")).json();
+    $("model").textContent = `model ${info.segment.name}` + (info.ovss ? `, classes ${info.ovss.name}` : "");
+    if (!info.ovss) {
+      const radio = document.querySelector('input[name="mode"][value="ovss"]');
+      radio.disabled = true;
+      radio.parentElement.title = "this server runs without an OVSS model";
+    }
+  } catch (e) {
+    $("model").textContent = "(cannot reach the API)";
+  }
+}
+
+$("file").addEventListener("change", (e) => takeFile(e.target.files[0]));
+const drop = $("drop");
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); takeFile(e.dataTransfer.files[0]); });
+document.querySelectorAll('input[name="mode"]').forEach((r) => r.addEventListener("change", () => setMode(r.value)));
+$("query").addEventListener("submit", run);
+$("overlay").addEventListener("mousemove", hover);
+$("overlay").addEventListener("mouseleave", () => { $("tip").hidden = true; });
+$("dl-mask").addEventListener("click", downloadMask);
+$("dl-json").addEventListener("click", downloadJson);
+loadModels();

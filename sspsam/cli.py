@@ -1,4 +1,4 @@
-"""`sspsam` command line: segment, weights, models."""
+"""`sspsam` command line: segment, ovss, evaluate, train, serve, batch, weights, models."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import typer
 from PIL import Image
 from rich.console import Console
 
-from . import cli_weights
+from . import cli_batch, cli_ovss, cli_serve, cli_weights
 from .checkpoint import atomic_write
 from .errors import SSPSamError
 
@@ -24,6 +24,9 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(cli_weights.app, name="weights", help="List, fetch, import and verify checkpoint files (offline-friendly).")
+app.command("ovss")(cli_ovss.ovss)
+app.command("serve")(cli_serve.serve)
+app.command("batch")(cli_batch.batch)
 err = Console(stderr=True)
 
 

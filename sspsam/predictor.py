@@ -103,6 +103,10 @@ class Segmenter:
         if name in BUNDLED:
             path = Path(str(resources.files("sspsam") / BUNDLED[name]))
             return cls(_model_from_checkpoint(path), device, name)
+        if name in list_configs() and load_config(name).get("model") == "zeroshot":  # training-free: CLIP + SAM from the cache
+            from .zeroshot.res import ZeroShotSegmenter
+
+            return ZeroShotSegmenter.from_pretrained(name, device)
         path = Path(name)
         if path.suffix or path.exists():
             return cls(_model_from_checkpoint(path), device, path.stem)

@@ -1,0 +1,285 @@
+"""OVSS: the public open-vocabulary semantic segmentation API. An image and class names in; a
+label map in the image's original size out.
+
+One predictor serves ESC-Net, SAM-MI and the training-free pipeline: all three follow
+``forward(images[B,3,S,S], class_emb[K,E]) -> {"logits": [B,K,h,w], ...}``. Models that split that
+into ``encode_image(images, valid_hw)`` + ``decode_classes(features, class_emb)`` (the zeroshot
+pipeline does) get the image encoded once per image, so a new class list only re-runs the cheap
+class-dependent part; others are re-run per class list. Class embeddings are cached per list.
+
+Large images are segmented with sliding windows as the trained-OVSS protocol does (CAT-Seg:
+windows of the model input, overlap 1/3, window logits averaged, then averaged with a global
+view of the whole image); it switches on by itself when the long side exceeds
+``inference.slide_above`` × the model input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..config import list_configs, load_config
+from ..errors import CheckpointError, TextError
+from ..imageio import ImageLike, load_image
+from ..predictor import _model_from_checkpoint
+from ..transforms import Letterbox, letterbox_image, to_tensor
+
+MAX_CLASSES = 1000
+MAX_CLASS_CHARS = 200
+DEFAULT_MODEL = "ovss-shapes-demo"
+BUNDLED = {"ovss-shapes-demo": "assets/ovss-shapes-demo.pt"}
+OVSS_MODELS = ("zeroshot", "escnet", "sam-mi")
+OVERLAP = 1 / 3
+_CHUNK_PIXELS = 64_000_000  # class×pixel floats upsampled at once to the original size (256 MB)
+
+
+def clean_classes(classes: str | list[str]) -> list[str]:
+    """'sky, road,car' or a list → stripped, de-duplicated (first spelling kept, case-insensitive) names."""
+    if isinstance(classes, str):
+        items = classes.replace("\n", ",").split(",")
+    elif isinstance(classes, (list, tuple)):
+        items = list(classes)
+    else:
+        raise TextError(f"classes must be a comma-separated string or a list of names, got {type(classes).__name__}")
+    out, seen = [], set()
+    for c in items:
+        if not isinstance(c, str):
+            raise TextError(f"a class name must be text, got {type(c).__name__}")
+        clean = " ".join("".join(ch if ch.isprintable() else " " for ch in c).split())
+        if not clean or clean.lower() in seen:
+            continue
+        if len(clean) > MAX_CLASS_CHARS:
+            raise TextError(f"class name '{clean[:40]}…' is {len(clean)} characters long; at most {MAX_CLASS_CHARS} are accepted")
+        seen.add(clean.lower())
+        out.append(clean)
+    if not out:
+        raise TextError('no class names given: list what to label, e.g. "sky, road, car, person"')
+    if len(out) > MAX_CLASSES:
+        raise TextError(f"{len(out)} classes given; at most {MAX_CLASSES} are accepted")
+    return out
+
+
+@dataclass
+class SemanticSegmentation:
+    """One label per pixel for one image."""
+
+    classes: list[str]
+    labels: np.ndarray  # [H, W] int32 index into classes, original image size
+    scores: np.ndarray | None  # [H, W] float32 max class probability, or None
+    shares: dict[str, float]  # class -> fraction of image pixels
+
+    def to_json(self) -> dict:
+        h, w = self.labels.shape
+        return {"image_size": [int(h), int(w)], "classes": list(self.classes), "shares": dict(self.shares)}
+
+
+@dataclass
+class _View:
+    """One model input cut from the image: the global letterbox or a sliding window."""
+
+    features: object  # the model's encode_image output, or (images, valid_hw) for forward-only models
+    y0: int  # window position in the working image (0 for the global view)
+    x0: int
+    hw: tuple[int, int]  # content size inside the S×S input
+    is_global: bool
+
+
+@dataclass
+class _ImageEntry:
+    key: str
+    orig_hw: tuple[int, int]
+    work_hw: tuple[int, int]  # image size at which windows are cut (= global letterbox content without sliding)
+    views: list[_View]
+
+
+class OVSS:
+    """Open-vocabulary semantic segmentation predictor (ESC-Net, SAM-MI or the training-free path)."""
+
+    def __init__(self, model, device: str | torch.device = "cpu", name: str | None = None):
+        kind = getattr(model, "config", {}).get("model")
+        if kind not in OVSS_MODELS:
+            raise CheckpointError(
+                f"model '{name or getattr(model, 'config', {}).get('name')}' is a '{kind}' model, not an OVSS model "
+                f"({', '.join(OVSS_MODELS)}); referring models go through `sspsam segment` / Segmenter"
+            )
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.name = name or model.config.get("name", kind)
+        inf = model.config.get("inference", {})
+        self.slide_above = float(inf.get("slide_above", 1.5))
+        self.slide_max_scale = float(inf.get("slide_max_scale", 1.67))
+        self._split = hasattr(model, "encode_image") and hasattr(model, "decode_classes")
+        self._forward_takes_valid = "valid_hw" in inspect.signature(model.forward).parameters
+        self._image: _ImageEntry | None = None
+        self._classes: tuple[tuple[str, ...], torch.Tensor] | None = None
+        self._logits: tuple[str, tuple[str, ...], torch.Tensor] | None = None
+
+    # ---- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path = DEFAULT_MODEL, device: str = "cpu") -> "OVSS":
+        """A bundled model, 'zeroshot' (CLIP + SAM from the weights cache), an OVSS variant whose
+        weights are in the cache, or an sspsam checkpoint path."""
+        name = str(name_or_path)
+        if name in BUNDLED:
+            path = Path(str(resources.files("sspsam") / BUNDLED[name]))
+            if not path.is_file():
+                raise CheckpointError(f"bundled model '{name}' is not in this install ({path} missing); "
+                                      "use 'zeroshot' or a checkpoint path")
+            return cls(_model_from_checkpoint(path), device, name)
+        configs = list_configs()
+        if name in configs and load_config(name).get("model") == "zeroshot":
+            from ..zeroshot.pipeline import load_zeroshot
+
+            return cls(load_zeroshot(name), device, name)
+        path = Path(name)
+        if path.suffix or path.exists():
+            return cls(_model_from_checkpoint(path), device, path.stem)
+        if name in configs:
+            kind = load_config(name).get("model")
+            if kind not in OVSS_MODELS:
+                raise CheckpointError(f"'{name}' is a '{kind}' model, not an OVSS model; use `sspsam segment` for it")
+            from ..weights import require
+
+            return cls(_model_from_checkpoint(require(name)), device, name)
+        ovss = [c for c in configs if not c.endswith("-tiny") and load_config(c).get("model") in OVSS_MODELS]
+        raise CheckpointError(
+            f"unknown OVSS model '{name}': use a checkpoint path, a bundled model ({', '.join(BUNDLED)}) "
+            f"or a variant ({', '.join(ovss) or 'none installed'})"
+        )
+
+    # ---- caches ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def class_embeddings(self, classes: list[str]) -> torch.Tensor:
+        key = tuple(classes)
+        if self._classes is None or self._classes[0] != key:
+            if hasattr(self.model, "class_embeddings"):
+                emb = self.model.class_embeddings(list(classes))
+            else:
+                from .cost import class_embeddings
+
+                emb = class_embeddings(self.model.clip, list(classes))
+            self._classes = (key, emb.to(self.device))
+        return self._classes[1]
+
+    @torch.inference_mode()
+    def set_image(self, image: ImageLike, slide: bool | None = None) -> np.ndarray:
+        """Encode an image's views once; later ``segment`` calls on the same pixels reuse them."""
+        rgb = load_image(image)
+        s = self.model.image_size
+        h, w = rgb.shape[:2]
+        do_slide = (max(h, w) > self.slide_above * s) if slide is None else bool(slide)
+        key = hashlib.blake2b(rgb.tobytes(), digest_size=16).hexdigest() + str(rgb.shape) + f"|slide={do_slide}"
+        if self._image is not None and self._image.key == key:
+            return rgb
+        square, box = letterbox_image(rgb, s)
+        views = [self._view(square, box.scaled_hw, 0, 0, True)]
+        work_hw = box.scaled_hw
+        if do_slide:
+            work_long = min(max(h, w, s), int(round(self.slide_max_scale * s)))
+            work_hw = Letterbox.fit((h, w), work_long).scaled_hw
+            work = rgb if work_hw == (h, w) else np.asarray(Image.fromarray(rgb).resize(work_hw[::-1], Image.BILINEAR))
+            for y0 in _starts(work_hw[0], s):
+                for x0 in _starts(work_hw[1], s):
+                    crop = work[y0 : y0 + s, x0 : x0 + s]
+                    pad = np.zeros((s, s, 3), np.uint8)
+                    pad[: crop.shape[0], : crop.shape[1]] = crop
+                    views.append(self._view(pad, crop.shape[:2], y0, x0, False))
+        self._image = _ImageEntry(key, (h, w), work_hw, views)
+        self._logits = None
+        return rgb
+
+    def _view(self, square: np.ndarray, hw: tuple[int, int], y0: int, x0: int, is_global: bool) -> _View:
+        x = to_tensor(square)[None].to(self.device)
+        valid = torch.tensor([hw], device=self.device)
+        feats = self.model.encode_image(x, valid) if self._split else (x, valid)
+        return _View(feats, y0, x0, (int(hw[0]), int(hw[1])), is_global)
+
+    def _run(self, view: _View, emb: torch.Tensor) -> torch.Tensor:
+        if self._split:
+            out = self.model.decode_classes(view.features, emb)
+        else:
+            x, valid = view.features
+            out = self.model(x, emb, valid_hw=valid) if self._forward_takes_valid else self.model(x, emb)
+        return out["logits"][0].float()
+
+    # ---- inference ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def segment(self, image: ImageLike, classes: str | list[str], slide: bool | None = None) -> SemanticSegmentation:
+        """Label every pixel with one of ``classes``. ``slide``: None = automatic by image size."""
+        names = clean_classes(classes)
+        self.set_image(image, slide)
+        canvas, q = self._canvas(names)
+        labels, scores = self._finalise(canvas, q)
+        h, w = self._image.orig_hw
+        counts = np.bincount(labels.ravel(), minlength=len(names))
+        shares = {c: float(n) / (h * w) for c, n in zip(names, counts)}
+        return SemanticSegmentation(names, labels, scores, shares)
+
+    def _canvas(self, names: list[str]) -> tuple[torch.Tensor, float]:
+        """Logits [K, ch, cw] over the working image at the model's output resolution, and the
+        number of working-image pixels per canvas pixel."""
+        ent = self._image
+        if self._logits is not None and self._logits[0] == ent.key and self._logits[1] == tuple(names):
+            return self._logits[2]
+        emb = self.class_embeddings(names)
+        s = self.model.image_size
+        glob = self._run(ent.views[0], emb)  # [K, o, o]
+        q = s / glob.shape[-1]  # input pixels per output pixel
+        ch, cw = (math.ceil(v / q) for v in ent.work_hw)
+        gh, gw = (math.ceil(v / q) for v in ent.views[0].hw)
+        g = glob[:, :gh, :gw]
+        g = g if (gh, gw) == (ch, cw) else F.interpolate(g[None], size=(ch, cw), mode="bilinear", align_corners=False)[0]
+        windows = ent.views[1:]
+        if windows:
+            acc = torch.zeros((glob.shape[0], ch, cw), device=glob.device)
+            cnt = torch.zeros((1, ch, cw), device=glob.device)
+            for v in windows:
+                lo = self._run(v, emb)
+                cy, cx = int(round(v.y0 / q)), int(round(v.x0 / q))
+                vh, vw = min(math.ceil(v.hw[0] / q), ch - cy), min(math.ceil(v.hw[1] / q), cw - cx)
+                acc[:, cy : cy + vh, cx : cx + vw] += lo[:, :vh, :vw]
+                cnt[:, cy : cy + vh, cx : cx + vw] += 1
+            g = (acc / cnt.clamp(min=1) + g) / 2
+        self._logits = (ent.key, tuple(names), (g, q))
+        return g, q
+
+    def _finalise(self, canvas: torch.Tensor, q: float) -> tuple[np.ndarray, np.ndarray]:
+        """Upsample to the original size class-chunk by chunk: arg-max label and max softmax prob."""
+        ent = self._image
+        h, w = ent.orig_hw
+        wh, ww = ent.work_hw
+        up_hw = (round(canvas.shape[1] * q), round(canvas.shape[2] * q))
+        k = canvas.shape[0]
+        chunk = max(1, _CHUNK_PIXELS // max(1, h * w + up_hw[0] * up_hw[1]))
+        best = torch.full((h, w), -torch.inf, device=canvas.device)
+        label = torch.zeros((h, w), dtype=torch.long, device=canvas.device)
+        lse = torch.full((h, w), -torch.inf, device=canvas.device)
+        for i in range(0, k, chunk):
+            c = canvas[i : i + chunk][None]
+            up = F.interpolate(c, size=up_hw, mode="bilinear", align_corners=False)[..., :wh, :ww]
+            if (wh, ww) != (h, w):
+                up = F.interpolate(up, size=(h, w), mode="bilinear", align_corners=False)
+            up = up[0]
+            m, a = up.max(0)
+            better = m > best
+            label = torch.where(better, a + i, label)
+            best = torch.where(better, m, best)
+            lse = torch.logaddexp(lse, torch.logsumexp(up, 0))
+        score = (best - lse).exp()
+        return label.to(torch.int32).cpu().numpy(), score.float().cpu().numpy()
+
+
+def _starts(length: int, window: int) -> list[int]:
+    """Window starts along one axis (mmseg's slide rule): stride = window × (1 − overlap), last flush."""
+    stride = max(1, window - int(round(window * OVERLAP)))
+    n = max(length - window + stride - 1, 0) // stride + 1
+    return [min(i * stride, max(length - window, 0)) for i in range(n)]

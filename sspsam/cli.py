@@ -115,19 +115,23 @@ def train(
 def evaluate(
     model: str = typer.Argument(..., help="Checkpoint path (e.g. runs/x/model.pt), bundled model name, or variant with weights in the cache."),
     data: Path = typer.Option(..., "--data", help="Dataset root (refer / gRefCOCO / PhraseCut layout)."),
-    dataset: str = typer.Option("refcoco", "--dataset", help="refcoco | refcoco+ | refcocog | grefcoco | phrasecut."),
+    dataset: str = typer.Option("refcoco", "--dataset", help="refcoco | refcoco+ | refcocog | grefcoco | phrasecut; OVSS: semseg | ade150 | ade847 | voc20 | voc21 | pc59 | pc459 | cocostuff171."),
     split: str = typer.Option("val", "--split", help="val | testA | testB | test (refer), val/testA/testB (gRefCOCO), val/test (PhraseCut)."),
     split_by: Optional[str] = typer.Option(None, "--split-by", help="refer split scheme: unc (RefCOCO/+), umd or google (RefCOCOg)."),
     output: Path = typer.Option(Path("eval"), "-o", "--output", help="Folder for metrics.json, table.md and pr_curve.png."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Stop after this many (image, sentence) samples."),
     device: str = typer.Option("cpu", "--device", help="torch device."),
+    protocol: str = typer.Option("detectron2", "--protocol", help="OVSS only: detectron2 (trained protocol) | mmseg (training-free protocol)."),
+    slide: bool = typer.Option(False, "--slide/--no-slide", help="OVSS only: sliding-window inference (plus a global view)."),
 ) -> None:
-    """Evaluate on a referring benchmark with the reference metrics (RES: mIoU/oIoU/Pr@X; GRES: gIoU/cIoU/N-acc/T-acc; PhraseCut)."""
+    """Evaluate with the reference metrics: RES mIoU/oIoU/Pr@X, GRES gIoU/cIoU/N-acc/T-acc, PhraseCut, OVSS mIoU."""
     from rich.progress import Progress
 
     from . import evaluate as ev
     from .predictor import Segmenter
 
+    if dataset in ev.SEMSEG_DATASETS:
+        return _evaluate_ovss(model, data, dataset, split, output, max_samples, device, protocol, slide)
     try:
         task = ev.task_of(dataset)
         seg = Segmenter.from_pretrained(model, device=device)
@@ -142,6 +146,30 @@ def evaluate(
     print(f"{res['n']} samples in {res['seconds']:.1f} s")
     for f in files.values():
         print(f"wrote {f}")
+
+
+def _evaluate_ovss(model, data, dataset, split, output, max_samples, device, protocol, slide) -> None:
+    from . import evaluate as ev
+    from .ovss.evaluate import evaluate_ovss, format_iou_table
+    from .ovss.predictor import OVSS
+
+    try:
+        ovss = OVSS.from_pretrained(model, device=device)
+        ds = ev.open_semseg(dataset, data, split)
+        res = evaluate_ovss(ovss.model, ds, protocol=protocol, slide=slide, limit=max_samples)
+    except (SSPSamError, RuntimeError, ValueError) as exc:
+        _fail(exc)
+    output.mkdir(parents=True, exist_ok=True)
+    table = format_iou_table(res)
+    clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in res.items() if k != "per_class_iou"}
+    payload = {"model": ovss.name, "dataset": dataset, "split": split, "protocol": protocol, "slide": slide, "metrics": clean}
+    written = [
+        atomic_write(output / "metrics.json", lambda p: Path(p).write_text(json.dumps(payload, indent=1, default=float))),
+        atomic_write(output / "table.md", lambda p: Path(p).write_text(table + "\n")),
+    ]
+    print(f"{ovss.name} · {dataset} {split}: mIoU {100 * res['mIoU']:.2f}, pixel acc {100 * res['pACC']:.2f}")
+    for w in written:
+        print(f"wrote {w}")
 
 
 @app.command()

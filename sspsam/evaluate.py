@@ -51,6 +51,30 @@ def open_dataset(dataset: str, root: str | Path, split: str, image_size: int, sp
     return PhraseCutDataset(root, **kw)
 
 
+SEMSEG_DATASETS = ("semseg", "ade150", "ade847", "voc20", "voc21", "pc59", "pc459", "cocostuff171")
+
+
+def open_semseg(dataset: str, root: str | Path, split: str = "val"):
+    """An OVSS benchmark as distributed; ``val`` means each one's validation split name."""
+    from .data import semseg as S
+
+    native = {"ade150": "validation", "ade847": "validation", "cocostuff171": "val2017"}
+    split = native.get(dataset, split) if split == "val" else split
+    if dataset == "semseg":
+        return S.SemSegDataset(root, split)
+    if dataset == "ade150":
+        return S.ADE20K150(root, split)
+    if dataset == "ade847":
+        return S.ADE20K847(root, split)
+    if dataset in ("voc20", "voc21"):
+        return S.PascalVOC(root, split, num_classes=int(dataset[3:]))
+    if dataset in ("pc59", "pc459"):
+        return S.PascalContext(root, num_classes=int(dataset[2:]), split=split)
+    if dataset == "cocostuff171":
+        return S.COCOStuff171(root, split)
+    raise ConfigError(f"unknown semantic-segmentation dataset {dataset!r}; one of {', '.join(SEMSEG_DATASETS)}")
+
+
 def _meter(task: str):
     return {"res": RESMeter, "gres": GRESMeter, "phrasecut": PhraseCutMeter}[task]()
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import zlib
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -130,6 +131,8 @@ class SemSegBase(Dataset):
         if self.image_size is not None:
             image, _ = letterbox_image(image, self.image_size)
             label = letterbox_label(label, self.image_size, self.ignore_index)
+        else:
+            image = np.array(image)  # writable, for torch
         return {
             "image": to_tensor(image),
             "label": torch.from_numpy(np.ascontiguousarray(label)),
@@ -307,7 +310,7 @@ def generate_semseg(
     ``classes[0]`` is the background; the others are colour names from
     :data:`sspsam.data.shapes.COLOURS`, so every pixel's class is its colour and shape is
     irrelevant. Images are lossless PNGs, ``size`` on the long side with a random aspect (so
-    the letterbox pads), different seeds per split. Returns a summary dict.
+    the letterbox pads); each split's images depend only on (seed, split name). Returns a summary dict.
     """
     root = Path(root)
     palette = tuple(classes[1:])
@@ -316,11 +319,11 @@ def generate_semseg(
     root.mkdir(parents=True, exist_ok=True)
     (root / "classes.json").write_text(json.dumps({"classes": list(classes), "ignore_index": 255}, indent=1))
     counts = {}
-    for s, split in enumerate(splits):
+    for split in splits:
         img_dir, lab_dir = root / "images" / split, root / "annotations" / split
         img_dir.mkdir(parents=True, exist_ok=True)
         lab_dir.mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng([seed, s])
+        rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
         for i in range(n):
             short = int(rng.integers(int(size * 0.75), size + 1))
             w, h = (size, short) if rng.random() < 0.5 else (short, size)

@@ -1,0 +1,215 @@
+"""ESC-Net (Lee et al., CVPR 2025, arXiv 2411.14723): SAM decoder blocks inside a one-stage
+CLIP cost-aggregation network, steered by pseudo prompts derived from the image–text correlation.
+
+Pipeline (one class module per paper element):
+
+CLIP image/text → cosine correlation C [B,K,g,g] → N × :class:`ESCBlock`
+(:class:`PseudoPromptGenerator` → :class:`SAMBlock` → 1×1-conv fusion → :class:`VLFModule`)
+→ :class:`~sspsam.ovss.escnet_blocks.UpsampleDecoder` → per-class logits [B,K,4g,4g].
+
+The SAM image encoder is not used: SAM's pretrained two-way transformer runs on CLIP's dense
+features. There is no official code; the notes in ``papers/notes.md`` fix the structure. Choices
+the paper leaves open are config keys: α (``alpha``), N_o (``num_regions``), the softmax
+temperature, and the mask prompt (the union of a class's binarised regions, as logits).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbones.clip import CLIPBackbone
+from ..backbones.sam import SAMBackbone
+from ..errors import ConfigError
+from .cost import correlation
+from .escnet_blocks import ClassLinearAttention, GuidanceProjection, SpatialBlock, UpsampleDecoder, clip_features
+
+
+def kmeans(points: torch.Tensor, valid: torch.Tensor, k: int, iters: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched Lloyd k-means with a deterministic init.
+
+    points [N,P,d], valid [N,P] bool → (centroids [N,k,d], assignment [N,P] in [0,k), -1 where
+    invalid). Init: the valid points at evenly spaced ranks (in input order), so equal inputs give
+    equal clusters. A cluster left without points keeps its centroid and gets no assignment.
+    """
+    n, p, d = points.shape
+    cnt = valid.sum(1)  # [N]
+    rank = torch.cumsum(valid.long(), 1) - 1  # rank of each valid point among the valid ones
+    want = ((torch.arange(k, device=points.device) + 0.5)[None] * cnt[:, None] / k).long()  # [N,k]
+    # index of the valid point whose rank == want
+    hit = (rank[:, None, :] == want[:, :, None]) & valid[:, None, :]  # [N,k,P]
+    idx = hit.float().argmax(-1)
+    cent = torch.gather(points, 1, idx[..., None].expand(n, k, d)).clone()
+    assign = torch.full((n, p), -1, dtype=torch.long, device=points.device)
+    for _ in range(iters):
+        dist = torch.cdist(points, cent)  # [N,P,k]
+        assign = torch.where(valid, dist.argmin(-1), torch.full_like(assign, -1))
+        onehot = F.one_hot(assign.clamp(min=0), k).float() * valid[..., None]
+        num = onehot.sum(1)  # [N,k]
+        new = onehot.transpose(1, 2) @ points / num.clamp(min=1)[..., None]
+        new = torch.where(num[..., None] > 0, new, cent)
+        if torch.equal(new, cent):
+            break
+        cent = new
+    return cent, assign
+
+
+class PseudoPromptGenerator(nn.Module):
+    """ESC-Net's Pseudo Prompt Generator: class-wise point + mask prompts from a score map.
+
+    Per class k: P = softmax over classes of score/τ; pixels with P_k > α form the class region;
+    k-means on their coordinates splits it into N_o regions; the arg-max-P pixel of each region is
+    a positive point; the union of the regions (P_k's logit inside it) is the mask prompt. Empty
+    regions become SAM's "not a point". SAM's prompt encoder embeds both.
+    """
+
+    def __init__(self, num_regions: int = 5, alpha: float = 0.5, temperature: float = 0.05, iters: int = 10):
+        super().__init__()
+        self.num_regions, self.alpha, self.temperature, self.iters = num_regions, alpha, temperature, iters
+
+    def points(self, score: torch.Tensor, temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """score [B,K,h,w] → (prob [B,K,h,w], points [B,K,N_o,2] as (x, y) grid indices, labels [B,K,N_o] 1 / -1).
+
+        ``temperature`` defaults to the configured one (for cosine correlations); learned logits use 1."""
+        b, k, h, w = score.shape
+        prob = (score / (temperature or self.temperature)).softmax(1)
+        region = prob > self.alpha
+        ys, xs = torch.meshgrid(torch.arange(h, device=score.device), torch.arange(w, device=score.device), indexing="ij")
+        coords = torch.stack([xs, ys], -1).reshape(1, h * w, 2).float().expand(b * k, -1, -1)
+        valid = region.reshape(b * k, h * w)
+        _, assign = kmeans(coords, valid, self.num_regions, self.iters)
+        p = prob.detach().reshape(b * k, 1, h * w)
+        member = assign[:, None, :] == torch.arange(self.num_regions, device=score.device)[None, :, None]  # [BK,N_o,hw]
+        masked = torch.where(member, p.expand_as(member).float(), torch.full_like(member, -1.0, dtype=torch.float))
+        best = masked.argmax(-1)  # [BK,N_o]
+        pts = coords[0][best]  # [BK,N_o,2]
+        labels = torch.where(member.any(-1), 1, -1)
+        return prob, pts.view(b, k, -1, 2), labels.view(b, k, -1)
+
+    def forward(self, score: torch.Tensor, sam: SAMBackbone, temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """score [B,K,h,w] → (sparse [B·K,N_o+1,C], dense [B·K,C,h,w], prompts for inspection)."""
+        b, k, h, w = score.shape
+        prob, pts, labels = self.points(score, temperature)
+        scale = torch.tensor([sam.img_size / w, sam.img_size / h], device=score.device)
+        coords = (pts + 0.5) * scale - 0.5  # grid cell centre in SAM's input pixels (the encoder adds 0.5)
+        logit = torch.logit(prob.clamp(1e-4, 1 - 1e-4)).clamp(-10, 10)
+        mask_in = torch.where(prob > self.alpha, logit, torch.full_like(logit, -10.0)).flatten(0, 1)[:, None]
+        mask_in = F.interpolate(mask_in, size=(4 * h, 4 * w), mode="bilinear", align_corners=False)
+        sparse, dense = sam.prompt_encoder(points=(coords.flatten(0, 1), labels.flatten(0, 1)), boxes=None, masks=mask_in)
+        return sparse, dense, {"prob": prob, "points": pts, "labels": labels}
+
+
+class SAMBlock(nn.Module):
+    """SAM's pretrained two-way transformer on CLIP features, batched over classes: SAM's own
+    output tokens plus the class's pseudo-prompt tokens attend to the prompted image features."""
+
+    def __init__(self, sam: SAMBackbone):
+        super().__init__()
+        self.sam = [sam]  # a reference, not a submodule: the weights belong to ``ESCNet.sam``
+
+    def forward(self, feats: torch.Tensor, k: int, sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """feats [B,C,h,w] (SAM width), sparse [B·K,T,C], dense [B·K,C,h,w] → per-class features [B,K,C,h,w]."""
+        sam = self.sam[0]
+        dec = sam.mask_decoder
+        b, c, h, w = feats.shape
+        out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], 0)
+        tokens = torch.cat([out_tokens[None].expand(sparse.shape[0], -1, -1), sparse], 1)
+        src = feats.repeat_interleave(k, 0) + dense
+        pe = sam.prompt_encoder.pe_layer((h, w))[None]
+        _, keys = dec.transformer(src, pe, tokens)
+        return keys.transpose(1, 2).reshape(b, k, c, h, w)
+
+
+class VLFModule(nn.Module):
+    """Vision-Language Fusion: 1×1-conv embedding of the correlation map added to the features,
+    a spatial block per class, then linear attention across classes guided by the text."""
+
+    def __init__(self, dim: int, text_dim: int, heads: int, window: int):
+        super().__init__()
+        self.corr_embed = nn.Conv2d(1, dim, 1)
+        self.spatial = SpatialBlock(dim, heads, window)
+        self.classes = ClassLinearAttention(dim, text_dim, heads)
+
+    def forward(self, x: torch.Tensor, corr: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        b, k, d, h, w = x.shape
+        y = x.flatten(0, 1) + self.corr_embed(corr.flatten(0, 1)[:, None])
+        y = self.spatial(y).view(b, k, d, h, w)
+        return self.classes(y, text)
+
+
+class ESCBlock(nn.Module):
+    """One ESC block: pseudo prompts from the current score → SAM block → 1×1-conv fusion of the
+    SAM features with the cost embedding → VLF. Also returns its own score map for the next block."""
+
+    def __init__(self, dim: int, sam_dim: int, text_dim: int, heads: int, window: int, ppg: dict):
+        super().__init__()
+        self.ppg = PseudoPromptGenerator(**ppg)
+        self.fuse = nn.Conv2d(dim + sam_dim, dim, 1)
+        self.vlf = VLFModule(dim, text_dim, heads, window)
+        self.score = nn.Conv2d(dim, 1, 1)
+
+    def forward(self, x, feats, score, corr, text, sam_block: SAMBlock, temperature: float | None):
+        b, k, d, h, w = x.shape
+        sparse, dense, prompts = self.ppg(score, sam_block.sam[0], temperature)
+        sam_feats = sam_block(feats, k, sparse, dense)
+        y = self.fuse(torch.cat([x, sam_feats], 2).flatten(0, 1)).view(b, k, d, h, w)
+        y = self.vlf(x + y, corr, text)
+        return y, self.score(y.flatten(0, 1)).view(b, k, h, w), prompts
+
+
+class ESCNet(nn.Module):
+    """ESC-Net for open-vocabulary semantic segmentation (the shared OVSS model contract:
+    ``forward(images [B,3,S,S] 0..255, class_emb [K,E]) -> {"logits": [B,K,h,w], ...}``)."""
+
+    def __init__(self, clip: CLIPBackbone, sam: SAMBackbone, cfg: dict, config: dict):
+        super().__init__()
+        cfg = dict(cfg)
+        known = {"dim", "text_dim", "blocks", "heads", "window", "guidance_layers", "guidance_dims", "decoder_dims", "prompts"}
+        if extra := set(cfg) - known:
+            raise ConfigError(f"unknown keys in escnet config: {sorted(extra)}")
+        self.clip, self.sam, self.config = clip, sam, config
+        dim = cfg.get("dim", 128)
+        text_dim = cfg.get("text_dim", 128)
+        heads = cfg.get("heads", 4)
+        width = clip.model.visual.transformer.width
+        sam_dim = sam.prompt_encoder.embed_dim
+        self.guidance_layers = list(cfg.get("guidance_layers", [3, 5]))
+        guidance_dims = list(cfg.get("guidance_dims", [256, 128]))
+        decoder_dims = list(cfg.get("decoder_dims", [64, 32]))
+        if not len(self.guidance_layers) == len(guidance_dims) == len(decoder_dims):
+            raise ConfigError("escnet guidance_layers, guidance_dims and decoder_dims need the same length")
+        self.visual_proj = nn.Conv2d(clip.embed_dim, sam_dim, 1)  # CLIP features into the SAM block's width
+        self.text_proj = nn.Linear(clip.embed_dim, text_dim)
+        self.corr_embed = nn.Conv2d(1, dim, 1)
+        self.sam_block = SAMBlock(sam)
+        self.blocks = nn.ModuleList(
+            ESCBlock(dim, sam_dim, text_dim, heads, cfg.get("window", 4), cfg.get("prompts", {})) for _ in range(cfg.get("blocks", 4))
+        )
+        self.guidance = GuidanceProjection([width] * len(guidance_dims), guidance_dims)
+        self.decoder = UpsampleDecoder(dim, guidance_dims, decoder_dims)
+
+    @property
+    def image_size(self) -> int:
+        return self.sam.img_size
+
+    def forward(self, images: torch.Tensor, class_emb: torch.Tensor) -> dict[str, torch.Tensor]:
+        dense, guides = clip_features(self.clip, images, self.guidance_layers)
+        corr = correlation(dense, class_emb.to(dense.dtype))  # [B,K,g,g]
+        b, k, h, w = corr.shape
+        text = self.text_proj(F.normalize(class_emb, dim=-1))
+        x = self.corr_embed(corr.flatten(0, 1)[:, None]).view(b, k, -1, h, w)
+        feats = self.visual_proj(dense)
+        score, scores, prompts = corr, [], None
+        for i, blk in enumerate(self.blocks):  # block 1 prompts from the correlation, later ones from the previous block's score
+            x, score, prompts = blk(x, feats, score, corr, text, self.sam_block, None if i == 0 else 1.0)
+            scores.append(score)
+        logits = self.decoder(x, self.guidance(guides))
+        return {"logits": logits, "corr": corr, "aux_logits": scores, "prompts": prompts}
+
+    def freeze(self, parts: list[str]) -> None:
+        """Freeze named sub-modules, e.g. ['clip', 'sam.image_encoder']."""
+        for name in parts:
+            module = self.get_submodule(name)
+            module.requires_grad_(False)
+            module.eval()

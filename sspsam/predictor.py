@@ -7,7 +7,6 @@ does with ``set_image``.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,7 +20,7 @@ from .config import build_model, list_configs, load_config
 from .errors import CheckpointError, TextError
 from .imageio import ImageLike, load_image
 from .masks import encode_rle
-from .transforms import Letterbox, letterbox_image, to_tensor, unletterbox_logits
+from .transforms import Letterbox, image_key, model_input, unletterbox_logits
 
 MAX_PHRASE_CHARS = 1000
 DEFAULT_MODEL = "shapes-demo"
@@ -124,11 +123,9 @@ class Segmenter:
     def set_image(self, image: ImageLike) -> np.ndarray:
         """Encode an image once; later ``segment`` calls on the same pixels reuse it."""
         rgb = load_image(image)
-        key = hashlib.blake2b(rgb.tobytes(), digest_size=16).hexdigest() + str(rgb.shape)
+        key = image_key(rgb)
         if self._cache is None or self._cache.key != key:
-            square, box = letterbox_image(rgb, self.model.image_size)
-            x = to_tensor(square)[None].to(self.device)
-            valid = torch.tensor([box.scaled_hw], device=self.device)
+            x, valid, box = model_input(rgb, self.model.image_size, self.device)
             self._cache = _Encoded(key, self.model.encode_image(x, valid), box)
         return rgb
 

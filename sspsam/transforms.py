@@ -57,6 +57,20 @@ def unletterbox_logits(logits: torch.Tensor, box: Letterbox) -> torch.Tensor:
     return F.interpolate(x, size=box.orig_hw, mode="bilinear", align_corners=False)[:, 0]
 
 
+def image_key(rgb: np.ndarray) -> str:
+    """A key for the pixels of an image: predictors cache encodings under it."""
+    import hashlib
+
+    return hashlib.blake2b(rgb.tobytes(), digest_size=16).hexdigest() + str(rgb.shape)
+
+
+def model_input(rgb: np.ndarray, size: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, Letterbox]:
+    """An RGB image → the letterboxed batch of one [1,3,S,S], its content size [1,2] and the box."""
+    square, box = letterbox_image(rgb, size)
+    x = to_tensor(square)[None].to(device)
+    return x, torch.tensor([box.scaled_hw], device=device), box
+
+
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """HWC uint8 → CHW float in 0..255 (the models normalise internally)."""
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()

@@ -265,6 +265,8 @@ def generate_grefcoco(
     templates: Collection[str] | None = None,
     multi_target: bool = True,
     train_share: float = 0.6,
+    no_target_share: float = 1.0,
+    splits: tuple[str, ...] | None = None,
 ) -> dict:
     """Write ``root/grefcoco/{grefs(unc).json, instances.json}`` and the images under
     ``root/images/train2014/`` (ReLA layout).
@@ -273,12 +275,15 @@ def generate_grefcoco(
     (``ann_id == [-1]``, ``category_id == [-1]``, ``no_target: true``). Returns a summary with
     ``refs``/``sentences`` per split and ``kinds`` (single/multi/none sentence counts).
     ``scene_options``/``templates`` as in :func:`generate_refer` (``templates`` filters the no-target
-    expressions too); ``multi_target=False`` leaves out the multi-target refs.
+    expressions too); ``multi_target=False`` leaves out the multi-target refs;
+    ``no_target_share`` is the chance that an image gets its no-target ref; ``splits`` replaces
+    gRefCOCO's train/val/testA/testB (the first one is the training split).
     """
     root = Path(root)
     rng = np.random.default_rng([int(seed), 2])
-    splits = SPLITS[("grefcoco", split_by)] if ("grefcoco", split_by) in SPLITS else ("train", "val")
-    image_splits = assign_splits(n_images, splits, rng, train_share)
+    if splits is None:
+        splits = SPLITS[("grefcoco", split_by)] if ("grefcoco", split_by) in SPLITS else ("train", "val")
+    image_splits = assign_splits(n_images, tuple(splits), rng, train_share)
     image_ids = sorted(_unique_ids(rng, n_images, 1, 581_930))
     image_dir = root / "images" / "train2014"
 
@@ -291,7 +296,8 @@ def generate_grefcoco(
             scene = _scene(seed, 7 * i + 3 + 1_000_003 * attempt, **(scene_options or {}))
             singles = {k: v for k, v in _keep(single_target_expressions(scene), templates).items() if v}
             multis = multi_target_expressions(scene) if multi_target else []
-            nones = [e for e in no_target_expressions(scene) if templates is None or e.template in templates]
+            palette = (scene_options or {}).get("palette")
+            nones = [e for e in no_target_expressions(scene, palette) if templates is None or e.template in templates]
             if singles and nones:
                 break
             attempt += 1
@@ -312,7 +318,8 @@ def generate_grefcoco(
             by_targets.setdefault(e.targets, []).append(e)
         for key in _pick(rng, sorted(by_targets), int(rng.integers(0, 3))):
             groups.append(by_targets[key])
-        groups.append(nones)
+        if no_target_share >= 1.0 or rng.random() < no_target_share:
+            groups.append(nones)
         for exprs in groups:
             k = int(rng.integers(1, min(max_sentences, len(exprs)) + 1))
             chosen = _pick(rng, exprs, k)

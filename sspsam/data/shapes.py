@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -372,12 +373,15 @@ def multi_target_expressions(scene: Scene) -> list[Expression]:
     return out
 
 
-def no_target_expressions(scene: Scene) -> list[Expression]:
-    """Expressions that mention a colour, shape or colour–shape pair absent from the scene."""
+def no_target_expressions(scene: Scene, colours: Iterable[str] | None = None) -> list[Expression]:
+    """Expressions that mention a colour, shape or colour–shape pair absent from the scene.
+
+    ``colours`` limits the absent colours named to a palette (default: every colour), so that a
+    set drawn from a palette never mentions a colour its images can't show."""
     out: list[Expression] = []
     present_c = {o.colour for o in scene.objects}
     present_s = {o.shape for o in scene.objects}
-    for colour in COLOURS:
+    for colour in (COLOURS if colours is None else colours):
         if colour not in present_c:
             for shape in sorted(present_s):
                 out.append(Expression(f"the {colour} {shape}", (), "none", "absent-colour"))

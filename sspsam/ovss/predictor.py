@@ -15,7 +15,6 @@ view of the whole image); it switches on by itself when the long side exceeds
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import math
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from ..config import list_configs, load_config
 from ..errors import CheckpointError, TextError
 from ..imageio import ImageLike, load_image
 from ..predictor import _model_from_checkpoint
-from ..transforms import Letterbox, letterbox_image, to_tensor
+from ..transforms import Letterbox, image_key, letterbox_image, to_tensor
 
 MAX_CLASSES = 1000
 MAX_CLASS_CHARS = 200
@@ -177,7 +176,7 @@ class OVSS:
         s = self.model.image_size
         h, w = rgb.shape[:2]
         do_slide = (max(h, w) > self.slide_above * s) if slide is None else bool(slide)
-        key = hashlib.blake2b(rgb.tobytes(), digest_size=16).hexdigest() + str(rgb.shape) + f"|slide={do_slide}"
+        key = image_key(rgb) + f"|slide={do_slide}"
         if self._image is not None and self._image.key == key:
             return rgb
         square, box = letterbox_image(rgb, s)

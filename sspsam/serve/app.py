@@ -46,7 +46,6 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures as cf
-import hashlib
 import html
 import io
 import json
@@ -79,6 +78,7 @@ from ..imageio import load_image
 from ..masks import encode_rle, overlay
 from ..ovss.predictor import clean_classes
 from ..predictor import Segmentation, clean_phrases
+from ..transforms import image_key
 
 log = logging.getLogger("sspsam.serve")
 STATIC = Path(__file__).with_name("static")
@@ -269,7 +269,7 @@ def _decode_image(data: bytes) -> tuple[np.ndarray, str]:
         raise ApiError(413, "image_too_large", str(exc)) from None
     except ImageLoadError as exc:
         raise ApiError(400, "bad_image", str(exc).replace("<bytes>", "the uploaded image")) from None
-    return rgb, hashlib.blake2b(rgb.tobytes(), digest_size=16).hexdigest() + str(rgb.shape)
+    return rgb, image_key(rgb)
 
 
 def _png_b64(img: Image.Image) -> str:
@@ -519,19 +519,24 @@ def create_app(
         except TextError as exc:  # the model's own check of the phrases or classes
             raise ApiError(422, "invalid_field", str(exc)) from None
 
+    async def _parse(request: Request, fields: tuple[str, str], clean, limit: int, noun: str):
+        """The body's image and texts, checked: 422 for bad texts before the image is decoded."""
+        payload = await _read_payload(request, fields)
+        try:
+            items = clean(payload.texts)
+        except TextError as exc:
+            raise ApiError(422, "invalid_field", str(exc)) from None
+        if len(items) > limit:
+            raise ApiError(422, "invalid_field", f"{len(items)} {noun} given; at most {limit} per request")
+        rgb, key = await run_in_threadpool(_decode_image, payload.image)
+        return payload, items, rgb, key
+
     @app.post("/v1/segment", summary="Segment what each phrase refers to",
               description="Masks are COCO RLE (compressed string counts, column-major).",
               response_model=SegmentResponse, responses=_ERRORS,
               openapi_extra=_body_doc("phrases", "One or more phrases (repeat the field; 'phrase' also works)."))
     async def segment(request: Request):
-        payload = await _read_payload(request, ("phrases", "phrase"))
-        try:
-            phrases = clean_phrases(payload.texts)
-        except TextError as exc:
-            raise ApiError(422, "invalid_field", str(exc)) from None
-        if len(phrases) > max_phrases:
-            raise ApiError(422, "invalid_field", f"{len(phrases)} phrases given; at most {max_phrases} per request")
-        rgb, key = await run_in_threadpool(_decode_image, payload.image)
+        payload, phrases, rgb, key = await _parse(request, ("phrases", "phrase"), clean_phrases, max_phrases, "phrases")
         res = await _infer(request, "segment", rgb, key, phrases)
 
         def render() -> dict:
@@ -553,14 +558,7 @@ def create_app(
         worker: _Worker = request.app.state.worker
         if worker.ovss is None:
             raise ApiError(503, "unavailable", "this server runs without an OVSS model (start it with --ovss-model)")
-        payload = await _read_payload(request, ("classes", "class"))
-        try:
-            classes = clean_classes(payload.texts)
-        except TextError as exc:
-            raise ApiError(422, "invalid_field", str(exc)) from None
-        if len(classes) > max_classes:
-            raise ApiError(422, "invalid_field", f"{len(classes)} classes given; at most {max_classes} per request")
-        rgb, key = await run_in_threadpool(_decode_image, payload.image)
+        payload, classes, rgb, key = await _parse(request, ("classes", "class"), clean_classes, max_classes, "classes")
         res = await _infer(request, "ovss", rgb, key, classes)
 
         def render() -> dict:

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..backbones.clip import CLIPBackbone, TextFeatures
 from ..backbones.sam import SAMBackbone
+from ..errors import ConfigError
 from .encoder import SemanticSpatialPromptEncoder
 from .no_target_head import NoTargetHead
 
@@ -36,7 +37,9 @@ class SSPSAM(nn.Module):
         no_target = ssp.pop("no_target_head", False)
         ssp.setdefault("prompt_dim", sam.prompt_encoder.embed_dim)
         self.ssp_encoder = SemanticSpatialPromptEncoder(clip.embed_dim, clip.grid_size**2, **ssp)
-        self.no_target_head = NoTargetHead(ssp["prompt_dim"]) if no_target else None
+        if no_target not in (False, True, "mask"):
+            raise ConfigError(f"ssp.no_target_head must be false, true or 'mask', got {no_target!r}")
+        self.no_target_head = NoTargetHead(ssp["prompt_dim"], use_mask=no_target == "mask") if no_target else None
         self.config = config or {}
 
     @property
@@ -72,7 +75,7 @@ class SSPSAM(nn.Module):
         result = {"mask_logits": logits, "iou": ious[:, 0], "box": out["box"],
                   "sentence_map": out["sentence_map"], "word_weights": out["word_weights"]}
         if self.no_target_head is not None:
-            result["no_target_logit"] = self.no_target_head(out["box_token"])
+            result["no_target_logit"] = self.no_target_head(out["box_token"], logits)
         return result
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, valid_hw: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -14,7 +14,6 @@ whole masked crops with CLIP's *global* embedding is what CLIP was trained for, 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from ..errors import CheckpointError
 from ..imageio import ImageLike, load_image
 from ..ovss import cost as cost_ops
 from ..predictor import Segmentation, clean_phrases
-from ..transforms import Letterbox, letterbox_image, to_tensor, unletterbox_logits
+from ..transforms import Letterbox, image_key, model_input, unletterbox_logits
 from .pipeline import ZeroShot, ZeroShotFeatures, load_zeroshot, tspp_points
 
 RES_DEFAULTS = {
@@ -97,11 +96,9 @@ class ZeroShotSegmenter:
     def set_image(self, image: ImageLike) -> np.ndarray:
         """Encode an image once (SAM embedding + dense CLIP); later phrases on the same pixels reuse it."""
         rgb = load_image(image)
-        key = hashlib.blake2b(rgb.tobytes(), digest_size=16).hexdigest() + str(rgb.shape)
+        key = image_key(rgb)
         if self._cache is None or self._cache.key != key:
-            square, box = letterbox_image(rgb, self.model.image_size)
-            x = to_tensor(square)[None].to(self.device)
-            valid = torch.tensor([box.scaled_hw], device=self.device)
+            x, valid, box = model_input(rgb, self.model.image_size, self.device)
             self._cache = _Encoded(key, self.model.encode_image(x, valid), x[0], box)
         return rgb
 

@@ -15,7 +15,6 @@ import logging
 import socket
 import threading
 import time
-from dataclasses import dataclass
 
 import httpx
 import numpy as np
@@ -24,8 +23,6 @@ import uvicorn
 from PIL import Image
 
 from sspsam.data.shapes import make_scene
-from sspsam.errors import CheckpointError
-from sspsam.imageio import load_image
 from sspsam.masks import decode_rle
 from sspsam.predictor import Segmentation, Segmenter
 from sspsam.serve import create_app
@@ -64,36 +61,11 @@ def scene_png(seed: int = 3) -> tuple[np.ndarray, bytes]:
     return rgb, buf.getvalue()
 
 
-@dataclass
-class FakeSemantic:
-    classes: list[str]
-    labels: np.ndarray
-    scores: None
-    shares: dict[str, float]
-
-    def to_json(self) -> dict:
-        return {"image_size": list(self.labels.shape), "classes": self.classes, "shares": self.shares}
-
-
-class FakeOVSS:
-    """The OVSS interface, labelling pixels by brightness band: used until sspsam.ovss.predictor exists."""
-
-    name = "fake-ovss"
-
-    def segment(self, image, classes):
-        rgb = load_image(image)
-        labels = (rgb.astype(np.int32).sum(-1) // 97 % len(classes)).astype(np.int32)
-        return FakeSemantic(list(classes), labels, None, {c: float((labels == i).mean()) for i, c in enumerate(classes)})
-
-
 def make_ovss():
-    """The real bundled OVSS model when this install has it, else the fake (drop the except to insist)."""
+    """The real bundled OVSS model (tiny ESC-Net trained on generated shapes)."""
     from sspsam.ovss.predictor import OVSS
 
-    try:
-        return OVSS.from_pretrained("ovss-shapes-demo")
-    except CheckpointError:  # assets/ovss-shapes-demo.pt not trained into this checkout yet
-        return FakeOVSS()
+    return OVSS.from_pretrained("ovss-shapes-demo")
 
 
 # ---- fixtures --------------------------------------------------------------------------------------

@@ -95,6 +95,15 @@ def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: s
     module.load_state_dict(state_dict, strict=strict)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call ``write(tmp_path)`` and move the result into place, so readers never see half a file."""
     path = Path(path)
@@ -105,6 +114,7 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -24,31 +24,21 @@ from .checkpoint import atomic_write
 from .errors import ConfigError, TextError
 from .metrics import GRESMeter, PhraseCutMeter, RESMeter, format_table
 
-RES_DATASETS = ("refcoco", "refcoco+", "refcocog")
-REFERRING_DATASETS = (*RES_DATASETS, "grefcoco", "phrasecut")
+TASKS = {"refcoco": "res", "refcoco+": "res", "refcocog": "res", "grefcoco": "gres", "phrasecut": "phrasecut"}
 CURVE_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.50 … 0.95
 
 
 def task_of(dataset: str) -> str:
-    if dataset in RES_DATASETS:
-        return "res"
-    if dataset in ("grefcoco", "phrasecut"):
-        return {"grefcoco": "gres", "phrasecut": "phrasecut"}[dataset]
-    raise ConfigError(f"unknown referring dataset {dataset!r}; one of {', '.join(REFERRING_DATASETS)}")
+    if dataset not in TASKS:
+        raise ConfigError(f"unknown referring dataset {dataset!r}; one of {', '.join(TASKS)}")
+    return TASKS[dataset]
 
 
 def open_dataset(dataset: str, root: str | Path, split: str, image_size: int, split_by: str | None = None):
     """The evaluation view of a dataset: no augmentation, original masks."""
-    from .data import GRefCOCODataset, PhraseCutDataset, RefCOCODataset
+    from .data import open_referring
 
-    task = task_of(dataset)
-    kw = dict(split=split, image_size=image_size)
-    if task == "res":
-        default_by = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}[dataset]
-        return RefCOCODataset(root, dataset=dataset, split_by=split_by or default_by, **kw)
-    if task == "gres":
-        return GRefCOCODataset(root, split_by=split_by or "unc", **kw)
-    return PhraseCutDataset(root, **kw)
+    return open_referring(dataset, root, split, image_size, split_by)
 
 
 SEMSEG_DATASETS = ("semseg", "ade150", "ade847", "voc20", "voc21", "pc59", "pc459", "cocostuff171")
@@ -173,14 +163,13 @@ def markdown_table(metrics: dict, task: str, dataset: str, split: str, model: st
     return format_table(metrics, keys, header=True, label=label) + "\n"
 
 
-def plot_precision_curve(path: Path, ious: list[float], title: str, strict: bool = False, target_only: list[bool] | None = None) -> Path:
-    """Pr@X for X in 0.50…0.95 as a PNG (matplotlib, no display needed)."""
+def plot_precision_curve(path: Path, values: list[float], title: str) -> Path:
+    """``values`` = Pr@X for X in CURVE_THRESHOLDS (see :func:`precision_curve`) as a PNG (matplotlib, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    values = precision_curve(ious, strict=strict)
     fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
     ax.plot(CURVE_THRESHOLDS, [100 * v for v in values], marker="o")
     for t, v in zip(CURVE_THRESHOLDS, values):
@@ -207,16 +196,17 @@ def write_report(out_dir: str | Path, result: dict, task: str, dataset: str, spl
     metrics = result["metrics"]
     ious = result["ious"]
     if task == "gres":  # the Pr@X of gRefCOCO counts target samples only
-        ious_curve = [i for i, nt_gt in zip(ious, result.get("gt_no_target", [False] * len(ious))) if not nt_gt]
+        ious_curve = [i for i, nt_gt in zip(ious, result["gt_no_target"]) if not nt_gt]
     else:
         ious_curve = ious
+    curve = precision_curve(ious_curve, strict=task == "phrasecut")
     payload = {
         "model": model,
         "dataset": dataset,
         "split": split,
         "task": task,
         "metrics": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()},
-        "pr_curve": dict(zip([f"Pr@{t:g}" for t in CURVE_THRESHOLDS], precision_curve(ious_curve, strict=task == "phrasecut"))),
+        "pr_curve": dict(zip([f"Pr@{t:g}" for t in CURVE_THRESHOLDS], curve)),
         "seconds": result["seconds"],
         "ious": ious,
     }
@@ -224,5 +214,5 @@ def write_report(out_dir: str | Path, result: dict, task: str, dataset: str, spl
         "json": atomic_write(out / "metrics.json", lambda p: Path(p).write_text(json.dumps(payload, indent=1, default=float))),
         "table": atomic_write(out / "table.md", lambda p: Path(p).write_text(markdown_table(metrics, task, dataset, split, model))),
     }
-    files["plot"] = plot_precision_curve(out / "pr_curve.png", ious_curve, f"{model} · {dataset} {split}", strict=task == "phrasecut")
+    files["plot"] = plot_precision_curve(out / "pr_curve.png", curve, f"{model} · {dataset} {split}")
     return files

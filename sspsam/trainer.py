@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from .checkpoint import atomic_write, load_into, save_checkpoint, torch_load
 from .config import build_model
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
 from .losses import ssp_loss
 from .train import param_groups
 
@@ -141,26 +141,15 @@ def _to_batch(samples: list[dict]) -> dict:
 
 
 def _dataset(name: str, data_root, image_size: int, tcfg: dict):
-    kw = dict(
+    from .data import open_referring
+
+    return open_referring(
+        name, data_root, tcfg.get("split", "train"), image_size,
         train=bool(tcfg.get("augment", True)),
         flip=bool(tcfg.get("flip", False)),
         scale_range=tuple(tcfg.get("scale_range", (0.7, 1.0))),
         colour_jitter=float(tcfg.get("colour_jitter", 0.2)),
     )
-    split = tcfg.get("split", "train")
-    if name == "grefcoco":
-        from .data import GRefCOCODataset
-
-        return GRefCOCODataset(data_root, split=split, image_size=image_size, **kw)
-    if name in ("refcoco", "refcoco+", "refcocog"):
-        from .data import RefCOCODataset
-
-        return RefCOCODataset(data_root, dataset=name, split=split, image_size=image_size, **kw)
-    if name == "phrasecut":
-        from .data import PhraseCutDataset
-
-        return PhraseCutDataset(data_root, split=split, image_size=image_size, **kw)
-    raise ConfigError(f"unknown training dataset {name!r}; one of refcoco, refcoco+, refcocog, grefcoco, phrasecut")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,6 +22,32 @@ class DatasetLayoutError(SSPSamError):
     layout that was expected. (SSPSamError is a RuntimeError.)"""
 
 
+REFERRING_DATASETS = ("refcoco", "refcoco+", "refcocog", "grefcoco", "phrasecut")
+
+
+def open_referring(name: str, root, split: str | None, image_size: int, split_by: str | None = None, **kwargs):
+    """The reader for a referring benchmark by name (``split_by``: the reader's default when None;
+    PhraseCut has none); ``kwargs`` go to the reader (augmentation switches for training)."""
+    from ..errors import ConfigError
+
+    kwargs.update(split=split, image_size=image_size)
+    if split_by is not None and name != "phrasecut":
+        kwargs["split_by"] = split_by
+    if name in ("refcoco", "refcoco+", "refcocog"):
+        from .refer import RefCOCODataset
+
+        return RefCOCODataset(root, dataset=name, **kwargs)
+    if name == "grefcoco":
+        from .grefcoco import GRefCOCODataset
+
+        return GRefCOCODataset(root, **kwargs)
+    if name == "phrasecut":
+        from .phrasecut import PhraseCutDataset
+
+        return PhraseCutDataset(root, **kwargs)
+    raise ConfigError(f"unknown referring dataset {name!r}; one of {', '.join(REFERRING_DATASETS)}")
+
+
 _LAZY = {
     "ReferringDataset": ".base",
     "collate": ".base",
@@ -45,4 +71,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["DatasetLayoutError", *_LAZY]
+__all__ = ["DatasetLayoutError", "REFERRING_DATASETS", "open_referring", *_LAZY]

@@ -62,6 +62,30 @@ def mask_pool(masks: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
     return num / masks.sum((-2, -1))[..., None].clamp(min=1e-6)
 
 
+def connected_groups(link: torch.Tensor, ok: torch.Tensor | None = None) -> torch.Tensor:
+    """Transitive closure of a pairwise link [N,N] (read above the diagonal) → a group id per item
+    [N], groups numbered in the order of their first item; −1 where ``ok`` [N] is False."""
+    n = link.shape[0]
+    ok = torch.ones(n, dtype=torch.bool, device=link.device) if ok is None else ok
+    link = link & ok[:, None] & ok[None]
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in link.triu(1).nonzero().tolist():
+        parent[find(j)] = find(i)
+    roots: dict[int, int] = {}
+    group = torch.full((n,), -1, dtype=torch.long, device=link.device)
+    for i in range(n):
+        if ok[i]:
+            group[i] = roots.setdefault(find(i), len(roots))
+    return group
+
+
 def shallow_mask_aggregation(
     masks: torch.Tensor,
     feats: torch.Tensor | None = None,
@@ -94,25 +118,11 @@ def shallow_mask_aggregation(
             grown = F.max_pool2d(hard[:, None].float(), 3, 1, 1).flatten(1)
             linked = linked | ((grown @ flat.T) > 0)
         linked = linked & agree
-    linked = linked & ok[:, None] & ok[None]
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j in linked.triu(1).nonzero().tolist():
-        parent[find(j)] = find(i)
-    roots = {}
-    group = torch.full((n,), -1, dtype=torch.long, device=masks.device)
-    for i in range(n):
-        if ok[i]:
-            group[i] = roots.setdefault(find(i), len(roots))
-    if not roots:
+    group = connected_groups(linked, ok)
+    n_groups = int(group.max()) + 1 if n else 0
+    if n_groups == 0:
         return masks.new_zeros((0, *masks.shape[1:])), group
-    merged = torch.stack([masks[group == g].float().amax(0) for g in range(len(roots))])
+    merged = torch.stack([masks[group == g].float().amax(0) for g in range(n_groups)])
     return merged, group
 
 

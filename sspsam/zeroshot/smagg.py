@@ -3,7 +3,8 @@
 SAM over-segments: points on one object often return its parts (a shirt, a face) and near-copies
 of the same mask. Before masks guide the cost map, partial masks of one object are merged into
 one, so that mask pooling averages over the whole object rather than over a part. "Shallow": one
-pass of pairwise overlap tests and a union-find, no features, no training.
+pass of pairwise overlap tests and a union-find (shared with SAM-MI's learned SMAgg), no
+features, no training.
 
 Two masks of the same group (the class that prompted them) are merged when either
 
@@ -19,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ..ovss.sam_mi import connected_groups
 
 
 @dataclass
@@ -55,21 +58,9 @@ class ShallowMaskAggregation:
         same = groups[idx][:, None] == groups[idx][None, :]
         link = same & ((iou >= self.iou_thr) | (contain >= self.contain_thr))
 
-        parent = list(range(len(idx)))
-
-        def find(a: int) -> int:
-            while parent[a] != a:
-                parent[a] = parent[parent[a]]
-                a = parent[a]
-            return a
-
-        for a, b in link.triu(1).nonzero().tolist():
-            ra, rb = find(a), find(b)
-            if ra != rb:
-                parent[max(ra, rb)] = min(ra, rb)
         clusters: dict[int, list[int]] = {}
-        for a in range(len(idx)):
-            clusters.setdefault(find(a), []).append(a)
+        for a, g in enumerate(connected_groups(link).tolist()):
+            clusters.setdefault(g, []).append(a)
         out_m, out_s, out_g, members = [], [], [], []
         for local in clusters.values():
             src = [idx[a] for a in local]

@@ -22,7 +22,6 @@ Rows:
 from __future__ import annotations
 
 import argparse
-import importlib
 import statistics
 import sys
 import time
@@ -32,15 +31,15 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from sspsam.config import build_model, list_configs, load_config
+    from sspsam.config import build_model, load_config
 except ImportError:  # running from a checkout without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from sspsam.config import build_model, list_configs, load_config
+    from sspsam.config import build_model, load_config
 
-MODELS = {  # name -> (module that defines it, config per size)
-    "escnet": ("sspsam.ovss.escnet", {"tiny": "escnet-tiny", "vitb": "escnet-vitb"}),
-    "sam-mi": ("sspsam.ovss.sam_mi", {"tiny": "sam-mi-tiny", "vitb": "sam-mi-vitb"}),
-    "zeroshot": ("sspsam.zeroshot.pipeline", {"tiny": "zeroshot-tiny", "vitb": "zeroshot"}),
+MODELS = {  # name -> config per size
+    "escnet": {"tiny": "escnet-tiny", "vitb": "escnet-vitb"},
+    "sam-mi": {"tiny": "sam-mi-tiny", "vitb": "sam-mi-vitb"},
+    "zeroshot": {"tiny": "zeroshot-tiny", "vitb": "zeroshot"},
 }
 
 
@@ -80,32 +79,15 @@ def timed(fn, device: torch.device, warmup: int, repeats: int):
     return statistics.median(times), out
 
 
-def available(name: str, size: str) -> tuple[str | None, str]:
-    """(config name, '') if the model can be built, else (None, why not)."""
-    module, sizes = MODELS[name]
-    cfg = sizes[size]
-    if cfg not in list_configs():
-        return None, f"config '{cfg}' not in sspsam/configs yet"
-    try:
-        importlib.import_module(module)
-    except ImportError as exc:
-        return None, f"module {module} not importable yet ({exc})"
-    return cfg, ""
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    rows, skipped = [], []
+    rows = []
     for name in args.models:
-        cfg_name, why = available(name, args.config_size)
-        if cfg_name is None:
-            skipped.append(f"{name}: skipped, {why}")
-            print(f"skip {name}: {why}", file=sys.stderr, flush=True)
-            continue
+        cfg_name = MODELS[name][args.config_size]
         torch.manual_seed(args.seed)
         cfg = load_config(cfg_name)
         if name == "zeroshot" and args.point_threshold is not None:
@@ -147,8 +129,6 @@ def main(argv=None) -> int:
         print()
         print("training-free grid / TSPP time (SAM-MI claims 1.6x): "
               + ", ".join(f"K={k}: {x:.2f}x" for k, x in speed))
-    for line in skipped:
-        print(f"\n{line}")
     return 0
 
 

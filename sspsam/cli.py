@@ -161,10 +161,10 @@ def _evaluate_ovss(model, data, dataset, split, output, max_samples, device, pro
         _fail(exc)
     output.mkdir(parents=True, exist_ok=True)
     table = format_iou_table(res)
-    clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in res.items() if k != "per_class_iou"}
-    payload = {"model": ovss.name, "dataset": dataset, "split": split, "protocol": protocol, "slide": slide, "metrics": clean}
+    payload = {"model": ovss.name, "dataset": dataset, "split": split, "protocol": protocol, "slide": slide,
+               "metrics": {k: v for k, v in res.items() if k != "per_class_iou"}}
     written = [
-        atomic_write(output / "metrics.json", lambda p: Path(p).write_text(json.dumps(payload, indent=1, default=float))),
+        atomic_write(output / "metrics.json", lambda p: Path(p).write_text(json.dumps(ev.json_safe(payload), indent=1, default=float))),
         atomic_write(output / "table.md", lambda p: Path(p).write_text(table + "\n")),
     ]
     print(f"{ovss.name} · {dataset} {split}: mIoU {100 * res['mIoU']:.2f}, pixel acc {100 * res['pACC']:.2f}")

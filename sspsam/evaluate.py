@@ -190,6 +190,19 @@ def plot_precision_curve(path: Path, values: list[float], title: str) -> Path:
     return path
 
 
+def json_safe(x):
+    """Metrics for JSON: nan (an undefined metric) becomes null, numpy numbers plain ones, at any depth."""
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return x
+
+
 def write_report(out_dir: str | Path, result: dict, task: str, dataset: str, split: str, model: str) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -205,13 +218,13 @@ def write_report(out_dir: str | Path, result: dict, task: str, dataset: str, spl
         "dataset": dataset,
         "split": split,
         "task": task,
-        "metrics": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()},
+        "metrics": metrics,
         "pr_curve": dict(zip([f"Pr@{t:g}" for t in CURVE_THRESHOLDS], curve)),
         "seconds": result["seconds"],
         "ious": ious,
     }
     files = {
-        "json": atomic_write(out / "metrics.json", lambda p: Path(p).write_text(json.dumps(payload, indent=1, default=float))),
+        "json": atomic_write(out / "metrics.json", lambda p: Path(p).write_text(json.dumps(json_safe(payload), indent=1, default=float))),
         "table": atomic_write(out / "table.md", lambda p: Path(p).write_text(markdown_table(metrics, task, dataset, split, model))),
     }
     files["plot"] = plot_precision_curve(out / "pr_curve.png", curve, f"{model} · {dataset} {split}")

@@ -1,0 +1,1 @@
+"""Developer tools: golden-fixture regeneration and the fidelity report."""

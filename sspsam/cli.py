@@ -49,7 +49,7 @@ def segment(
 ) -> None:
     """Segment what each phrase refers to. Writes <name>_mask.png, <name>_overlay.png and <name>.json (COCO RLE)."""
     from .imageio import load_image
-    from .masks import overlay
+    from .masks import segmentation_overlay
     from .predictor import Segmenter, clean_phrases
 
     try:  # cheap checks first: a bad image or phrase should not wait for a model to load
@@ -69,8 +69,7 @@ def segment(
         tag = f"{stem}_{i}_{_slug(phrase)}" if many else stem
         mask_png = Image.fromarray(res.masks[i].astype(np.uint8) * 255)
         written.append(atomic_write(output / f"{tag}_mask.png", lambda p, im=mask_png: im.save(p, format="PNG")))
-    label = [f"{p} ({s:.2f})" if not n else f"{p}: no match" for p, s, n in zip(res.phrases, res.scores, res.no_target)]
-    ov = overlay(rgb, list(res.masks), label)
+    ov = segmentation_overlay(rgb, res.phrases, res.masks, res.scores, res.no_target)
     written.append(atomic_write(output / f"{stem}_overlay.png", lambda p: ov.save(p, format="PNG")))
     payload = {"image": str(image), "model": seg.name, **res.to_json()}
     written.append(atomic_write(output / f"{stem}.json", lambda p: Path(p).write_text(json.dumps(payload, indent=1))))

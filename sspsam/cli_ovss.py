@@ -9,48 +9,18 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import typer
-from PIL import Image, ImageDraw
 from rich.console import Console
 
 from .checkpoint import atomic_write
 from .errors import SSPSamError
 
 err = Console(stderr=True)
-_LEGEND_ROW = 14
 
 
 def _fail(exc: Exception) -> None:
     err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(code=1)
-
-
-def label_overlay(rgb: np.ndarray, labels: np.ndarray, classes: list[str], shares: dict[str, float], alpha: float = 0.55) -> Image.Image:
-    """The image tinted by class colour, with a legend panel (colour, name, share) to its right.
-
-    The legend lists classes present in the image, largest first, so 150 class names do not
-    bury the few that matter.
-    """
-    from .masks import palette
-
-    colours = np.array(palette(len(classes)), np.float32)
-    tinted = rgb.astype(np.float32) * (1 - alpha) + colours[labels] * alpha
-    body = Image.fromarray(tinted.clip(0, 255).astype(np.uint8))
-    present = sorted((i for i, c in enumerate(classes) if shares.get(c, 0) > 0), key=lambda i: -shares[classes[i]])
-    draw_probe = ImageDraw.Draw(body)
-    text_w = max((draw_probe.textlength(f"{classes[i]} {100 * shares[classes[i]]:.1f}%") for i in present), default=0)
-    panel_w = int(text_w) + 28
-    h = max(body.height, _LEGEND_ROW * len(present) + 8)
-    out = Image.new("RGB", (body.width + panel_w, h), (255, 255, 255))
-    out.paste(body, (0, 0))
-    draw = ImageDraw.Draw(out)
-    for row, i in enumerate(present):
-        y = 4 + row * _LEGEND_ROW
-        x = body.width + 4
-        draw.rectangle((x, y, x + 10, y + 10), fill=tuple(int(v) for v in colours[i]), outline=(0, 0, 0))
-        draw.text((x + 16, y), f"{classes[i]} {100 * shares[classes[i]]:.1f}%", fill=(0, 0, 0))
-    return out
 
 
 def ovss(
@@ -63,6 +33,7 @@ def ovss(
 ) -> None:
     """Label every pixel with one class. Writes <name>_labels.png (class indices), <name>_overlay.png and <name>.json."""
     from .imageio import load_image
+    from .masks import label_overlay, label_png
     from .ovss.predictor import OVSS, clean_classes
 
     try:  # cheap checks first: a bad image or class list should not wait for a model to load
@@ -76,7 +47,7 @@ def ovss(
         _fail(exc)
     stem = image.stem
     written = []
-    labels_png = Image.fromarray(res.labels.astype(np.uint8), mode="L")
+    labels_png = label_png(res.labels, res.classes)  # palette PNG: class index per pixel, shown in colour
     written.append(atomic_write(output / f"{stem}_labels.png", lambda p: labels_png.save(p, format="PNG")))
     ov = label_overlay(rgb, res.labels, res.classes, res.shares)
     written.append(atomic_write(output / f"{stem}_overlay.png", lambda p: ov.save(p, format="PNG")))

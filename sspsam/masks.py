@@ -1,11 +1,12 @@
-"""Mask outputs: COCO RLE (pycocotools, the format every benchmark and tool reads) and overlays."""
+"""Mask outputs: COCO RLE (pycocotools, the format every benchmark and tool reads), overlays people
+can read at any image size, and the OVSS label PNG."""
 
 from __future__ import annotations
 
 import colorsys
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageColor, ImageDraw, ImageFilter, ImageFont
 from pycocotools import mask as mask_utils
 
 
@@ -29,36 +30,212 @@ def palette(n: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def overlay(image: np.ndarray, masks: list[np.ndarray], labels: list[str] | None = None, alpha: float = 0.5) -> Image.Image:
-    """Tint each mask with its own colour, outline it, and write its label by the mask."""
-    out = image.astype(np.float32).copy()
+_BACKGROUND_NAMES = {"background", "bg", "other", "others", "void", "unlabeled", "unlabelled", "stuff"}
+
+
+def class_colours(classes: list[str]) -> list[tuple[int, int, int]]:
+    """One colour per class name: the colour a name says ("red", "navy": CSS names) so a class
+    called "blue" is never painted magenta, neutral grey for a background class, and for every
+    other name the palette colour of its index. Overlay, label PNG and web page all use these."""
+    out = []
+    for i, (name, fallback) in enumerate(zip(classes, palette(len(classes)))):
+        key = name.strip().lower()
+        if key in _BACKGROUND_NAMES:
+            out.append((128, 128, 128))
+        elif key.replace(" ", "") in ImageColor.colormap:
+            out.append(ImageColor.getrgb(key.replace(" ", "")))
+        else:
+            out.append(fallback)
+    return out
+
+
+# ---- drawing ---------------------------------------------------------------------------------
+#
+# Plain PIL rather than an annotation library: `supervision` would bring matplotlib and PyAV into
+# every install (or be an optional path we must test twice), it has no legend, and the pictures
+# here need only four primitives (fill, contour, box, text) whose every pixel the tests can check.
+
+NO_MATCH = "(no match)"
+_UNLABELLED = (0, 0, 0)  # palette entry 255 of the label PNG: pixels no class claimed
+
+
+def _scale(height: int, width: int) -> tuple[int, int]:
+    """(font px, line px) for an image: readable on a 160×120 scene and on a 4000×3000 photo.
+
+    Text is ~1/40 of the long side (never below 12 px, the smallest size people read without
+    zooming); lines ~1/250 of it, at least 2 px so a contour stands out from the fill.
+    """
+    long_side = max(height, width)
+    return max(12, round(long_side / 40)), max(2, round(long_side / 250))
+
+
+def font(size: int) -> ImageFont.ImageFont:
+    """Pillow's embedded scalable font (≥ 10.1): present on every machine, no font files needed."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 or no FreeType: the fixed bitmap font is better than nothing
+        return ImageFont.load_default()
+
+
+def _ink(colour) -> tuple[int, int, int]:
+    """Black or white text, whichever reads better on ``colour`` (WCAG relative luminance)."""
+    lum = sum(w * (c / 255) ** 2.2 for w, c in zip((0.2126, 0.7152, 0.0722), colour))
+    return (0, 0, 0) if lum > 0.18 else (255, 255, 255)
+
+
+def contour(mask: np.ndarray, width: int) -> np.ndarray:
+    """The band of ``mask`` within ``width`` pixels of its border (erosion by a square, in C)."""
+    m = Image.fromarray(mask.astype(np.uint8) * 255)
+    inner = np.array(m.filter(ImageFilter.MinFilter(2 * width + 1))) > 0
+    # the filter pads with the edge pixels; a mask cut by the image border has a border there too
+    inner[:width], inner[-width:], inner[:, :width], inner[:, -width:] = False, False, False, False
+    return mask & ~inner
+
+
+def bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(x0, y0, x1, y1), inclusive, of the mask's pixels; None for an empty mask."""
+    ys, xs = np.nonzero(mask)
+    if not len(ys):
+        return None
+    return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
+
+
+def _tag(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, colour, fnt, limit: tuple[int, int]) -> None:
+    """A label on a chip of the mask's colour at (x, y) = its bottom-left, kept inside the image."""
+    l, t, r, b = draw.textbbox((0, 0), text, font=fnt)
+    pad = max(2, fnt.size // 6) if hasattr(fnt, "size") else 2
+    w, h = r - l + 2 * pad, b - t + 2 * pad
+    x = min(max(0, xy[0]), max(0, limit[0] - w))
+    y = min(max(0, xy[1] - h), max(0, limit[1] - h))
+    draw.rectangle((x, y, x + w - 1, y + h - 1), fill=tuple(colour))
+    draw.text((x + pad - l, y + pad - t), text, fill=_ink(colour), font=fnt)
+
+
+def _legend_panel(rows: list[tuple[tuple[int, int, int] | None, str]], height: int, fnt, line: int) -> Image.Image:
+    """A white panel listing (colour swatch, text) rows: what each colour means; a hollow, crossed
+    swatch (colour None) for a row that has nothing drawn."""
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    asc, desc = fnt.getmetrics() if hasattr(fnt, "getmetrics") else (10, 2)
+    row_h = asc + desc + max(4, line * 2)
+    sw = asc + desc
+    margin = max(6, row_h // 3)
+    text_w = max((probe.textlength(t, font=fnt) for _, t in rows), default=0)
+    panel = Image.new("RGB", (int(margin * 3 + sw + text_w), max(height, margin * 2 + row_h * len(rows))), (255, 255, 255))
+    draw = ImageDraw.Draw(panel)
+    for k, (colour, text) in enumerate(rows):
+        y = margin + k * row_h
+        x0, y0, x1, y1 = margin, y, margin + sw - 1, y + sw - 1
+        draw.rectangle((x0, y0, x1, y1), fill=None if colour is None else tuple(colour), outline=(60, 60, 60), width=max(1, line // 2))
+        if colour is None:
+            draw.line((x0, y1, x1, y0), fill=(60, 60, 60), width=max(1, line // 2))
+        draw.text((margin * 2 + sw, y), text, fill=(20, 20, 20), font=fnt)
+    return panel
+
+
+def overlay(image: np.ndarray, masks: list[np.ndarray], labels: list[str] | None = None, alpha: float = 0.45,
+            legend: list[str] | None = None) -> Image.Image:
+    """Each mask as a translucent fill, a contour and its bounding box in its own colour, labelled
+    at the box's top-left corner; with ``legend`` (one text per mask, e.g. the phrase and its score
+    or "(no match)") a panel to the right says what each colour stands for.
+
+    Sizes follow the image (``_scale``): a fixed 11 px font vanishes on a photo and a 1 px outline
+    on a 4000 px image cannot be seen. The image part keeps the input's size and position, so
+    pixel (x, y) of the picture is pixel (x, y) of the image.
+    """
+    h, w = image.shape[:2]
+    size, line = _scale(h, w)
+    fnt = font(size)
     colours = palette(len(masks))
+    out = image.astype(np.float32).copy()
     for m, c in zip(masks, colours):
         out[m] = out[m] * (1 - alpha) + np.array(c, np.float32) * alpha
-    img = Image.fromarray(out.clip(0, 255).astype(np.uint8))
+    out = out.clip(0, 255).astype(np.uint8)
+    for m, c in zip(masks, colours):
+        if m.any():
+            out[contour(m, line)] = c
+    img = Image.fromarray(out)
     draw = ImageDraw.Draw(img)
-    for i, (m, c) in enumerate(zip(masks, colours)):
-        if not m.any():
+    boxes = [bbox(m) for m in masks]
+    for b, c in zip(boxes, colours):
+        if b is not None:
+            draw.rectangle(b, outline=tuple(c), width=max(1, line // 2))
+    if labels:  # a label wider than its box and a third of the image would hide the picture: its number instead
+        for k, (b, c, text) in enumerate(zip(boxes, colours, labels)):
+            if b is not None and text:
+                if legend is not None and draw.textlength(text, font=fnt) > max(b[2] - b[0] + 1, w / 3):
+                    text = str(k + 1)
+                _tag(draw, (b[0], b[1]), text, c, fnt, (w, h))
+    if legend is None:
+        return img
+    rows = [(c if m.any() else None, f"{k + 1}  {t}") for k, (m, c, t) in enumerate(zip(masks, colours, legend))]
+    panel = _legend_panel(rows, h, fnt, line)
+    full = Image.new("RGB", (w + panel.width, max(h, panel.height)), (255, 255, 255))
+    full.paste(img, (0, 0))
+    full.paste(panel, (w, 0))
+    return full
+
+
+def segmentation_overlay(image: np.ndarray, phrases: list[str], masks, scores, no_target) -> Image.Image:
+    """The ``sspsam segment`` / server picture: each found phrase drawn and named on the image, and
+    a legend of every phrase asked, "(no match)" for those the model said are absent (or whose mask
+    is empty: a phrase is never shown as found without pixels)."""
+    masks = [np.asarray(m, bool) for m in masks]
+    found = [not n and m.any() for m, n in zip(masks, no_target)]
+    legend = [f"{p}  {s:.2f}" if f else f"{p}  {NO_MATCH}" for p, s, f in zip(phrases, scores, found)]
+    labels = [p if f else "" for p, f in zip(phrases, found)]
+    return overlay(image, [m if f else np.zeros_like(m) for m, f in zip(masks, found)], labels, legend=legend)
+
+
+def label_overlay(rgb: np.ndarray, labels: np.ndarray, classes: list[str], shares: dict[str, float] | None = None,
+                  alpha: float = 0.55) -> Image.Image:
+    """The image tinted by class colour (the label PNG's palette), class borders drawn, each region
+    named, and a legend panel to the right of the classes present, largest first (so 150 class
+    names do not bury the few that matter)."""
+    h, w = labels.shape
+    size, line = _scale(h, w)
+    fnt = font(size)
+    colours = np.array(class_colours(classes), np.float32)
+    valid = labels >= 0
+    tinted = rgb.astype(np.float32)
+    tinted[valid] = tinted[valid] * (1 - alpha) + colours[labels[valid]] * alpha
+    out = tinted.clip(0, 255).astype(np.uint8)
+    if shares is None:
+        shares = {c: float((labels == i).mean()) for i, c in enumerate(classes)}
+    present = sorted((i for i, c in enumerate(classes) if shares.get(c, 0) > 0), key=lambda i: -shares[classes[i]])
+    for i in present:
+        out[contour(labels == i, max(1, line // 2))] = colours[i].astype(np.uint8)
+    img = Image.fromarray(out)
+    draw = ImageDraw.Draw(img)
+    for i in present:  # a name on each region large enough to hold it; the bulk (background) only in the legend
+        if shares[classes[i]] >= 0.5:
             continue
-        edge = m & ~_erode(m)
-        ys, xs = np.nonzero(edge)
-        pix = img.load()
-        for y, x in zip(ys.tolist(), xs.tolist()):
-            pix[x, y] = c
-        if labels:
+        m = labels == i
+        b = bbox(m)
+        tw = draw.textlength(classes[i], font=fnt)
+        if b is not None and b[2] - b[0] >= tw and b[3] - b[1] >= size:
             ys, xs = np.nonzero(m)
-            x0, y0 = int(xs.min()), int(ys.min())
-            text = labels[i]
-            box = draw.textbbox((x0, max(0, y0 - 12)), text)
-            draw.rectangle(box, fill=(0, 0, 0))
-            draw.text((x0, max(0, y0 - 12)), text, fill=c)
-    return img
+            k = np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2)  # a pixel of the region near its centre
+            _tag(draw, (int(xs[k] - tw / 2), int(ys[k] + size / 2)), classes[i], tuple(int(v) for v in colours[i]), fnt, (w, h))
+    rows = [(tuple(int(v) for v in colours[i]), f"{classes[i]} {100 * shares[classes[i]]:.1f}%") for i in present]
+    panel = _legend_panel(rows, h, fnt, line)
+    full = Image.new("RGB", (w + panel.width, max(h, panel.height)), (255, 255, 255))
+    full.paste(img, (0, 0))
+    full.paste(panel, (w, 0))
+    return full
 
 
-def _erode(m: np.ndarray) -> np.ndarray:
-    e = m.copy()
-    e[1:] &= m[:-1]
-    e[:-1] &= m[1:]
-    e[:, 1:] &= m[:, :-1]
-    e[:, :-1] &= m[:, 1:]
-    return e
+def label_png(labels: np.ndarray, classes: list[str]) -> Image.Image:
+    """The per-pixel class index as a PNG any viewer shows in colour: a palette ("P") image whose
+    index is the class index and whose palette is the overlay's class colours (255 = unlabelled,
+    black). Readers that take the raw values (``np.asarray(Image.open(p))``) still get the indices.
+    Over 255 classes (256 with every pixel labelled) an 8-bit palette cannot hold them: 16-bit
+    greyscale, 65535 = unlabelled."""
+    labels, n_classes = np.asarray(labels), len(classes)
+    if n_classes < 255 or (n_classes == 256 and (labels >= 0).all()):
+        img = Image.fromarray(np.where(labels < 0, 255, labels).astype(np.uint8), mode="P")
+        colours = class_colours(classes) + [(0, 0, 0)] * (256 - n_classes)
+        if n_classes < 256:
+            colours[255] = _UNLABELLED
+        img.putpalette([v for c in colours for v in c])
+        return img
+    return Image.fromarray(np.where(labels < 0, 65535, labels).astype(np.uint16))

@@ -19,8 +19,9 @@ Endpoints (see ``/docs`` or ``/openapi.json``)::
 
 Masks are COCO RLE with pycocotools' compressed string ``counts`` (column-major, as
 ``pycocotools.mask.decode`` reads them); the web page decodes that string in JavaScript.
-``label_png`` is a base64 greyscale PNG whose pixel value is the index into ``classes``
-(8-bit with 255 = unlabelled for fewer than 255 classes, else 16-bit with 65535 = unlabelled).
+``label_png`` is a base64 PNG whose pixel value is the index into ``classes``: a palette PNG
+(8-bit, the overlay's class colours, 255 = unlabelled) up to 255 classes, else 16-bit greyscale
+with 65535 = unlabelled.
 
 Errors are JSON ``{"error": {"code", "message", "request_id"}}`` with these statuses:
 
@@ -75,7 +76,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import ImageLoadError, ImageTooLargeError, TextError
 from ..imageio import load_image
-from ..masks import encode_rle, overlay
+from ..masks import class_colours, encode_rle, label_overlay, label_png, segmentation_overlay
 from ..ovss.predictor import clean_classes
 from ..predictor import Segmentation, clean_phrases
 from ..transforms import image_key
@@ -278,10 +279,8 @@ def _png_b64(img: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _label_png(labels: np.ndarray, n_classes: int) -> str:
-    if n_classes < 255:
-        return _png_b64(Image.fromarray(np.where(labels < 0, 255, labels).astype(np.uint8), mode="L"))
-    return _png_b64(Image.fromarray(np.where(labels < 0, 65535, labels).astype(np.uint16)))
+def _label_png(labels: np.ndarray, classes: list[str]) -> str:
+    return _png_b64(label_png(labels, classes))
 
 
 # ---- the ASGI layer around everything -----------------------------------------------------------
@@ -388,6 +387,7 @@ class OvssResponse(BaseModel):
     classes: list[str]
     shares: dict[str, float]
     label_png: str
+    colours: list[list[int]] | None = None
     masks: list[dict]
     model: str
     request_id: str
@@ -542,15 +542,14 @@ def create_app(
         def render() -> dict:
             out = res.to_json()
             if payload.overlay:
-                labels = [f"{p} ({s:.2f})" if not n else f"{p}: no match" for p, s, n in zip(res.phrases, res.scores, res.no_target)]
-                out["overlay_png"] = _png_b64(overlay(rgb, list(res.masks), labels))
+                out["overlay_png"] = _png_b64(segmentation_overlay(rgb, res.phrases, res.masks, res.scores, res.no_target))
             return out
 
         out = await run_in_threadpool(render)
         return JSONResponse({**out, "model": _name(request.app.state.worker.segmenter), "request_id": request.state.request_id})
 
     @app.post("/v1/ovss", summary="Label every pixel with one of the given classes",
-              description="label_png: greyscale PNG, pixel = index into classes (255 / 65535 = unlabelled); "
+              description="label_png: palette PNG, pixel = index into classes (255 / 65535 = unlabelled); "
                           "masks: COCO RLE per class present.",
               response_model=OvssResponse, responses=_ERRORS,
               openapi_extra=_body_doc("classes", "Class names: repeat the field, or one comma-separated string."))
@@ -564,13 +563,14 @@ def create_app(
         def render() -> dict:
             labels = np.asarray(res.labels)
             out = res.to_json()
-            out["label_png"] = _label_png(labels, len(res.classes))
+            out["label_png"] = _label_png(labels, list(res.classes))
+            out["colours"] = [list(c) for c in class_colours(list(res.classes))]  # the overlay's and label PNG's
             masks = [(i, c, labels == i) for i, c in enumerate(res.classes)]
             masks = [(i, c, m) for i, c, m in masks if m.any()]
             out["masks"] = [{"index": i, "class": c, "share": float(res.shares.get(c, m.mean())), "area": int(m.sum()),
                              "rle": encode_rle(m)} for i, c, m in masks]
             if payload.overlay:
-                out["overlay_png"] = _png_b64(overlay(rgb, [m for *_, m in masks], [c for _, c, _ in masks]))
+                out["overlay_png"] = _png_b64(label_overlay(rgb, labels, list(res.classes), out.get("shares")))
             return out
 
         out = await run_in_threadpool(render)
@@ -586,8 +586,10 @@ def create_app(
     @app.get("/v1/models", summary="The loaded models and the request limits")
     async def models(request: Request):
         worker: _Worker = request.app.state.worker
-        seg = {"name": _name(worker.segmenter), "device": str(getattr(worker.segmenter, "device", device))}
-        ov = None if worker.ovss is None else {"name": _name(worker.ovss), "device": str(getattr(worker.ovss, "device", device))}
+        seg = {"name": _name(worker.segmenter), "device": str(getattr(worker.segmenter, "device", device)),
+               "examples": _examples(worker.segmenter, "example_phrases")}
+        ov = None if worker.ovss is None else {"name": _name(worker.ovss), "device": str(getattr(worker.ovss, "device", device)),
+                                               "examples": _examples(worker.ovss, "example_classes")}
         return {"segment": seg, "ovss": ov, "limits": limits}
 
     @app.get("/docs", include_in_schema=False)
@@ -603,3 +605,19 @@ def create_app(
 
 def _name(model) -> str:
     return str(getattr(model, "name", type(model).__name__))
+
+
+# What the bundled demo models know, for checkpoints saved before they carried ``example_*`` in meta.
+_BUILTIN_EXAMPLES = {
+    ("shapes-demo", "example_phrases"): ["the blue circle", "the red square", "the triangle on the left", "the green shape"],
+    ("ovss-shapes-demo", "example_classes"): ["background", "red", "green", "blue", "yellow"],
+}
+
+
+def _examples(model, key: str) -> list[str]:
+    """Example phrases / classes the page suggests: the checkpoint's own (``meta[key]``), else the
+    built-in list for a bundled demo, else none (a general model needs no hint about its domain)."""
+    meta = getattr(model, "meta", None)
+    if isinstance(meta, dict) and isinstance(meta.get(key), (list, tuple)):
+        return [str(x) for x in meta[key]]
+    return list(_BUILTIN_EXAMPLES.get((_name(model), key), []))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import colorsys
 
 import numpy as np
-from PIL import Image, ImageColor, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageColor, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
 
@@ -84,20 +84,37 @@ def _ink(colour) -> tuple[int, int, int]:
 
 
 def contour(mask: np.ndarray, width: int) -> np.ndarray:
-    """The band of ``mask`` within ``width`` pixels of its border (erosion by a square, in C)."""
-    m = Image.fromarray(mask.astype(np.uint8) * 255)
-    inner = np.array(m.filter(ImageFilter.MinFilter(2 * width + 1))) > 0
-    # the filter pads with the edge pixels; a mask cut by the image border has a border there too
-    inner[:width], inner[-width:], inner[:, :width], inner[:, -width:] = False, False, False, False
-    return mask & ~inner
+    """The band of ``mask`` within ``width`` pixels of its border (outside the image counts as outside).
+
+    Erosion by a square, done as two 1-D running sums over the mask's bounding box: linear in the
+    pixels, so a 16 px band on a 4000×3000 photo costs what a 2 px one does (a rank filter costs
+    the square of the width per pixel).
+    """
+    b = bbox(mask)
+    out = np.zeros_like(mask, dtype=bool)
+    if b is None:
+        return out
+    x0, y0, x1, y1 = b
+    crop = mask[y0:y1 + 1, x0:x1 + 1]
+    inner = np.pad(crop, width).astype(np.int32)
+    k = 2 * width + 1
+    for axis in (0, 1):
+        c = np.cumsum(inner, axis=axis)
+        c = np.concatenate([np.zeros_like(c.take([0], axis=axis)), c], axis=axis)
+        n = inner.shape[axis]
+        full = (c.take(range(k, n + 1), axis=axis) - c.take(range(0, n + 1 - k), axis=axis)) == k  # windows all inside
+        inner = np.pad(full, [(width, width) if a == axis else (0, 0) for a in (0, 1)]).astype(np.int32)
+    inner = inner[width:-width, width:-width].astype(bool)
+    out[y0:y1 + 1, x0:x1 + 1] = crop & ~inner
+    return out
 
 
 def bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     """(x0, y0, x1, y1), inclusive, of the mask's pixels; None for an empty mask."""
-    ys, xs = np.nonzero(mask)
-    if not len(ys):
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if not len(rows):
         return None
-    return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
+    return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
 
 
 def _tag(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, colour, fnt, limit: tuple[int, int]) -> None:

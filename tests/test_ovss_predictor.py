@@ -163,6 +163,7 @@ def test_cli_writes_three_files(tiny_ckpt, tmp_path):
     out = tmp_path / "out"
     r = CliRunner().invoke(_app(), ["ovss", str(img_path), "--classes", "sky, road,car", "-o", str(out), "--model", str(tiny_ckpt)])
     assert r.exit_code == 0, r.output
+    assert Image.open(out / "street_labels.png").mode == "P"  # palette PNG: class indices, shown in colour
     labels = np.asarray(Image.open(out / "street_labels.png"))
     assert labels.shape == (60, 80) and labels.dtype == np.uint8 and labels.max() < 3
     overlay = Image.open(out / "street_overlay.png")

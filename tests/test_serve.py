@@ -166,7 +166,7 @@ def test_segment_many_phrases_json_body_and_overlay(server, reference):
         assert np.array_equal(decode_rle(item["rle"]), mask)
     assert any(x["area"] > 0 for x in body["results"]), "the demo model should find something in its own scenes"
     overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay_png"])))
-    assert overlay.size == (rgb.shape[1], rgb.shape[0])
+    assert overlay.height == rgb.shape[0] and overlay.width > rgb.shape[1]  # the image, then the legend panel
 
 
 def test_ovss_label_map_and_shares(server, ovss_model):
@@ -177,7 +177,9 @@ def test_ovss_label_map_and_shares(server, ovss_model):
     body = r.json()
     want = np.asarray(ovss_model.segment(rgb, classes).labels)
     assert body["classes"] == classes and body["image_size"] == list(rgb.shape[:2])
-    labels = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["label_png"]))))
+    label_img = Image.open(io.BytesIO(base64.b64decode(body["label_png"])))
+    assert label_img.mode == "P"  # a palette PNG: viewers show colours, the values stay class indices
+    labels = np.asarray(label_img)
     assert np.array_equal(labels.astype(np.int64), np.where(want < 0, 255, want))
     assert sum(body["shares"].values()) == pytest.approx(1.0, abs=1e-3)
     for m in body["masks"]:

@@ -144,3 +144,146 @@ def test_page_class_mode_decodes_every_class_mask(site, browser, tmp_path):
     for m in r.json()["masks"]:
         union |= decode_rle(m["rle"])
     assert browser.execute_script(READ_OVERLAY)[2] == _bits(union)
+
+
+def _tab_to(driver, element_id: str, limit: int = 12) -> int:
+    """Press Tab until ``element_id`` has the focus; the number of presses (fails if never)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    for n in range(1, limit + 1):
+        ActionChains(driver).send_keys(Keys.TAB).perform()
+        if driver.execute_script("return document.activeElement.id") == element_id:
+            return n
+    raise AssertionError(f"Tab never reached #{element_id}")
+
+
+def _keys(driver, *keys) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    ActionChains(driver).send_keys(*keys).perform()
+
+
+def _mark_sent(driver) -> None:
+    driver.execute_script("document.body.dataset.state = 'sent'")
+
+
+def _wait_state(driver) -> str:
+    """The state the page settles in after a request (the caller marked it 'sent' before sending)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, 30).until(lambda d: d.execute_script("return document.body.dataset.state") in ("done", "error"))
+    return driver.execute_script("return document.body.dataset.state")
+
+
+def test_keyboard_only_upload_result_error_and_recovery(site, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, client = site
+    rgb, png = scene_png(5)
+    path = tmp_path / "scene.png"
+    path.write_bytes(png)
+    phrase = next(p for p, m in zip(PHRASES, _api_masks(client, png, PHRASES)) if m.any())
+    (want,) = _api_masks(client, png, [phrase])
+
+    browser.get(url + "/")
+    # the page suggests what the loaded model knows, as /v1/models lists it
+    examples = client.get("/v1/models").json()["segment"]["examples"]
+    assert examples
+    WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#examples button"))
+    assert [b.text for b in browser.find_elements(By.CSS_SELECTOR, "#examples button")] == examples
+    # every input has a name a screen reader reads out
+    for el in ("drop", "file", "text"):
+        name = browser.execute_script(
+            "const e = document.getElementById(arguments[0]);"
+            "return (e.labels && e.labels.length ? e.labels[0].textContent : '') + (e.getAttribute('aria-label') || '')"
+            " + (e.getAttribute('aria-describedby') || '')", el)
+        assert name.strip(), el
+
+    # the drop zone: reached with Tab, Enter and Space each open the file dialog (a spy counts the input's clicks)
+    browser.execute_script("window.__picks = 0; document.getElementById('file').addEventListener('click',"
+                           " (e) => { window.__picks++; e.preventDefault(); });")
+    _tab_to(browser, "drop")
+    _keys(browser, Keys.ENTER)
+    _keys(browser, Keys.SPACE)
+    assert browser.execute_script("return window.__picks") == 2
+    browser.find_element(By.ID, "file").send_keys(str(path))  # what the dialog would hand over
+    WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "filename").text)
+
+    # type a phrase and press Enter
+    _tab_to(browser, "text")
+    _mark_sent(browser)
+    _keys(browser, phrase, Keys.ENTER)
+    assert _wait_state(browser) == "done"
+    h, w, drawn = browser.execute_script(READ_OVERLAY)
+    assert drawn == _bits(want) and "1" in drawn
+    assert browser.find_element(By.ID, "status").text == "1 of 1 phrases found."
+    # a 160×120 scene is scaled up to the view, with crisp pixels
+    css_w = browser.execute_script("return document.getElementById('image').getBoundingClientRect().width")
+    assert css_w >= 2 * w and "pixelated" in browser.find_element(By.ID, "stage").get_attribute("class")
+
+    # an empty phrase: the server's error is shown and the previous mask is gone
+    assert browser.execute_script("return document.activeElement.id") == "text"
+    _keys(browser, Keys.END, *[Keys.BACK_SPACE] * len(phrase))
+    assert browser.find_element(By.ID, "text").get_attribute("value") == ""
+    _mark_sent(browser)
+    _keys(browser, Keys.ENTER)
+    assert _wait_state(browser) == "error"
+    error = browser.find_element(By.ID, "error")
+    assert error.is_displayed() and "422" in error.text and "phrase" in error.text.lower()
+    assert "1" not in browser.execute_script(READ_OVERLAY)[2]
+    assert not browser.find_elements(By.CSS_SELECTOR, "#legend li")
+    assert browser.execute_script("return window.__lastResult") is None
+    assert browser.find_element(By.ID, "dl-mask").get_attribute("disabled")
+
+    # a valid request clears the error
+    _mark_sent(browser)
+    _keys(browser, phrase, Keys.ENTER)
+    assert _wait_state(browser) == "done"
+    assert not browser.find_element(By.ID, "error").is_displayed()
+    assert browser.execute_script(READ_OVERLAY)[2] == _bits(want)
+
+
+def test_warnings_shown_and_a_new_upload_clears_everything(site, browser, tmp_path):
+    """The response's "warnings" are shown prominently; choosing another file (here one the browser
+    cannot show) clears the image, the masks and the warnings at once, and its error replaces them."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, client = site
+    _, png = scene_png(5)
+    path = tmp_path / "scene.png"
+    path.write_bytes(png)
+    phrase = next(p for p, m in zip(PHRASES, _api_masks(client, png, PHRASES)) if m.any())
+    browser.get(url + "/")
+    # the server adds "warnings" for images far from a demo model's domain; this wrapper makes every
+    # answer carry one, so the page's handling is tested whatever image is sent
+    browser.execute_script("""
+        const real = window.fetch;
+        window.fetch = async (...args) => {
+          const resp = await real(...args);
+          if (!String(args[0]).startsWith('/v1/segment') || !resp.ok) return resp;
+          const body = await resp.json();
+          body.warnings = [...(body.warnings || []), 'this model only knows generated shape scenes'];
+          return new Response(JSON.stringify(body), { status: 200, headers: { 'Content-Type': 'application/json' } });
+        };""")
+    browser.find_element(By.ID, "file").send_keys(str(path))
+    WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "filename").text)
+    _submit(browser, phrase)
+    warnings = browser.find_element(By.ID, "warnings")
+    assert warnings.is_displayed() and "only knows generated shape scenes" in warnings.text
+    assert "1" in browser.execute_script(READ_OVERLAY)[2]
+
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    browser.find_element(By.ID, "file").send_keys(str(bad))
+    WebDriverWait(browser, 10).until(lambda d: "notes.txt" in d.find_element(By.ID, "filename").text)
+    WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "no-preview").is_displayed())
+    assert not warnings.is_displayed() and not browser.find_elements(By.CSS_SELECTOR, "#legend li")
+    assert browser.execute_script("return [document.getElementById('image').width, window.__lastResult]") == [0, None]
+    _mark_sent(browser)
+    browser.find_element(By.ID, "run").click()
+    assert _wait_state(browser) == "error"
+    assert "400" in browser.find_element(By.ID, "error").text

@@ -316,3 +316,34 @@ def test_model_failure_is_a_json_500_and_the_worker_survives(stub):
     stub.release.set()
     assert "the model broke" in _error(_post(client, png, "explode"), 500, "internal_error")["message"]
     assert _post(client, png, "fine").status_code == 200
+
+
+def test_models_suggest_examples_the_model_knows(server):
+    """The page's examples: the checkpoint's meta example_phrases / example_classes, else the
+    built-in list of a bundled demo; the OVSS ones are classes the model was trained on."""
+    from importlib import resources
+    from types import SimpleNamespace
+
+    import torch
+
+    from sspsam.serve.app import _examples
+
+    models = server.get("/v1/models").json()
+    assert models["segment"]["examples"] and all(isinstance(p, str) and p for p in models["segment"]["examples"])
+    ckpt = torch.load(str(resources.files("sspsam") / "assets" / "ovss-shapes-demo.pt"), map_location="cpu", weights_only=False)
+    trained = ckpt["classes"]  # the class names the bundled OVSS demo was trained on
+    assert set(models["ovss"]["examples"]) <= set(trained) and models["ovss"]["examples"]
+    own = SimpleNamespace(name="shapes-demo", meta={"example_phrases": ["the tiny dot"]})
+    assert _examples(own, "example_phrases") == ["the tiny dot"]  # the checkpoint's own list wins
+    assert _examples(SimpleNamespace(name="my-model", meta={}), "example_phrases") == []
+
+
+def test_ovss_colours_match_the_label_png_palette(server):
+    _, png = scene_png(7)
+    classes = ["background", "red", "green", "blue", "yellow"]
+    r = _post(server, png, ", ".join(classes), path="/v1/ovss", field="classes")
+    body = r.json()
+    img = Image.open(io.BytesIO(base64.b64decode(body["label_png"])))
+    pal = img.getpalette()
+    assert body["colours"] == [pal[3 * i:3 * i + 3] for i in range(len(classes))]
+    assert body["colours"][3] == [0, 0, 255] and body["colours"][0] == [128, 128, 128]

@@ -1,12 +1,15 @@
 // sspsam web page: send an image and phrases (or classes) to the API and draw the masks it returns.
 // Masks arrive as COCO RLE with pycocotools' compressed string counts; decodeRle turns them into
 // row-major 0/1 arrays here, so the page draws exactly what the API returned.
-// For tests: window.__lastResult holds the last response and its decoded masks, and
-// <body data-state> is idle | loading | done | error.
+// Never stale: a new upload, a new request and an error each clear the previous result (masks,
+// legend, warnings, downloads), and a response that arrives after a newer upload or request is
+// dropped, so the page never shows one image's mask over another.
+// For tests: window.__lastResult holds the last response and its decoded masks (null when cleared),
+// and <body data-state> is idle | loading | done | error.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { file: null, bitmap: null, result: null, masks: [], mode: "segment" };
+const state = { file: null, bitmap: null, result: null, masks: [], mode: "segment", examples: {}, seq: 0 };
 
 // ---- COCO RLE ------------------------------------------------------------------------------
 
@@ -64,28 +67,80 @@ function setStatus(text, kind) {
   document.body.dataset.state = kind;
 }
 
-async function takeFile(file) {
-  if (!file) return;
-  state.file = file;
-  $("filename").textContent = `${file.name} (${Math.round(file.size / 1024)} KB)`;
-  try {
-    state.bitmap = await createImageBitmap(file, { imageOrientation: "from-image" });
-  } catch (e) {
-    state.bitmap = null;  // the browser cannot show it; the server may still read it (e.g. TIFF)
-  }
+function showError(text) {
+  clearResult();
+  $("error").textContent = text;
+  $("error").hidden = false;
+  setStatus("", "error");
+}
+
+function clearError() {
+  $("error").textContent = "";
+  $("error").hidden = true;
+}
+
+// the previous answer goes: masks, legend, warnings, downloads
+function clearResult() {
   state.result = null;
   state.masks = [];
-  if (state.bitmap) drawImage(state.bitmap.height, state.bitmap.width);
+  window.__lastResult = null;
+  showWarnings([]);
   renderLegend();
   drawOverlay();
+  $("dl-mask").disabled = $("dl-json").disabled = true;
+}
+
+function showWarnings(list) {
+  const box = $("warnings");
+  box.replaceChildren(...list.map((w) => {
+    const p = document.createElement("p");
+    p.textContent = `⚠ ${w}`;
+    return p;
+  }));
+  box.hidden = !list.length;
+}
+
+async function takeFile(file) {
+  if (!file) return;
+  const seq = ++state.seq;  // a request still running for the previous image is now stale
+  state.file = file;
+  $("filename").textContent = `${file.name} (${Math.round(file.size / 1024)} KB)`;
+  clearError();
+  clearResult();
+  $("run").disabled = false;
+  let bitmap = null;
+  try {
+    bitmap = await createImageBitmap(file, { imageOrientation: "from-image" });
+  } catch (e) {
+    bitmap = null;  // the browser cannot show it; the server may still read it (e.g. TIFF)
+  }
+  if (seq !== state.seq) return;  // another file was chosen meanwhile
+  state.bitmap = bitmap;
+  if (bitmap) drawImage(bitmap.height, bitmap.width);
+  else drawImage(0, 0);  // never leave the previous image on show
+  $("no-preview").hidden = !!bitmap;
   setStatus("Image ready: type what to find.", "idle");
+}
+
+// fit the picture to the view: small scenes are scaled up (with crisp pixels), large photos down
+function fitStage(h, w) {
+  const stage = $("stage");
+  const avail = Math.max(200, $("view").clientWidth);
+  const tall = Math.max(200, window.innerHeight - 120);
+  const scale = h && w ? Math.min(avail / w, tall / h) : 1;
+  for (const c of [$("image"), $("overlay")]) {
+    c.style.width = `${Math.floor(w * scale)}px`;
+    c.style.height = `${Math.floor(h * scale)}px`;
+  }
+  stage.classList.toggle("pixelated", scale >= 2);
 }
 
 function drawImage(h, w) {
   for (const c of [$("image"), $("overlay")]) { c.width = w; c.height = h; }
+  fitStage(h, w);
   const ctx = $("image").getContext("2d");
   ctx.clearRect(0, 0, w, h);
-  if (state.bitmap) ctx.drawImage(state.bitmap, 0, 0, w, h);
+  if (state.bitmap && w && h) ctx.drawImage(state.bitmap, 0, 0, w, h);
 }
 
 function texts() {
@@ -97,8 +152,10 @@ function texts() {
 
 async function run(event) {
   event.preventDefault();
-  if (!state.file) { setStatus("Choose or drop an image first.", "error"); return; }
-  const mode = state.mode, sent = texts();
+  clearError();
+  clearResult();
+  if (!state.file) { showError("Choose or drop an image first."); return; }
+  const mode = state.mode, sent = texts(), seq = ++state.seq;
   const form = new FormData();
   form.append("image", state.file, state.file.name);
   for (const t of sent) form.append(mode === "ovss" ? "classes" : "phrases", t);
@@ -107,15 +164,16 @@ async function run(event) {
   try {
     const resp = await fetch(mode === "ovss" ? "/v1/ovss" : "/v1/segment", { method: "POST", body: form });
     const body = await resp.json().catch(() => ({ error: { message: `HTTP ${resp.status}` } }));
+    if (seq !== state.seq) return;  // a newer upload or request owns the page now
     if (!resp.ok) {
-      setStatus(`Error ${resp.status}: ${body.error ? body.error.message : resp.statusText}`, "error");
+      showError(`Error ${resp.status}: ${body.error ? body.error.message : resp.statusText}`);
       return;
     }
     show(mode, sent, body);
   } catch (e) {
-    setStatus(`Request failed: ${e}`, "error");
+    if (seq === state.seq) showError(`Request failed: ${e}`);
   } finally {
-    $("run").disabled = false;
+    if (seq === state.seq) $("run").disabled = false;
   }
 }
 
@@ -123,18 +181,25 @@ async function run(event) {
 
 function show(mode, sent, body) {
   const [h, w] = body.image_size;
+  // OVSS: the server's class colours (the overlay's and the label PNG's: "blue" is blue)
   const items = mode === "ovss"
-    ? body.masks.map((m) => ({ label: m.class, score: m.share, kind: "share", rle: m.rle, empty: false }))
+    ? body.masks.map((m) => ({ label: m.class, score: m.share, kind: "share", rle: m.rle, empty: false,
+                               colour: body.colours ? body.colours[m.index] : null }))
     : body.results.map((r) => ({ label: r.phrase, score: r.score, kind: "score", rle: r.rle, empty: r.no_target }));
   const colours = palette(items.length);
   state.result = body;
-  state.masks = items.map((m, i) => ({ ...m, colour: colours[i], visible: true, data: decodeRle(m.rle) }));
+  state.masks = items.map((m, i) => {
+    const data = decodeRle(m.rle);
+    // never "found" without pixels: an empty mask counts as no match whatever the flags say
+    return { ...m, colour: m.colour || colours[i], visible: true, data, empty: m.empty || !data.includes(1) };
+  });
   drawImage(h, w);
   renderLegend();
   drawOverlay();
+  showWarnings(Array.isArray(body.warnings) ? body.warnings : []);
   const found = state.masks.filter((m) => !m.empty).length;
   setStatus(mode === "ovss" ? `${found} classes present.` : `${found} of ${items.length} phrases found.`, "done");
-  $("dl-mask").disabled = $("dl-json").disabled = false;
+  $("dl-mask").disabled = $("dl-json").disabled = !found;
   window.__lastResult = { mode, texts: sent, response: body, width: w, height: h, masks: state.masks };
 }
 
@@ -233,16 +298,39 @@ function downloadJson() {
 // ---- wiring ----------------------------------------------------------------------------------
 
 function setMode(mode) {
+  if (mode !== state.mode) { clearError(); clearResult(); setStatus("", "idle"); }
   state.mode = mode;
   $("run").textContent = mode === "ovss" ? "Label" : "Segment";
-  $("text").placeholder = mode === "ovss" ? "circle, square, triangle, background" : "the red circle on the left";
+  $("text-label").textContent = mode === "ovss" ? "Class names" : "Phrases";
   $("hint").textContent = mode === "ovss" ? "Class names, comma-separated." : "Several phrases: separate them with “;”.";
+  renderExamples();
+}
+
+// examples the loaded model knows (its checkpoint's example_phrases / example_classes)
+function renderExamples() {
+  const list = state.examples[state.mode] || [];
+  const ovss = state.mode === "ovss";
+  $("text").placeholder = list.length ? (ovss ? list.join(", ") : list[0])
+    : (ovss ? "sky, road, car, person" : "the man holding the umbrella");
+  const box = $("examples");
+  const chips = ovss && list.length ? [list.join(", ")] : list;
+  box.replaceChildren(...chips.map((text) => {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.textContent = text;
+    b.title = "Use this example";
+    b.addEventListener("click", () => { $("text").value = text; $("text").focus(); });
+    return b;
+  }));
+  if (chips.length) box.prepend(Object.assign(document.createElement("span"), { className: "hint", textContent: "Try: " }));
 }
 
 async function loadModels() {
   try {
     const info = await (await fetch("/v1/models")).json();
     $("model").textContent = `model ${info.segment.name}` + (info.ovss ? `, classes ${info.ovss.name}` : "");
+    state.examples = { segment: info.segment.examples || [], ovss: (info.ovss && info.ovss.examples) || [] };
+    renderExamples();
     if (!info.ovss) {
       const radio = document.querySelector('input[name="mode"][value="ovss"]');
       radio.disabled = true;
@@ -255,6 +343,12 @@ async function loadModels() {
 
 $("file").addEventListener("change", (e) => takeFile(e.target.files[0]));
 const drop = $("drop");
+// keyboard upload: the drop zone is a button; Enter or Space opens the file dialog
+drop.addEventListener("keydown", (e) => {
+  if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("file").click(); }
+});
+drop.addEventListener("click", (e) => { if (!e.target.closest("label, input")) $("file").click(); });
+window.addEventListener("resize", () => fitStage($("image").height, $("image").width));
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); takeFile(e.dataTransfer.files[0]); });

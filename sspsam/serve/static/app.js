@@ -210,13 +210,16 @@ function renderLegend() {
     const li = document.createElement("li");
     const box = document.createElement("input");
     box.type = "checkbox";
-    box.checked = m.visible;
+    box.checked = m.visible && !m.empty;
+    box.disabled = m.empty;  // nothing to show or hide
     box.dataset.index = i;
+    box.id = `show-${i}`;
     box.addEventListener("change", () => { m.visible = box.checked; drawOverlay(); });
     const sw = document.createElement("span");
-    sw.className = "swatch";
-    sw.style.background = `rgb(${m.colour.join(",")})`;
-    const name = document.createElement("span");
+    sw.className = m.empty ? "swatch none" : "swatch";
+    if (!m.empty) sw.style.background = `rgb(${m.colour.join(",")})`;
+    const name = document.createElement("label");
+    name.htmlFor = box.id;
     name.textContent = m.label;
     const score = document.createElement("span");
     score.className = "score";
@@ -239,10 +242,19 @@ function drawOverlay() {
   canvas.dataset.masks = visible.length;
   if (!visible.length || !w || !h) return;
   const img = ctx.createImageData(w, h), px = img.data;
+  // a translucent fill, and an opaque border band ~1/400 of the long side wide (at least 1 px) so the
+  // mask's extent reads on any image; both only on the mask's own pixels
+  const band = Math.max(1, Math.round(Math.max(w, h) / 400));
   for (const m of visible) {
-    const [r, g, b] = m.colour;
-    for (let i = 0; i < m.data.length; i++) {
-      if (m.data[i]) { px[4 * i] = r; px[4 * i + 1] = g; px[4 * i + 2] = b; px[4 * i + 3] = 128; }
+    const [r, g, b] = m.colour, d = m.data;
+    for (let i = 0; i < d.length; i++) {
+      if (!d[i]) continue;
+      const x = i % w, y = (i - x) / w;
+      let edge = false;
+      for (let k = 1; k <= band && !edge; k++) {
+        edge = x < k || y < k || x + k >= w || y + k >= h || !d[i - k] || !d[i + k] || !d[i - k * w] || !d[i + k * w];
+      }
+      px[4 * i] = r; px[4 * i + 1] = g; px[4 * i + 2] = b; px[4 * i + 3] = edge ? 255 : 115;
     }
   }
   ctx.putImageData(img, 0, 0);

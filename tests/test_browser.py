@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from sspsam.masks import decode_rle
+from sspsam.masks import decode_rle, encode_rle
 from sspsam.serve import create_app
 from test_serve import PHRASES, make_ovss, running_server, scene_png
 
@@ -253,28 +253,36 @@ def test_warnings_shown_and_a_new_upload_clears_everything(site, browser, tmp_pa
     from selenium.webdriver.support.ui import WebDriverWait
 
     url, client = site
-    _, png = scene_png(5)
+    rgb, png = scene_png(5)
     path = tmp_path / "scene.png"
     path.write_bytes(png)
     phrase = next(p for p, m in zip(PHRASES, _api_masks(client, png, PHRASES)) if m.any())
+    (want,) = _api_masks(client, png, [phrase])
     browser.get(url + "/")
     # the server adds "warnings" for images far from a demo model's domain; this wrapper makes every
-    # answer carry one, so the page's handling is tested whatever image is sent
+    # answer carry one, and adds a result flagged as found whose mask is empty: the page must not
+    # count or draw it as found
+    empty = encode_rle(np.zeros(rgb.shape[:2], bool))
     browser.execute_script("""
+        const empty = arguments[0];
         const real = window.fetch;
         window.fetch = async (...args) => {
           const resp = await real(...args);
           if (!String(args[0]).startsWith('/v1/segment') || !resp.ok) return resp;
           const body = await resp.json();
           body.warnings = [...(body.warnings || []), 'this model only knows generated shape scenes'];
+          body.results.push({ phrase: 'the hollow one', score: 0.9, no_target: false, area: 0, rle: empty });
           return new Response(JSON.stringify(body), { status: 200, headers: { 'Content-Type': 'application/json' } });
-        };""")
+        };""", empty)
     browser.find_element(By.ID, "file").send_keys(str(path))
     WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "filename").text)
     _submit(browser, phrase)
     warnings = browser.find_element(By.ID, "warnings")
     assert warnings.is_displayed() and "only knows generated shape scenes" in warnings.text
-    assert "1" in browser.execute_script(READ_OVERLAY)[2]
+    assert browser.execute_script(READ_OVERLAY)[2] == _bits(want)
+    assert browser.find_element(By.ID, "status").text == "1 of 2 phrases found."
+    row = browser.find_elements(By.CSS_SELECTOR, "#legend li")[1]
+    assert "no match" in row.text and row.find_element(By.TAG_NAME, "input").get_attribute("disabled")
 
     bad = tmp_path / "notes.txt"
     bad.write_text("not an image")

@@ -83,30 +83,61 @@ def _ink(colour) -> tuple[int, int, int]:
     return (0, 0, 0) if lum > 0.18 else (255, 255, 255)
 
 
-def contour(mask: np.ndarray, width: int) -> np.ndarray:
-    """The band of ``mask`` within ``width`` pixels of its border (outside the image counts as outside).
+def _erode_rows(a: np.ndarray, width: int) -> np.ndarray:
+    """Along axis 0: True where all of a[i-width .. i+width] are True (outside the array = False).
 
-    Erosion by a square, done as two 1-D running sums over the mask's bounding box: linear in the
-    pixels, so a 16 px band on a 4000×3000 photo costs what a 2 px one does (a rank filter costs
-    the square of the width per pixel).
+    Windows grow by doubling (a window of r+s is one of r ANDed with one of s shifted by r), so a
+    band of any width costs a handful of whole-array ANDs, not one per pixel of width.
     """
+    k, n = 2 * width + 1, a.shape[0]
+    if k > n:
+        return np.zeros_like(a)
+    win, r = a, 1  # win[i] = all(a[i:i+r]), valid for i <= n - r
+    acc, got = None, 0  # acc[i] = all(a[i:i+got])
+    rest = k
+    while rest:
+        if rest & 1:
+            acc = win[: n - got - r + 1] if acc is None else acc[: n - got - r + 1] & win[got: n - r + 1]
+            got += r
+        rest >>= 1
+        if rest:
+            win = win[: n - 2 * r + 1] & win[r: n - r + 1]
+            r *= 2
+    out = np.zeros_like(a)
+    out[width: width + len(acc)] = acc  # a window starting at i is centred at i + width
+    return out
+
+
+def _contour_crop(crop: np.ndarray, width: int) -> np.ndarray:
+    return crop & ~_erode_rows(_erode_rows(crop, width).T, width).T
+
+
+def contour(mask: np.ndarray, width: int) -> np.ndarray:
+    """The band of ``mask`` within ``width`` pixels of its border (outside the image counts as outside):
+    the mask minus its erosion by a (2·width+1)² square, computed on the mask's bounding box only."""
     b = bbox(mask)
-    out = np.zeros_like(mask, dtype=bool)
+    out = np.zeros(mask.shape, dtype=bool)
     if b is None:
         return out
     x0, y0, x1, y1 = b
-    crop = mask[y0:y1 + 1, x0:x1 + 1]
-    inner = np.pad(crop, width).astype(np.int32)
-    k = 2 * width + 1
-    for axis in (0, 1):
-        c = np.cumsum(inner, axis=axis)
-        c = np.concatenate([np.zeros_like(c.take([0], axis=axis)), c], axis=axis)
-        n = inner.shape[axis]
-        full = (c.take(range(k, n + 1), axis=axis) - c.take(range(0, n + 1 - k), axis=axis)) == k  # windows all inside
-        inner = np.pad(full, [(width, width) if a == axis else (0, 0) for a in (0, 1)]).astype(np.int32)
-    inner = inner[width:-width, width:-width].astype(bool)
-    out[y0:y1 + 1, x0:x1 + 1] = crop & ~inner
+    out[y0:y1 + 1, x0:x1 + 1] = _contour_crop(mask[y0:y1 + 1, x0:x1 + 1], width)
     return out
+
+
+def _tint(out: np.ndarray, mask: np.ndarray, box, colour, alpha: float) -> None:
+    """Blend ``colour`` into ``out`` (uint8, in place) on the mask's pixels, touching only its box."""
+    x0, y0, x1, y1 = box
+    region, m = out[y0:y1 + 1, x0:x1 + 1], mask[y0:y1 + 1, x0:x1 + 1]
+    lut = _blend_table([colour], alpha)[0]  # [256, 3]: a byte lookup instead of float maths per pixel
+    for ch in range(3):
+        np.copyto(region[..., ch], lut[region[..., ch], ch], where=m)
+
+
+def _blend_table(colours, alpha: float) -> np.ndarray:
+    """[n, 256, 3] uint8: value v of channel c blended with colour k, v·(1−α) + colour·α."""
+    v = np.arange(256, dtype=np.float32)[None, :, None]
+    c = np.asarray(colours, np.float32)[:, None, :]
+    return (v * np.float32(1 - alpha) + c * np.float32(alpha)).clip(0, 255).astype(np.uint8)
 
 
 def bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -163,16 +194,17 @@ def overlay(image: np.ndarray, masks: list[np.ndarray], labels: list[str] | None
     size, line = _scale(h, w)
     fnt = font(size)
     colours = palette(len(masks))
-    out = image.astype(np.float32).copy()
-    for m, c in zip(masks, colours):
-        out[m] = out[m] * (1 - alpha) + np.array(c, np.float32) * alpha
-    out = out.clip(0, 255).astype(np.uint8)
-    for m, c in zip(masks, colours):
-        if m.any():
-            out[contour(m, line)] = c
+    boxes = [bbox(m) for m in masks]
+    out = np.array(image, np.uint8, copy=True)
+    for m, b, c in zip(masks, boxes, colours):
+        if b is not None:
+            _tint(out, m, b, c, alpha)
+    for m, b, c in zip(masks, boxes, colours):
+        if b is not None:
+            x0, y0, x1, y1 = b
+            out[y0:y1 + 1, x0:x1 + 1][_contour_crop(m[y0:y1 + 1, x0:x1 + 1], line)] = c
     img = Image.fromarray(out)
     draw = ImageDraw.Draw(img)
-    boxes = [bbox(m) for m in masks]
     for b, c in zip(boxes, colours):
         if b is not None:
             draw.rectangle(b, outline=tuple(c), width=max(1, line // 2))
@@ -184,7 +216,7 @@ def overlay(image: np.ndarray, masks: list[np.ndarray], labels: list[str] | None
                 _tag(draw, (b[0], b[1]), text, c, fnt, (w, h))
     if legend is None:
         return img
-    rows = [(c if m.any() else None, f"{k + 1}  {t}") for k, (m, c, t) in enumerate(zip(masks, colours, legend))]
+    rows = [(c if b is not None else None, f"{k + 1}  {t}") for k, (b, c, t) in enumerate(zip(boxes, colours, legend))]
     panel = _legend_panel(rows, h, fnt, line)
     full = Image.new("RGB", (w + panel.width, max(h, panel.height)), (255, 255, 255))
     full.paste(img, (0, 0))
@@ -211,29 +243,40 @@ def label_overlay(rgb: np.ndarray, labels: np.ndarray, classes: list[str], share
     h, w = labels.shape
     size, line = _scale(h, w)
     fnt = font(size)
-    colours = np.array(class_colours(classes), np.float32)
+    colours = class_colours(classes)
     valid = labels >= 0
-    tinted = rgb.astype(np.float32)
-    tinted[valid] = tinted[valid] * (1 - alpha) + colours[labels[valid]] * alpha
-    out = tinted.clip(0, 255).astype(np.uint8)
+    flat = labels.ravel() if valid.all() else labels[valid]
+    counts = np.bincount(flat, minlength=len(classes))
+    regions = {i: (labels == i,) for i in np.flatnonzero(counts).tolist()}  # class index -> (mask, box)
+    regions = {i: (m, bbox(m)) for i, (m,) in regions.items()}
     if shares is None:
-        shares = {c: float((labels == i).mean()) for i, c in enumerate(classes)}
-    present = sorted((i for i, c in enumerate(classes) if shares.get(c, 0) > 0), key=lambda i: -shares[classes[i]])
+        shares = {c: float(counts[i]) / labels.size for i, c in enumerate(classes)}
+    present = sorted((i for i in regions if shares.get(classes[i], 0) > 0), key=lambda i: -shares[classes[i]])
+    # tint every labelled pixel with its class colour in one pass: a byte lookup by (class, value)
+    table = _blend_table(colours, alpha)  # [n, 256, 3]
+    table = np.concatenate([table, np.arange(256, dtype=np.uint8)[None, :, None].repeat(3, 2)])  # unlabelled: as is
+    row = np.where(valid, labels, len(classes)).astype(np.intp) * 256
+    rgb = np.asarray(rgb, np.uint8)
+    out = np.empty_like(rgb)
+    for ch in range(3):
+        out[..., ch] = table[..., ch].ravel()[row + rgb[..., ch]]
     for i in present:
-        out[contour(labels == i, max(1, line // 2))] = colours[i].astype(np.uint8)
+        m, (x0, y0, x1, y1) = regions[i]
+        out[y0:y1 + 1, x0:x1 + 1][_contour_crop(m[y0:y1 + 1, x0:x1 + 1], max(1, line // 2))] = colours[i]
     img = Image.fromarray(out)
     draw = ImageDraw.Draw(img)
     for i in present:  # a name on each region large enough to hold it; the bulk (background) only in the legend
         if shares[classes[i]] >= 0.5:
             continue
-        m = labels == i
-        b = bbox(m)
+        m, (x0, y0, x1, y1) = regions[i]
         tw = draw.textlength(classes[i], font=fnt)
-        if b is not None and b[2] - b[0] >= tw and b[3] - b[1] >= size:
-            ys, xs = np.nonzero(m)
+        if x1 - x0 >= tw and y1 - y0 >= size:
+            step = max(1, size // 4)  # a coarse grid is enough to place a label
+            ys, xs = np.nonzero(m[y0:y1 + 1:step, x0:x1 + 1:step])
             k = np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2)  # a pixel of the region near its centre
-            _tag(draw, (int(xs[k] - tw / 2), int(ys[k] + size / 2)), classes[i], tuple(int(v) for v in colours[i]), fnt, (w, h))
-    rows = [(tuple(int(v) for v in colours[i]), f"{classes[i]} {100 * shares[classes[i]]:.1f}%") for i in present]
+            cx, cy = x0 + xs[k] * step, y0 + ys[k] * step
+            _tag(draw, (int(cx - tw / 2), int(cy + size / 2)), classes[i], colours[i], fnt, (w, h))
+    rows = [(colours[i], f"{classes[i]} {100 * shares[classes[i]]:.1f}%") for i in present]
     panel = _legend_panel(rows, h, fnt, line)
     full = Image.new("RGB", (w + panel.width, max(h, panel.height)), (255, 255, 255))
     full.paste(img, (0, 0))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import shutil
 
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from sspsam.masks import decode_rle, encode_rle
 from sspsam.serve import create_app
@@ -144,6 +147,14 @@ def test_page_class_mode_decodes_every_class_mask(site, browser, tmp_path):
     for m in r.json()["masks"]:
         union |= decode_rle(m["rle"])
     assert browser.execute_script(READ_OVERLAY)[2] == _bits(union)
+    # "Download label PNG" hands over the server's palette label PNG (class index per pixel)
+    saved = browser.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        URL.createObjectURL = (blob) => { blob.arrayBuffer().then((b) => done(Array.from(new Uint8Array(b)))); return 'blob:x'; };
+        document.getElementById('dl-mask').click();""")
+    img = Image.open(io.BytesIO(bytes(saved)))
+    want_labels = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["label_png"]))))
+    assert img.mode == "P" and np.array_equal(np.asarray(img), want_labels)
 
 
 def _tab_to(driver, element_id: str, limit: int = 12) -> int:

@@ -284,8 +284,14 @@ function stem() {
   return state.file ? state.file.name.replace(/\.[^.]*$/, "") : "image";
 }
 
-// one visible mask: white on black (a binary mask); several: each in its colour on black
+// classes: the server's label PNG (palette PNG: pixel = class index, shown in the overlay's colours);
+// phrases: one visible mask white on black (a binary mask), several each in its colour on black
 function downloadMask() {
+  if (state.result.label_png) {
+    const bytes = Uint8Array.from(atob(state.result.label_png), (c) => c.charCodeAt(0));
+    download(new Blob([bytes], { type: "image/png" }), `${stem()}_labels.png`);
+    return;
+  }
   const [h, w] = state.result.image_size;
   const c = document.createElement("canvas");
   c.width = w; c.height = h;
@@ -315,6 +321,7 @@ function setMode(mode) {
   $("run").textContent = mode === "ovss" ? "Label" : "Segment";
   $("text-label").textContent = mode === "ovss" ? "Class names" : "Phrases";
   $("hint").textContent = mode === "ovss" ? "Class names, comma-separated." : "Several phrases: separate them with “;”.";
+  $("dl-mask").textContent = mode === "ovss" ? "Download label PNG" : "Download mask PNG";
   renderExamples();
 }
 

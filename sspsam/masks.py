@@ -38,7 +38,7 @@ def class_colours(classes: list[str]) -> list[tuple[int, int, int]]:
     called "blue" is never painted magenta, neutral grey for a background class, and for every
     other name the palette colour of its index. Overlay, label PNG and web page all use these."""
     out = []
-    for i, (name, fallback) in enumerate(zip(classes, palette(len(classes)))):
+    for name, fallback in zip(classes, palette(len(classes))):
         key = name.strip().lower()
         if key in _BACKGROUND_NAMES:
             out.append((128, 128, 128))
@@ -291,7 +291,7 @@ def label_png(labels: np.ndarray, classes: list[str]) -> Image.Image:
     Over 255 classes (256 with every pixel labelled) an 8-bit palette cannot hold them: 16-bit
     greyscale, 65535 = unlabelled."""
     labels, n_classes = np.asarray(labels), len(classes)
-    if n_classes < 255 or (n_classes == 256 and (labels >= 0).all()):
+    if n_classes <= 255 or (n_classes == 256 and (labels >= 0).all()):
         img = Image.fromarray(np.where(labels < 0, 255, labels).astype(np.uint8), mode="P")
         colours = class_colours(classes) + [(0, 0, 0)] * (256 - n_classes)
         if n_classes < 256:

@@ -146,6 +146,8 @@ def test_label_png_beyond_255_classes_is_16_bit():
     img.save(buf, format="PNG")
     back = np.asarray(Image.open(io.BytesIO(buf.getvalue())))
     assert np.array_equal(back.astype(np.int64), np.where(labels < 0, 65535, labels))
+    n255 = label_png(np.array([[0, 254, -1]]), [f"c{i}" for i in range(255)])  # 255 classes + unlabelled: fits
+    assert n255.mode == "P" and np.asarray(n255).tolist() == [[0, 254, 255]]
     all256 = label_png(np.array([[0, 255]]), [f"c{i}" for i in range(256)])  # 256 classes, none unlabelled: still fits
     assert all256.mode == "P" and np.asarray(all256).tolist() == [[0, 255]]
 

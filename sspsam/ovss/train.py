@@ -6,8 +6,13 @@ logits upsampled to the label; pixels labelled ``ignore_index`` are left out. Mo
 drive the pseudo prompts, SAM-MI's text-guided point scores); they get the same loss against the
 label resized with nearest neighbour, weighted by ``train.aux_weight``.
 
+``train.loss: catseg`` is CAT-Seg's loss exactly: BCE averaged over every pixel and class, pixels
+labelled ``ignore_index`` included with an all-zero target (CAT-Seg only leaves them out of the
+one-hot); the default ``masked`` leaves them out of the mean.
+
 Two learning rates, as ESC-Net trains CLIP and the SAM block 100× slower than the rest:
-``train.backbone_lr`` for ``clip.*`` and ``sam.*``, ``lr`` for the new modules. Checkpoints are
+``train.backbone_lr`` for ``clip.*`` and ``sam.*``, ``lr`` for the new modules; a model with a
+``param_groups(lr, backbone_lr, weight_decay)`` method (ESC-Net) defines its own groups. Checkpoints are
 written atomically with :func:`sspsam.checkpoint.save_checkpoint`, so
 ``sspsam.predictor._model_from_checkpoint`` rebuilds the model from the file alone.
 """
@@ -41,6 +46,20 @@ def bce_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255)
     return (loss * valid).sum() / valid.sum().clamp(min=1)
 
 
+def catseg_bce_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """CAT-Seg's per-pixel BCE: logits upsampled (bilinear) to the label, one-hot targets where the
+    label is valid and all zeros where it is ignored, mean over B·H·W·K."""
+    k = logits.shape[1]
+    if logits.shape[-2:] != label.shape[-2:]:
+        logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
+    valid = label != ignore_index
+    target = F.one_hot(torch.where(valid, label, 0), k).permute(0, 3, 1, 2).to(logits.dtype) * valid[:, None]
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+LOSSES = {"masked": bce_loss, "catseg": catseg_bce_loss}
+
+
 def aux_loss(aux: list[torch.Tensor], label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     """The same BCE for low-resolution maps, against the label resized (nearest) to each map."""
     total = label.new_zeros((), dtype=torch.float32)
@@ -51,7 +70,10 @@ def aux_loss(aux: list[torch.Tensor], label: torch.Tensor, ignore_index: int = 2
 
 
 def param_groups(model, lr: float, backbone_lr: float, weight_decay: float) -> list[dict]:
-    """CLIP and SAM (ESC-Net's SAM block, SAM-MI's prompt path) at ``backbone_lr``, the rest at ``lr``."""
+    """CLIP and SAM (ESC-Net's SAM block, SAM-MI's prompt path) at ``backbone_lr``, the rest at ``lr``
+    (or the model's own ``param_groups``)."""
+    if hasattr(model, "param_groups"):
+        return model.param_groups(lr, backbone_lr, weight_decay)
     back, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -82,6 +104,9 @@ def train_ovss(
     lr = float(lr if lr is not None else tcfg.get("lr", 1e-4))
     backbone_lr = float(tcfg.get("backbone_lr", lr / 100))
     aux_weight = float(tcfg.get("aux_weight", 0.4))
+    if tcfg.get("loss", "masked") not in LOSSES:
+        raise ConfigError(f"unknown train.loss '{tcfg.get('loss')}'; choose one of {', '.join(LOSSES)}")
+    criterion = LOSSES[tcfg.get("loss", "masked")]
     if steps < 1 or batch_size < 1:
         raise ConfigError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
     torch.manual_seed(seed)
@@ -131,8 +156,8 @@ def train_ovss(
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * scale
         out = model(images, class_emb)
-        loss = bce_loss(out["logits"], labels, ignore)
-        if out.get("aux_logits"):
+        loss = criterion(out["logits"], labels, ignore)
+        if out.get("aux_logits") and aux_weight:
             loss = loss + aux_weight * aux_loss(out["aux_logits"], labels, ignore)
         opt.zero_grad(set_to_none=True)
         loss.backward()

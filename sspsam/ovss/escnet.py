@@ -22,7 +22,7 @@ from torch import nn
 from ..backbones.clip import CLIPBackbone
 from ..backbones.sam import SAMBackbone
 from ..errors import ConfigError
-from .cost import correlation
+from .cost import class_embeddings, correlation, resolve_templates
 from .escnet_blocks import (
     ClassLinearAttention,
     GuidanceProjection,
@@ -212,12 +212,14 @@ class ESCNet(nn.Module):
     the paper / CAT-Seg setting that ``escnet-vitb.yaml`` and ``escnet-l14.yaml`` select:
     ``dense`` surgery | clip, ``clip_size`` (CLIP input side), ``spatial`` window | swin,
     ``decoder`` upsample | catseg (with ``guidance_proj_dims``), ``appearance_guidance_dim``
-    (0 | 128), ``class_pool`` (0 | 2), ``finetune`` all | attention, ``prompts.mask`` union | region.
+    (0 | 128), ``class_pool`` (0 | 2), ``finetune`` all | attention, ``prompts.mask`` union | region,
+    ``templates`` (default | CAT-Seg's single template).
     """
 
     KNOWN = {
         "dim", "text_dim", "blocks", "heads", "window", "guidance_layers", "guidance_dims", "decoder_dims", "prompts",
         "dense", "clip_size", "spatial", "decoder", "guidance_proj_dims", "appearance_guidance_dim", "class_pool", "finetune",
+        "templates",
     }
 
     def __init__(self, clip: CLIPBackbone, sam: SAMBackbone, cfg: dict, config: dict):
@@ -234,6 +236,7 @@ class ESCNet(nn.Module):
         self.dense_mode = cfg.get("dense", "surgery")
         self.clip_size = cfg.get("clip_size")
         self.finetune = cfg.get("finetune", "all")
+        self.templates = resolve_templates(cfg.get("templates", "default"))
         spatial, decoder = cfg.get("spatial", "window"), cfg.get("decoder", "upsample")
         for key, value, allowed in (("dense", self.dense_mode, ("surgery", "clip")), ("spatial", spatial, ("window", "swin")),
                                     ("decoder", decoder, ("upsample", "catseg")), ("finetune", self.finetune, ("all", "attention"))):
@@ -304,6 +307,11 @@ class ESCNet(nn.Module):
     @property
     def image_size(self) -> int:
         return self.sam.img_size
+
+    def class_embeddings(self, classes: list[str]) -> torch.Tensor:
+        """[K,E] text embeddings with the configured prompt templates (CAT-Seg's ViT-B setting: the
+        single "A photo of a {} in the scene"); differentiable, since the text tower may train."""
+        return class_embeddings(self.clip, classes, self.templates)
 
     def forward(self, images: torch.Tensor, class_emb: torch.Tensor) -> dict[str, torch.Tensor]:
         dense, guides = clip_features(self.clip, images, self.guidance_layers, self.dense_mode, self.clip_size)

@@ -151,7 +151,7 @@ def train_ovss(
         flip = torch.rand(len(idx), generator=gen) < 0.5
         images[flip], labels[flip] = images[flip].flip(-1), labels[flip].flip(-1)
         with torch.set_grad_enabled(text_trains):
-            class_emb = class_embeddings(model.clip, classes)
+            class_emb = model.class_embeddings(classes) if hasattr(model, "class_embeddings") else class_embeddings(model.clip, classes)
         scale = min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * scale

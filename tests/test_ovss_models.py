@@ -260,16 +260,19 @@ def test_paper_parameter_groups_and_learning_rates():
     cfg, model = _paper_tiny()
     groups = param_groups(model, 2e-4, 2e-6, 1e-4)
     assert [(g["name"], g["lr"], g["weight_decay"]) for g in groups] == [
-        ("new", 2e-4, 1e-4), ("clip_attention", 2e-6, 0.0), ("sam_block", 2e-6, 1e-4)]
+        ("new", 2e-4, 1e-4), ("new_no_decay", 2e-4, 0.0), ("clip_attention", 2e-6, 0.0),
+        ("sam_block", 2e-6, 1e-4), ("sam_block_no_decay", 2e-6, 0.0)]
     names = {id(p): n for n, p in model.named_parameters()}
-    clip_names = {names[id(p)] for p in groups[1]["params"]}
+    by_group = {g["name"]: {names[id(p)] for p in g["params"]} for g in groups}
     expect = {n for n, _ in model.named_parameters() if n.startswith("clip.") and ".attn.in_proj_" in n}
-    assert clip_names == expect and any(n.startswith("clip.model.visual.") for n in expect)
+    assert by_group["clip_attention"] == expect and any(n.startswith("clip.model.visual.") for n in expect)
     assert any(n.startswith("clip.model.transformer.") for n in expect)  # the text tower's attention trains too
-    sam_names = {names[id(p)] for p in groups[2]["params"]}
+    sam_names = by_group["sam_block"] | by_group["sam_block_no_decay"]
     assert sam_names and all(n.startswith(("sam.mask_decoder.transformer.", "sam.mask_decoder.iou_token", "sam.mask_decoder.mask_tokens", "sam.prompt_encoder.")) for n in sam_names)
     assert {n for n, p in model.named_parameters() if p.requires_grad and n.startswith("sam.")} == sam_names
-    assert all(not n.startswith(("clip.", "sam.")) for n in map(names.get, map(id, groups[0]["params"])))
+    assert {"sam.mask_decoder.iou_token.weight", "sam.prompt_encoder.no_mask_embed.weight"} <= by_group["sam_block_no_decay"]
+    assert "blocks.0.vlf.spatial.block_1.norm1.weight" in by_group["new_no_decay"] and "decoder.head.weight" in by_group["new"]
+    assert all(not n.startswith(("clip.", "sam.")) for n in by_group["new"] | by_group["new_no_decay"])
     # one AdamW step: q and v rows of the fused in-projection move, k rows and out_proj do not
     opt = torch.optim.AdamW(groups)
     attn = model.clip.model.visual.transformer.resblocks[0].attn
@@ -289,23 +292,28 @@ def test_paper_parameter_groups_and_learning_rates():
 
 
 def test_paper_config_learning_rates_reach_the_optimizer(tmp_path, monkeypatch):
-    """The trainer builds its optimizer from the model's groups with the config's lr / backbone_lr."""
+    """The trainer builds its optimizer from the model's groups with the config's lr / backbone_lr,
+    and CAT-Seg's cosine schedule (no warm-up) scales every group: 1 at step 0, 1/2 at step 1 of 2."""
     cfg, _ = _paper_tiny()
+    cfg["train"]["schedule"] = "cosine"
     root = tmp_path / "data"
     generate_semseg(root, n=2, size=128, seed=0, splits=("train",))
-    seen = {}
-    real = torch.optim.AdamW
+    seen = []
 
-    def spy(groups, *a, **kw):
-        seen.update({g["name"]: (g["lr"], g["weight_decay"]) for g in groups})
-        return real(groups, *a, **kw)
+    class Spy(torch.optim.AdamW):
+        def step(self, closure=None):
+            seen.append({g["name"]: (g["lr"], g["weight_decay"]) for g in self.param_groups})
+            return super().step(closure)
 
-    monkeypatch.setattr(torch.optim, "AdamW", spy)
-    res = train_ovss(cfg, root, tmp_path / "out", steps=1, batch_size=1, seed=0, log_every=0, warmup=1)
-    assert seen == {"new": (2e-4, 1e-4), "clip_attention": (2e-6, 0.0), "sam_block": (2e-6, 1e-4)}
-    assert res["steps"] == 1 and math.isfinite(res["loss"])
+    monkeypatch.setattr(torch.optim, "AdamW", Spy)
+    res = train_ovss(cfg, root, tmp_path / "out", steps=2, batch_size=1, seed=0, log_every=0)
+    full = {"new": (2e-4, 1e-4), "new_no_decay": (2e-4, 0.0), "clip_attention": (2e-6, 0.0),
+            "sam_block": (2e-6, 1e-4), "sam_block_no_decay": (2e-6, 0.0)}
+    assert seen[0] == full
+    assert seen[1] == {k: (pytest.approx(lr / 2), wd) for k, (lr, wd) in full.items()}
+    assert res["steps"] == 2 and math.isfinite(res["loss"])
     vitb = load_config("escnet-vitb")["train"]
-    assert (vitb["lr"], vitb["backbone_lr"], vitb["loss"]) == (2e-4, 2e-6, "catseg")
+    assert (vitb["lr"], vitb["backbone_lr"], vitb["loss"], vitb["schedule"]) == (2e-4, 2e-6, "catseg", "cosine")
 
 
 def test_catseg_bce_hand_computed():

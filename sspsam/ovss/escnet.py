@@ -283,26 +283,34 @@ class ESCNet(nn.Module):
 
     def param_groups(self, lr: float, backbone_lr: float, weight_decay: float) -> list[dict]:
         """Optimizer groups. ``finetune: attention`` (the paper): ``clip_attention`` (q/v of both CLIP
-        towers) and ``sam_block`` at ``backbone_lr`` (ESC-Net: 2e-6), ``new`` modules at ``lr`` (2e-4);
-        the fused q/k/v rows get no weight decay, so the frozen k rows stay exactly as loaded (AdamW
-        would otherwise decay them). ``finetune: all``: everything under ``clip.``/``sam.`` that
-        trains at ``backbone_lr``, the rest at ``lr``."""
-        groups: dict[str, list] = {"new": [], "clip_attention": [], "sam_block": []}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            if self.finetune == "attention" and name.startswith("clip."):
-                groups["clip_attention"].append(p)
-            elif name.startswith(("clip.", "sam.")):
-                groups["sam_block"].append(p)
-            else:
-                groups["new"].append(p)
+        towers) and ``sam_block`` at ``backbone_lr`` (ESC-Net: 2e-6), the ``new`` modules at ``lr``
+        (2e-4). As CAT-Seg's optimizer, norm layers and embeddings (SAM's tokens) get no weight
+        decay (``*_no_decay`` groups); the fused q/k/v rows get none either, so the frozen k rows stay
+        exactly as loaded (AdamW would decay them). ``finetune: all``: everything under
+        ``clip.``/``sam.`` that trains at ``backbone_lr``, the rest at ``lr``, all with decay."""
         if self.finetune != "attention":
-            return [{"name": "new", "params": groups["new"], "lr": lr, "weight_decay": weight_decay},
-                    {"name": "backbone", "params": groups["sam_block"], "lr": backbone_lr, "weight_decay": weight_decay}]
-        return [{"name": "new", "params": groups["new"], "lr": lr, "weight_decay": weight_decay},
-                {"name": "clip_attention", "params": groups["clip_attention"], "lr": backbone_lr, "weight_decay": 0.0},
-                {"name": "sam_block", "params": groups["sam_block"], "lr": backbone_lr, "weight_decay": weight_decay}]
+            back, rest = [], []
+            for name, p in self.named_parameters():
+                if p.requires_grad:
+                    (back if name.startswith(("clip.", "sam.")) else rest).append(p)
+            return [{"name": "new", "params": rest, "lr": lr, "weight_decay": weight_decay},
+                    {"name": "backbone", "params": back, "lr": backbone_lr, "weight_decay": weight_decay}]
+        spec = {"new": (lr, weight_decay), "new_no_decay": (lr, 0.0), "clip_attention": (backbone_lr, 0.0),
+                "sam_block": (backbone_lr, weight_decay), "sam_block_no_decay": (backbone_lr, 0.0)}
+        groups: dict[str, list] = {k: [] for k in spec}
+        seen: set[int] = set()
+        for mod_name, module in self.named_modules():
+            no_decay = isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.Embedding))
+            for p in module.parameters(recurse=False):
+                if not p.requires_grad or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                if mod_name.startswith("clip."):
+                    groups["clip_attention"].append(p)
+                else:
+                    base = "sam_block" if mod_name.startswith("sam.") else "new"
+                    groups[base + ("_no_decay" if no_decay else "")].append(p)
+        return [{"name": k, "params": v, "lr": spec[k][0], "weight_decay": spec[k][1]} for k, v in groups.items() if v]
 
     @property
     def image_size(self) -> int:

@@ -81,6 +81,15 @@ def param_groups(model, lr: float, backbone_lr: float, weight_decay: float) -> l
     return [{"params": rest, "lr": lr, "weight_decay": weight_decay}, {"params": back, "lr": backbone_lr, "weight_decay": weight_decay}]
 
 
+def lr_scale(schedule: str, step: int, steps: int, warmup: int) -> float:
+    """Learning-rate factor at ``step`` of ``steps``. ``cosine``: CAT-Seg's detectron2 WarmupCosineLR
+    with no warm-up, 0.5·(1 + cos(π·step/steps)); ``default``: linear warm-up over ``warmup`` steps
+    times a cosine from 1 to a 0.1 floor."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / steps))
+    return min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+
+
 def train_ovss(
     cfg: dict | str | Path,
     data_root: str | Path,
@@ -107,6 +116,10 @@ def train_ovss(
     if tcfg.get("loss", "masked") not in LOSSES:
         raise ConfigError(f"unknown train.loss '{tcfg.get('loss')}'; choose one of {', '.join(LOSSES)}")
     criterion = LOSSES[tcfg.get("loss", "masked")]
+    schedule = tcfg.get("schedule", "default")
+    if schedule not in ("default", "cosine"):
+        raise ConfigError(f"unknown train.schedule '{schedule}'; choose default or cosine")
+    grad_clip = float(tcfg.get("grad_clip", 1.0))
     if steps < 1 or batch_size < 1:
         raise ConfigError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
     torch.manual_seed(seed)
@@ -152,7 +165,7 @@ def train_ovss(
         images[flip], labels[flip] = images[flip].flip(-1), labels[flip].flip(-1)
         with torch.set_grad_enabled(text_trains):
             class_emb = model.class_embeddings(classes) if hasattr(model, "class_embeddings") else class_embeddings(model.clip, classes)
-        scale = min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+        scale = lr_scale(schedule, step, steps, warmup)
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * scale
         out = model(images, class_emb)
@@ -161,7 +174,7 @@ def train_ovss(
             loss = loss + aux_weight * aux_loss(out["aux_logits"], labels, ignore)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
         step += 1
         loss_v = loss.item()

@@ -312,6 +312,12 @@ def test_paper_config_learning_rates_reach_the_optimizer(tmp_path, monkeypatch):
     assert seen[0] == full
     assert seen[1] == {k: (pytest.approx(lr / 2), wd) for k, (lr, wd) in full.items()}
     assert res["steps"] == 2 and math.isfinite(res["loss"])
+    again = _model_from_checkpoint(res["checkpoint"]).eval()  # the paper modules round-trip through a checkpoint
+    img = torch.rand(1, 3, 128, 128) * 255
+    with torch.no_grad():
+        a = res["model"].eval()(img, res["model"].class_embeddings(["red", "blue"]))["logits"]
+        b = again(img, again.class_embeddings(["red", "blue"]))["logits"]
+    assert torch.equal(a, b)
     vitb = load_config("escnet-vitb")["train"]
     assert (vitb["lr"], vitb["backbone_lr"], vitb["loss"], vitb["schedule"]) == (2e-4, 2e-6, "catseg", "cosine")
 

@@ -5,12 +5,53 @@ Pipeline (one class module per paper element):
 
 CLIP image/text → cosine correlation C [B,K,g,g] → N × :class:`ESCBlock`
 (:class:`PseudoPromptGenerator` → :class:`SAMBlock` → 1×1-conv fusion → :class:`VLFModule`)
-→ :class:`~sspsam.ovss.escnet_blocks.UpsampleDecoder` → per-class logits [B,K,4g,4g].
+→ decoder → per-class logits [B,K,4g,4g].
 
 The SAM image encoder is not used: SAM's pretrained two-way transformer runs on CLIP's dense
-features. There is no official code; the notes in ``papers/notes.md`` fix the structure. Choices
-the paper leaves open are config keys: α (``alpha``), N_o (``num_regions``), the softmax
-temperature, and the mask prompt (the union of a class's binarised regions, as logits).
+features. There is no official code; ``papers/notes.md`` fixes the structure and, where the paper
+builds on CAT-Seg, CAT-Seg's public code (KU-CVLAB/CAT-Seg, ViT-B ``vitb_384`` / ViT-L ``vitl_336``
+settings) fixes the conventions. ``escnet-vitb.yaml`` / ``escnet-l14.yaml`` select the paper
+behaviour through config keys (see :class:`ESCNet`): CAT-Seg's dense CLIP tokens at 384 px (ViT-B/16)
+or 336 px (ViT-L/14) with interpolated positions → a 24×24 cost map; q/v attention fine-tuning of
+both CLIP towers, CLIP attention and the SAM block at 2e-6 and the rest at 2e-4
+(:meth:`ESCNet.param_groups`); one point and one mask prompt per k-means region (N_o = 5), embedded by
+SAM's prompt encoder; the Swin block (window + shifted-window attention with Swin's mask) and the
+linear-attention transformer against text in the VLF module; CAT-Seg's guided upsampling decoder
+(CLIP blocks 3/7 resp. 7/15); CAT-Seg's per-pixel BCE (``train.loss: catseg``). The tiny configs
+(and the bundled ``ovss-shapes-demo``) keep the lighter defaults: CLIP-Surgery features at CLIP's
+own size, a windowed block without shifts, the plain decoder, one union mask per class.
+
+Remaining departures from the paper (and from CAT-Seg where the paper defers to it):
+
+* Choices the paper leaves open, as config keys: α = 0.5 (``alpha``), the softmax temperature over
+  classes (0.05 on cosine correlations for block 1, 1 on the learned score maps of later blocks),
+  k-means with a deterministic init (valid pixels at evenly spaced ranks, ≤ 10 Lloyd steps), the
+  point at the arg-max pixel's cell centre, the mask prompt as P_k's logit inside the region and -10
+  outside (clamped to ±10), at 4× the cost grid as SAM's mask input expects.
+* One mask prompt per region gives N_o dense embeddings per class; they are averaged over the
+  class's non-empty regions (SAM's "no mask" embedding when there are none) so that the SAM block
+  runs once per class, with the N_o point tokens side by side. The paper does not say how the N_o
+  prompts are combined.
+* Later ESC blocks take their prompts from a 1×1-conv score head on the previous block's output
+  (``aux_logits``); the SAM block's input is CLIP's dense features through a learned 1×1 conv to
+  SAM's width, with SAM's own IoU/mask tokens prepended to the prompt tokens; the fusion is a 1×1
+  conv on [cost embedding, SAM features] added to the cost embedding; the one pretrained two-way
+  transformer is shared by all ESC blocks; the paper configs train on the final logits only
+  (``aux_weight: 0``; the score heads learn through the mask prompts). All of these are our reading.
+* The correlation is embedded by a 1×1 conv (the notes) where CAT-Seg uses a 7×7 conv; the text
+  guidance is a linear projection without CAT-Seg's ReLU.
+* CAT-Seg pads / truncates the class axis to 256 classes (learnable padding tokens, top-256 by
+  correlation) in the class aggregation; not done here (every class is kept).
+* Input geometry: images arrive as SAM's letterboxed square (1024 px) and are resized, antialiased,
+  to 384 / 336 px for CLIP; CAT-Seg trains on 384 px crops fed to CLIP as they are and evaluates on
+  640 px with its own sliding window; sspsam's evaluator uses its own slide.
+* Text: one template ("A photo of a {} in the scene", CAT-Seg's ``single``); CAT-Seg's splitting of
+  "a, b" class names into averaged synonyms is not done.
+* Optimisation: the fused q/k/v in-projection of open_clip keeps k frozen by zeroing its gradient
+  rows, so the q/v rows train without weight decay (CAT-Seg decays q_proj / v_proj by 1e-4 at
+  lr 2e-6); the trainer's augmentation is a horizontal flip of the letterboxed image (CAT-Seg: random
+  384 crops with SSD colour jitter), and COCO-Stuff training data is not bundled.
+* The SAM image encoder is still built (for strict loading of SAM checkpoints) but never run.
 """
 
 from __future__ import annotations

@@ -38,8 +38,8 @@ Remaining departures from the paper (and from CAT-Seg where the paper defers to 
   conv on [cost embedding, SAM features] added to the cost embedding; the one pretrained two-way
   transformer is shared by all ESC blocks; the paper configs train on the final logits only
   (``aux_weight: 0``; the score heads learn through the mask prompts). All of these are our reading.
-* The correlation is embedded by a 1×1 conv (the notes) where CAT-Seg uses a 7×7 conv; the text
-  guidance is a linear projection without CAT-Seg's ReLU.
+* The correlation is embedded by a 1×1 conv (the notes) where CAT-Seg uses a 7×7 conv; the class
+  aggregation projects q and k with one fused linear layer (CAT-Seg: two, the same function).
 * CAT-Seg pads / truncates the class axis to 256 classes (learnable padding tokens, top-256 by
   correlation) in the class aggregation; not done here (every class is kept).
 * Input geometry: images arrive as SAM's letterboxed square (1024 px) and are resized, antialiased,
@@ -254,13 +254,13 @@ class ESCNet(nn.Module):
     ``dense`` surgery | clip, ``clip_size`` (CLIP input side), ``spatial`` window | swin,
     ``decoder`` upsample | catseg (with ``guidance_proj_dims``), ``appearance_guidance_dim``
     (0 | 128), ``class_pool`` (0 | 2), ``finetune`` all | attention, ``prompts.mask`` union | region,
-    ``templates`` (default | CAT-Seg's single template).
+    ``templates`` (default | CAT-Seg's single template), ``text_act`` (none | relu).
     """
 
     KNOWN = {
         "dim", "text_dim", "blocks", "heads", "window", "guidance_layers", "guidance_dims", "decoder_dims", "prompts",
         "dense", "clip_size", "spatial", "decoder", "guidance_proj_dims", "appearance_guidance_dim", "class_pool", "finetune",
-        "templates",
+        "templates", "text_act",
     }
 
     def __init__(self, clip: CLIPBackbone, sam: SAMBackbone, cfg: dict, config: dict):
@@ -290,6 +290,9 @@ class ESCNet(nn.Module):
             raise ConfigError("escnet guidance_layers, guidance_dims and decoder_dims need the same length")
         self.visual_proj = nn.Conv2d(clip.embed_dim, sam_dim, 1)  # CLIP features into the SAM block's width
         self.text_proj = nn.Linear(clip.embed_dim, text_dim)
+        if cfg.get("text_act", "none") not in ("none", "relu"):
+            raise ConfigError(f"escnet text_act must be none or relu, not '{cfg.get('text_act')}'")
+        self.text_act = cfg.get("text_act", "none")  # CAT-Seg's text guidance: linear + ReLU
         self.corr_embed = nn.Conv2d(1, dim, 1)
         appearance = int(cfg.get("appearance_guidance_dim", 0))
         if appearance:  # CAT-Seg's appearance guidance: the dense CLIP features, 3×3 conv + ReLU, on the Swin q/k
@@ -367,6 +370,8 @@ class ESCNet(nn.Module):
         corr = correlation(dense, class_emb.to(dense.dtype))  # [B,K,g,g]
         b, k, h, w = corr.shape
         text = self.text_proj(F.normalize(class_emb, dim=-1))
+        if self.text_act == "relu":
+            text = F.relu(text)
         x = self.corr_embed(corr.flatten(0, 1)[:, None]).view(b, k, -1, h, w)
         feats = self.visual_proj(dense)
         appearance = self.appearance(dense) if hasattr(self, "appearance") else None

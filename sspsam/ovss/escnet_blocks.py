@@ -198,7 +198,8 @@ class ClassLinearAttention(nn.Module):
     ``pool`` > 0 selects CAT-Seg's class-aggregation layer: the map is average-pooled by ``pool``
     (1: no pooling), attention and a 4× ReLU MLP run on the pooled map, which is upsampled
     (bilinear, corners aligned) and added to the input — CAT-Seg adds the whole updated pooled map,
-    not only the update. ``pool=0`` keeps the lighter pre-norm block of the tiny configs.
+    not only the update — and the attention has no output projection, as CAT-Seg's. ``pool=0``
+    keeps the lighter pre-norm block of the tiny configs.
     """
 
     def __init__(self, dim: int, text_dim: int, heads: int = 4, mlp_ratio: float = 2.0, pool: int = 0):
@@ -209,7 +210,7 @@ class ClassLinearAttention(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.qk = nn.Linear(dim + text_dim, 2 * dim)
         self.v = nn.Linear(dim, dim)
-        self.out = nn.Linear(dim, dim)
+        self.out = nn.Identity() if pool else nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim)
         act = nn.ReLU() if pool else nn.GELU()
         self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), act, nn.Linear(int(dim * mlp_ratio), dim))

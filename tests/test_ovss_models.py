@@ -213,6 +213,7 @@ def test_shifted_window_attention_does_not_leak_across_the_wrap():
 
 
 def test_one_point_and_one_mask_prompt_per_region():
+    torch.manual_seed(0)
     model = build_model(load_config("escnet-tiny"))
     sam = model.sam
     score = torch.zeros(1, 2, 8, 8)
@@ -244,11 +245,11 @@ def test_one_point_and_one_mask_prompt_per_region():
         for r in range(2):
             m = torch.where(regions[r], logit, torch.tensor(-10.0))[None, None]
             embs.append(sam.prompt_encoder.mask_downscaling(torch.nn.functional.interpolate(m, size=(32, 32), mode="bilinear", align_corners=False)))
-        assert torch.allclose(dense[0], (embs[0] + embs[1])[0] / 2, atol=1e-6)
+        assert torch.allclose(dense[0], (embs[0] + embs[1])[0] / 2, atol=1e-5, rtol=1e-5)
         # the point tokens are SAM's own embedding of those points (cell centres in SAM's 128 px frame)
         coords = (points.float() + 0.5) * 16 - 0.5
         expect, _ = sam.prompt_encoder(points=(coords[None], labels[None]), boxes=None, masks=None)
-        assert torch.allclose(sparse[0], expect[0])
+        assert torch.allclose(sparse[0], expect[0], atol=1e-6)
     empty = PseudoPromptGenerator(num_regions=2, alpha=0.5, temperature=0.1, mask="region")
     with torch.no_grad():
         _, dense, prompts = empty(torch.stack([torch.full((4, 4), 5.0), torch.zeros(4, 4)])[None], sam)

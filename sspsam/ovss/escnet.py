@@ -162,10 +162,13 @@ class PseudoPromptGenerator(nn.Module):
         sparse, _ = sam.prompt_encoder(points=(coords.flatten(0, 1), labels.flatten(0, 1)), boxes=None, masks=None)
         mask_in = torch.where(member, logit[:, :, None], torch.full_like(logit[:, :, None], -10.0))  # [B,K,N_o,h,w]
         mask_in = F.interpolate(mask_in.flatten(0, 2)[:, None], size=(4 * h, 4 * w), mode="bilinear", align_corners=False)
-        per_region = sam.prompt_encoder.mask_downscaling(mask_in).view(b * k, self.num_regions, -1, h, w)
+        # SAM's mask embedding ends in a 1×1 conv, so the mean over regions is taken before it (the
+        # same value, without B·K·N_o maps of SAM's full width in memory)
+        down = sam.prompt_encoder.mask_downscaling
+        per_region = down[:-1](mask_in).view(b * k, self.num_regions, -1, h, w)
         filled = member.flatten(0, 1).flatten(2).any(-1).to(per_region.dtype)  # [BK,N_o]
         n = filled.sum(1)
-        dense = (per_region * filled[..., None, None, None]).sum(1) / n.clamp(min=1)[:, None, None, None]
+        dense = down[-1]((per_region * filled[..., None, None, None]).sum(1) / n.clamp(min=1)[:, None, None, None])
         none = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).to(dense.dtype)
         dense = torch.where(n[:, None, None, None] > 0, dense, none.expand_as(dense))
         prompts["regions"] = member

@@ -249,7 +249,7 @@ def test_one_point_and_one_mask_prompt_per_region():
         # the point tokens are SAM's own embedding of those points (cell centres in SAM's 128 px frame)
         coords = (points.float() + 0.5) * 16 - 0.5
         expect, _ = sam.prompt_encoder(points=(coords[None], labels[None]), boxes=None, masks=None)
-        assert torch.allclose(sparse[0], expect[0], atol=1e-6)
+        assert torch.allclose(sparse[0], expect[0], atol=1e-5)  # sin/cos features: batched float noise
     empty = PseudoPromptGenerator(num_regions=2, alpha=0.5, temperature=0.1, mask="region")
     with torch.no_grad():
         _, dense, prompts = empty(torch.stack([torch.full((4, 4), 5.0), torch.zeros(4, 4)])[None], sam)

@@ -1,8 +1,13 @@
-"""ESC-Net / SAM-MI modules on tiny configs, their hand-checkable parts, and the semseg readers."""
+"""ESC-Net / SAM-MI modules on tiny configs, their hand-checkable parts, ESC-Net's paper
+configuration (stage shapes at 24×24, the shifted-window mask, per-region prompts, learning-rate
+groups, CAT-Seg's loss), the bundled OVSS demo's outputs, and the semseg readers."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +28,10 @@ from sspsam.data.semseg import (
 from sspsam.data.shapes import COLOURS
 from sspsam.ovss.cost import class_embeddings
 from sspsam.ovss.escnet import PseudoPromptGenerator, kmeans
+from sspsam.ovss.escnet_blocks import SwinTransformerBlock, shifted_window_mask
 from sspsam.ovss.evaluate import evaluate_ovss, format_iou_table
+from sspsam.ovss.train import catseg_bce_loss, param_groups, train_ovss
+from sspsam.predictor import _model_from_checkpoint
 from sspsam.ovss.sam_mi import shallow_mask_aggregation
 
 
@@ -104,6 +112,253 @@ def test_pseudo_prompts_empty_class_is_not_a_point():
     score[0, 0] = 5.0  # class 1 never exceeds alpha
     _, _, labels = PseudoPromptGenerator(num_regions=3, alpha=0.5, temperature=0.1).points(score)
     assert labels[0, 1].tolist() == [-1, -1, -1]
+
+
+# ------------------------------------------------------------------ ESC-Net, paper configuration
+
+# The paper's modules on the tiny widths, so the trainer and the groups can be exercised in seconds.
+PAPER_KEYS = {
+    "dense": "clip", "clip_size": 128, "spatial": "swin", "window": 4, "appearance_guidance_dim": 16, "class_pool": 2,
+    "decoder": "catseg", "guidance_proj_dims": [8, 8], "finetune": "attention", "templates": ["A photo of a {} in the scene"],
+    "prompts": {"num_regions": 3, "alpha": 0.5, "temperature": 0.05, "iters": 5, "mask": "region"},
+}
+
+
+def _paper_tiny():
+    cfg = load_config("escnet-tiny")
+    cfg["escnet"].update(PAPER_KEYS)
+    cfg["train"].update({"lr": 2e-4, "backbone_lr": 2e-6, "loss": "catseg", "aux_weight": 0.0})
+    torch.manual_seed(0)
+    return cfg, build_model(cfg)
+
+
+def test_escnet_vitb_stage_shapes_at_paper_resolution():
+    """ViT-B/16 fed 384 px with interpolated positions: a 24×24 cost map through every stage.
+    Depths that do not change a shape are cut (CLIP vision 8 blocks, enough for the taps 3 and 7;
+    text 1 block; the SAM image encoder, which ESC-Net never runs, 1 small block)."""
+    cfg = load_config("escnet-vitb")
+    cfg["clip"]["vision"] = {"layers": 8}
+    cfg["clip"]["text"] = {"layers": 1}
+    cfg["sam"]["encoder_overrides"] = {"depth": 1, "embed_dim": 64, "num_heads": 1, "global_attn_indexes": [0]}
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    shapes = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            shapes[name] = tuple((out[0] if isinstance(out, (tuple, list)) else out).shape)
+        return hook
+
+    blk = model.blocks[0]
+    for name, module in {"ppg": blk.ppg, "fuse": blk.fuse, "swin": blk.vlf.spatial, "vlf": blk.vlf, "guidance": model.guidance,
+                         "appearance": model.appearance, "decoder_up1": model.decoder.convs[0]}.items():
+        module.register_forward_hook(keep(name))
+    k, n_o = 3, 5
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 384, 384) * 255, torch.randn(k, 512))
+    assert model.clip.image_size == 224 and model.clip_size == 384
+    assert out["corr"].shape == (1, k, 24, 24)  # 384 / 16
+    assert shapes["ppg"] == (k, n_o + 1, 256)  # sparse: one point per region + SAM's padding point
+    assert out["prompts"]["regions"].shape == (1, k, n_o, 24, 24)
+    assert shapes["fuse"] == (k, 128, 24, 24)
+    assert shapes["swin"] == (k, 128, 24, 24) and shapes["vlf"] == (1, k, 128, 24, 24)
+    assert shapes["appearance"] == (1, 128, 24, 24)
+    assert shapes["guidance"] == (1, 256, 48, 48)  # block 3 tokens, ×2 transposed conv
+    assert shapes["decoder_up1"] == (k, 64, 48, 48)
+    assert out["logits"].shape == (1, k, 96, 96)
+    assert [a.shape for a in out["aux_logits"]] == [(1, k, 24, 24)] * 4
+    g = model.guidance.proj[1](torch.zeros(1, 768, 24, 24))
+    assert g.shape == (1, 128, 96, 96)  # block 7 tokens, ×4
+
+
+def test_escnet_l14_cost_grid_is_24():
+    from sspsam.backbones.clip import open_clip_config
+
+    cfg = load_config("escnet-l14")
+    vision = open_clip_config(cfg["clip"]["arch"])["vision_cfg"]
+    assert cfg["escnet"]["clip_size"] // vision["patch_size"] == 24
+    assert max(cfg["escnet"]["guidance_layers"]) < vision["layers"]
+
+
+def test_shifted_window_mask_hand_built():
+    m = -100.0
+    expect = torch.tensor([
+        [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]],  # top-left window: one region
+        [[0, m, 0, m], [m, 0, m, 0], [0, m, 0, m], [m, 0, m, 0]],  # top-right: columns 2 | 3 were apart
+        [[0, 0, m, m], [0, 0, m, m], [m, m, 0, 0], [m, m, 0, 0]],  # bottom-left: rows 2 | 3
+        [[0, m, m, m], [m, 0, m, m], [m, m, 0, m], [m, m, m, 0]],  # bottom-right: four wrapped corners
+    ])
+    assert torch.equal(shifted_window_mask(4, 4, 2, 1), expect)
+    assert torch.equal(shifted_window_mask(4, 4, 2, 0), torch.zeros(4, 4, 4))
+
+
+def test_shifted_window_attention_does_not_leak_across_the_wrap():
+    """After the cyclic shift, image corners (0,0), (0,3), (3,0), (3,3) share a window; the mask
+    keeps them apart, while true neighbours in a shifted window do mix."""
+    torch.manual_seed(0)
+    block = SwinTransformerBlock(8, heads=2, window=2, shift=1).eval()
+    x = torch.randn(1, 8, 4, 4)
+    bump = torch.randn(8) * 3  # not a constant: LayerNorm would erase that
+    y = x.clone()
+    y[0, :, 0, 0] += bump
+    with torch.no_grad():
+        a, b = block(x), block(y)
+    changed = (a - b).abs().amax(1)[0] > 1e-6
+    assert changed[0, 0] and changed.sum() == 1  # only the pixel itself: no leak to the other corners
+    y = x.clone()
+    y[0, :, 1, 1] += bump  # (1,1) shares the shifted window with (1,2), (2,1), (2,2)
+    with torch.no_grad():
+        changed = (block(x) - block(y)).abs().amax(1)[0] > 1e-6
+    assert changed.nonzero().tolist() == [[1, 1], [1, 2], [2, 1], [2, 2]]
+
+
+def test_one_point_and_one_mask_prompt_per_region():
+    torch.manual_seed(0)
+    model = build_model(load_config("escnet-tiny"))
+    sam = model.sam
+    score = torch.zeros(1, 2, 8, 8)
+    score[0, 0, 0:3, 0:3] = 1.0  # class 0: two blobs, peaks at (x=1, y=1) and (x=6, y=6)
+    score[0, 0, 1, 1] = 2.0
+    score[0, 0, 5:8, 5:8] = 1.0
+    score[0, 0, 6, 6] = 3.0
+    score[0, 1] = 0.5  # class 1 owns the rest
+    score[0, 1, 0:3, 0:3] = score[0, 1, 5:8, 5:8] = 0.8
+    ppg = PseudoPromptGenerator(num_regions=2, alpha=0.5, temperature=0.1, mask="region")
+    with torch.no_grad():
+        sparse, dense, prompts = ppg(score, sam)
+    regions, points, labels = prompts["regions"][0, 0], prompts["points"][0, 0], prompts["labels"][0, 0]
+    blobs = {(0, 3), (5, 8)}
+    got = set()
+    for r in range(2):  # each region is one blob, and its point is that blob's peak
+        ys, xs = regions[r].nonzero(as_tuple=True)
+        got.add((int(ys.min()), int(ys.max()) + 1))
+        assert (int(xs.min()), int(xs.max()) + 1) == (int(ys.min()), int(ys.max()) + 1)
+        x, y = points[r].long().tolist()
+        assert regions[r, y, x] and score[0, 0, y, x] == score[0, 0][regions[r]].max()
+    assert got == blobs and labels.tolist() == [1, 1]
+    assert sparse.shape == (2, 3, 64)  # per class: a point per region + SAM's padding point
+    # the dense prompt of class 0 is the mean of SAM's embeddings of the two region masks
+    prob = (score / 0.1).softmax(1)
+    logit = torch.logit(prob.clamp(1e-4, 1 - 1e-4)).clamp(-10, 10)[0, 0]
+    with torch.no_grad():
+        embs = []
+        for r in range(2):
+            m = torch.where(regions[r], logit, torch.tensor(-10.0))[None, None]
+            embs.append(sam.prompt_encoder.mask_downscaling(torch.nn.functional.interpolate(m, size=(32, 32), mode="bilinear", align_corners=False)))
+        assert torch.allclose(dense[0], (embs[0] + embs[1])[0] / 2, atol=1e-5, rtol=1e-5)
+        # the point tokens are SAM's own embedding of those points (cell centres in SAM's 128 px frame)
+        coords = (points.float() + 0.5) * 16 - 0.5
+        expect, _ = sam.prompt_encoder(points=(coords[None], labels[None]), boxes=None, masks=None)
+        assert torch.allclose(sparse[0], expect[0], atol=1e-5)  # sin/cos features: batched float noise
+    empty = PseudoPromptGenerator(num_regions=2, alpha=0.5, temperature=0.1, mask="region")
+    with torch.no_grad():
+        _, dense, prompts = empty(torch.stack([torch.full((4, 4), 5.0), torch.zeros(4, 4)])[None], sam)
+    assert prompts["labels"][0, 1].tolist() == [-1, -1]  # a class without a region: no points and SAM's "no mask"
+    assert torch.equal(dense[1], sam.prompt_encoder.no_mask_embed.weight.reshape(-1, 1, 1).expand(-1, 4, 4))
+
+
+def test_paper_parameter_groups_and_learning_rates():
+    cfg, model = _paper_tiny()
+    groups = param_groups(model, 2e-4, 2e-6, 1e-4)
+    assert [(g["name"], g["lr"], g["weight_decay"]) for g in groups] == [
+        ("new", 2e-4, 1e-4), ("new_no_decay", 2e-4, 0.0), ("clip_attention", 2e-6, 0.0),
+        ("sam_block", 2e-6, 1e-4), ("sam_block_no_decay", 2e-6, 0.0)]
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_group = {g["name"]: {names[id(p)] for p in g["params"]} for g in groups}
+    expect = {n for n, _ in model.named_parameters() if n.startswith("clip.") and ".attn.in_proj_" in n}
+    assert by_group["clip_attention"] == expect and any(n.startswith("clip.model.visual.") for n in expect)
+    assert any(n.startswith("clip.model.transformer.") for n in expect)  # the text tower's attention trains too
+    sam_names = by_group["sam_block"] | by_group["sam_block_no_decay"]
+    assert sam_names and all(n.startswith(("sam.mask_decoder.transformer.", "sam.mask_decoder.iou_token", "sam.mask_decoder.mask_tokens", "sam.prompt_encoder.")) for n in sam_names)
+    assert {n for n, p in model.named_parameters() if p.requires_grad and n.startswith("sam.")} == sam_names
+    assert {"sam.mask_decoder.iou_token.weight", "sam.prompt_encoder.no_mask_embed.weight"} <= by_group["sam_block_no_decay"]
+    assert "blocks.0.vlf.spatial.block_1.norm1.weight" in by_group["new_no_decay"] and "decoder.head.weight" in by_group["new"]
+    assert all(not n.startswith(("clip.", "sam.")) for n in by_group["new"] | by_group["new_no_decay"])
+    # one AdamW step: q and v rows of the fused in-projection move, k rows and out_proj do not
+    opt = torch.optim.AdamW(groups)
+    attn = model.clip.model.visual.transformer.resblocks[0].attn
+    text_attn = model.clip.model.transformer.resblocks[0].attn
+    before = attn.in_proj_weight.detach().clone(), text_attn.in_proj_weight.detach().clone(), attn.out_proj.weight.detach().clone()
+    emb = model.class_embeddings(["red", "blue"])
+    model(torch.rand(1, 3, 128, 128) * 255, emb)["logits"].sum().backward()
+    opt.step()
+    c = attn.embed_dim
+    assert torch.equal(attn.in_proj_weight[c : 2 * c], before[0][c : 2 * c])
+    assert not torch.equal(attn.in_proj_weight[:c], before[0][:c]) and not torch.equal(attn.in_proj_weight[2 * c :], before[0][2 * c :])
+    assert not torch.equal(text_attn.in_proj_weight[:c], before[1][:c])
+    assert torch.equal(attn.out_proj.weight, before[2])
+    # the tiny default keeps its two groups: clip.* and sam.* at backbone_lr
+    tiny = build_model(load_config("escnet-tiny"))
+    assert [(g["name"], g["lr"]) for g in param_groups(tiny, 1e-3, 1e-5, 0.0)] == [("new", 1e-3), ("backbone", 1e-5)]
+
+
+def test_paper_config_learning_rates_reach_the_optimizer(tmp_path, monkeypatch):
+    """The trainer builds its optimizer from the model's groups with the config's lr / backbone_lr,
+    and CAT-Seg's cosine schedule (no warm-up) scales every group: 1 at step 0, 1/2 at step 1 of 2."""
+    cfg, _ = _paper_tiny()
+    cfg["train"]["schedule"] = "cosine"
+    root = tmp_path / "data"
+    generate_semseg(root, n=2, size=128, seed=0, splits=("train",))
+    seen = []
+
+    class Spy(torch.optim.AdamW):
+        def step(self, closure=None):
+            seen.append({g["name"]: (g["lr"], g["weight_decay"]) for g in self.param_groups})
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Spy)
+    res = train_ovss(cfg, root, tmp_path / "out", steps=2, batch_size=1, seed=0, log_every=0)
+    full = {"new": (2e-4, 1e-4), "new_no_decay": (2e-4, 0.0), "clip_attention": (2e-6, 0.0),
+            "sam_block": (2e-6, 1e-4), "sam_block_no_decay": (2e-6, 0.0)}
+    assert seen[0] == full
+    assert seen[1] == {k: (pytest.approx(lr / 2), wd) for k, (lr, wd) in full.items()}
+    assert res["steps"] == 2 and math.isfinite(res["loss"])
+    again = _model_from_checkpoint(res["checkpoint"]).eval()  # the paper modules round-trip through a checkpoint
+    img = torch.rand(1, 3, 128, 128) * 255
+    with torch.no_grad():
+        a = res["model"].eval()(img, res["model"].class_embeddings(["red", "blue"]))["logits"]
+        b = again(img, again.class_embeddings(["red", "blue"]))["logits"]
+    assert torch.equal(a, b)
+    vitb = load_config("escnet-vitb")["train"]
+    assert (vitb["lr"], vitb["backbone_lr"], vitb["loss"], vitb["schedule"]) == (2e-4, 2e-6, "catseg", "cosine")
+
+
+def test_catseg_bce_hand_computed():
+    logits = torch.tensor([[[[2.0, -1.0]], [[0.5, 3.0]]]])  # [B=1, K=2, 1, 2]
+    label = torch.tensor([[[1, 255]]])
+    sp = lambda z: math.log1p(math.exp(z))  # noqa: E731  BCE(z, 1) = softplus(-z), BCE(z, 0) = softplus(z)
+    # pixel 0 is class 1: targets (0, 1); pixel 1 is ignored: CAT-Seg keeps it with targets (0, 0)
+    expect = (sp(2.0) + sp(-0.5) + sp(-1.0) + sp(3.0)) / 4
+    assert abs(catseg_bce_loss(logits, label).item() - expect) < 1e-6
+
+
+# ------------------------------------------------------------------------- the bundled OVSS demo
+
+DEMO = Path(__file__).resolve().parents[1] / "sspsam" / "assets" / "ovss-shapes-demo.pt"
+DEMO_OUTPUTS = Path(__file__).parent / "data" / "ovss_demo_outputs.npz"
+
+
+def _demo_outputs():
+    """The bundled ESC-Net tiny on a fixed three-rectangle image (what tests/data stores)."""
+    model = _model_from_checkpoint(DEMO).eval()
+    img = torch.full((1, 3, 128, 128), 128.0)
+    img[0, :, 10:50, 20:70] = torch.tensor([220.0, 30, 30])[:, None, None]
+    img[0, :, 60:120, 70:110] = torch.tensor([30.0, 30, 220])[:, None, None]
+    img[0, :, 80:110, 5:40] = torch.tensor([30.0, 200, 30])[:, None, None]
+    with torch.no_grad():
+        return model(img, model.class_embeddings(["background", "red", "green", "blue", "yellow"]))
+
+
+def test_bundled_demo_outputs_unchanged():
+    """The paper modules sit behind config keys: the bundled ESC-Net tiny gives what it gave before
+    them (reference written by ``python tests/test_ovss_models.py`` from the code before the change)."""
+    ref = np.load(DEMO_OUTPUTS)
+    assert str(ref["sha256"]) == hashlib.sha256(DEMO.read_bytes()).hexdigest(), (
+        "sspsam/assets/ovss-shapes-demo.pt was replaced: regenerate tests/data/ovss_demo_outputs.npz")
+    out = _demo_outputs()
+    assert torch.allclose(out["logits"], torch.from_numpy(ref["logits"]), atol=1e-5, rtol=0)
+    assert torch.equal(out["logits"].argmax(1), torch.from_numpy(ref["logits"]).argmax(1))
+    assert torch.equal(out["prompts"]["points"], torch.from_numpy(ref["points"]))
 
 
 def _box(y0, y1, x0, x1, size=24):
@@ -287,3 +542,9 @@ def test_evaluate_runs_with_and_without_slide(tiny, tmp_path):
         assert set(res["per_class"]) == set(ds.classes) and res["n"] == 2
         table = format_iou_table(res)
         assert "| red |" in table and "**mIoU**" in table
+
+
+if __name__ == "__main__":  # rewrite the demo's reference outputs (after replacing the bundled demo on purpose)
+    out = _demo_outputs()
+    np.savez_compressed(DEMO_OUTPUTS, logits=out["logits"].numpy(), points=out["prompts"]["points"].numpy(),
+                        sha256=np.array(hashlib.sha256(DEMO.read_bytes()).hexdigest()))

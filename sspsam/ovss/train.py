@@ -6,8 +6,13 @@ logits upsampled to the label; pixels labelled ``ignore_index`` are left out. Mo
 drive the pseudo prompts, SAM-MI's text-guided point scores); they get the same loss against the
 label resized with nearest neighbour, weighted by ``train.aux_weight``.
 
+``train.loss: catseg`` is CAT-Seg's loss exactly: BCE averaged over every pixel and class, pixels
+labelled ``ignore_index`` included with an all-zero target (CAT-Seg only leaves them out of the
+one-hot); the default ``masked`` leaves them out of the mean.
+
 Two learning rates, as ESC-Net trains CLIP and the SAM block 100× slower than the rest:
-``train.backbone_lr`` for ``clip.*`` and ``sam.*``, ``lr`` for the new modules. Checkpoints are
+``train.backbone_lr`` for ``clip.*`` and ``sam.*``, ``lr`` for the new modules; a model with a
+``param_groups(lr, backbone_lr, weight_decay)`` method (ESC-Net) defines its own groups. Checkpoints are
 written atomically with :func:`sspsam.checkpoint.save_checkpoint`, so
 ``sspsam.predictor._model_from_checkpoint`` rebuilds the model from the file alone.
 """
@@ -41,6 +46,20 @@ def bce_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255)
     return (loss * valid).sum() / valid.sum().clamp(min=1)
 
 
+def catseg_bce_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """CAT-Seg's per-pixel BCE: logits upsampled (bilinear) to the label, one-hot targets where the
+    label is valid and all zeros where it is ignored, mean over B·H·W·K."""
+    k = logits.shape[1]
+    if logits.shape[-2:] != label.shape[-2:]:
+        logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
+    valid = label != ignore_index
+    target = F.one_hot(torch.where(valid, label, 0), k).permute(0, 3, 1, 2).to(logits.dtype) * valid[:, None]
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+LOSSES = {"masked": bce_loss, "catseg": catseg_bce_loss}
+
+
 def aux_loss(aux: list[torch.Tensor], label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     """The same BCE for low-resolution maps, against the label resized (nearest) to each map."""
     total = label.new_zeros((), dtype=torch.float32)
@@ -51,12 +70,24 @@ def aux_loss(aux: list[torch.Tensor], label: torch.Tensor, ignore_index: int = 2
 
 
 def param_groups(model, lr: float, backbone_lr: float, weight_decay: float) -> list[dict]:
-    """CLIP and SAM (ESC-Net's SAM block, SAM-MI's prompt path) at ``backbone_lr``, the rest at ``lr``."""
+    """CLIP and SAM (ESC-Net's SAM block, SAM-MI's prompt path) at ``backbone_lr``, the rest at ``lr``
+    (or the model's own ``param_groups``)."""
+    if hasattr(model, "param_groups"):
+        return model.param_groups(lr, backbone_lr, weight_decay)
     back, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (back if name.startswith(("clip.", "sam.")) else rest).append(p)
     return [{"params": rest, "lr": lr, "weight_decay": weight_decay}, {"params": back, "lr": backbone_lr, "weight_decay": weight_decay}]
+
+
+def lr_scale(schedule: str, step: int, steps: int, warmup: int) -> float:
+    """Learning-rate factor at ``step`` of ``steps``. ``cosine``: CAT-Seg's detectron2 WarmupCosineLR
+    with no warm-up, 0.5·(1 + cos(π·step/steps)); ``default``: linear warm-up over ``warmup`` steps
+    times a cosine from 1 to a 0.1 floor."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / steps))
+    return min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
 
 
 def train_ovss(
@@ -82,6 +113,13 @@ def train_ovss(
     lr = float(lr if lr is not None else tcfg.get("lr", 1e-4))
     backbone_lr = float(tcfg.get("backbone_lr", lr / 100))
     aux_weight = float(tcfg.get("aux_weight", 0.4))
+    if tcfg.get("loss", "masked") not in LOSSES:
+        raise ConfigError(f"unknown train.loss '{tcfg.get('loss')}'; choose one of {', '.join(LOSSES)}")
+    criterion = LOSSES[tcfg.get("loss", "masked")]
+    schedule = tcfg.get("schedule", "default")
+    if schedule not in ("default", "cosine"):
+        raise ConfigError(f"unknown train.schedule '{schedule}'; choose default or cosine")
+    grad_clip = float(tcfg.get("grad_clip", 1.0))
     if steps < 1 or batch_size < 1:
         raise ConfigError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
     torch.manual_seed(seed)
@@ -126,17 +164,17 @@ def train_ovss(
         flip = torch.rand(len(idx), generator=gen) < 0.5
         images[flip], labels[flip] = images[flip].flip(-1), labels[flip].flip(-1)
         with torch.set_grad_enabled(text_trains):
-            class_emb = class_embeddings(model.clip, classes)
-        scale = min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+            class_emb = model.class_embeddings(classes) if hasattr(model, "class_embeddings") else class_embeddings(model.clip, classes)
+        scale = lr_scale(schedule, step, steps, warmup)
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * scale
         out = model(images, class_emb)
-        loss = bce_loss(out["logits"], labels, ignore)
-        if out.get("aux_logits"):
+        loss = criterion(out["logits"], labels, ignore)
+        if out.get("aux_logits") and aux_weight:
             loss = loss + aux_weight * aux_loss(out["aux_logits"], labels, ignore)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
         step += 1
         loss_v = loss.item()

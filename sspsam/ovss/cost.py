@@ -106,11 +106,15 @@ def class_embeddings(
     templates = resolve_templates(templates)
     device = next(clip.parameters()).device
     texts = [t.format(c) for c in classes for t in templates]
-    parts = []
-    for i in range(0, len(texts), _TEXT_CHUNK):
-        sent = clip.encode_sentences(clip.tokenize(texts[i : i + _TEXT_CHUNK]).to(device))
-        parts.append(F.normalize(sent.float(), dim=-1))
-    sent = torch.cat(parts).view(len(classes), len(templates), -1).mean(1)
+    tokens = clip.tokenize(texts)
+    length = tokens.argmax(dim=-1)  # EOT position: texts of one length run together, unpadded
+    sent = torch.empty(len(texts), clip.embed_dim, device=device)
+    for n in length.unique().tolist():
+        sel = (length == n).nonzero().flatten()
+        for i in range(0, len(sel), _TEXT_CHUNK):
+            idx = sel[i : i + _TEXT_CHUNK]
+            sent[idx.to(device)] = F.normalize(clip.encode_sentences(tokens[idx].to(device)).float(), dim=-1)
+    sent = sent.view(len(classes), len(templates), -1).mean(1)
     return F.normalize(sent, dim=-1)
 
 

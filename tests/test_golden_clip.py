@@ -13,6 +13,13 @@ import pytest
 from sspsam.tools import fidelity_clip as fc
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_clip():
+    """One CLIP ViT-B/16 serves the whole module; free its ~600 MB afterwards."""
+    yield
+    fc.clip_model.cache_clear()
+
+
 def _check(rows: list[dict]) -> None:
     assert rows
     bad = [r for r in rows if not fc.passed(r)]

@@ -27,7 +27,9 @@ import torch
 from . import golden
 
 FEATURE_TOL = 1e-4  # O(1) features: CLIP tokens, TinyViT embedding
-PROTOCOL_TOL = 1e-3  # SCLIP protocol logits / probabilities, and the label margin
+PROTOCOL_TOL = 1e-3  # SCLIP protocol logits / probabilities
+LABEL_MARGIN = 1e-5  # labels are compared where the reference's top-1/top-2 margin exceeds this
+# (SCLIP's seg_pred: 99.97 % of the pixels; the probabilities agree to ~3e-7, far inside it)
 
 
 def _row(fixture: str, quantity: str, ours, ref, tol: float) -> dict:
@@ -132,7 +134,7 @@ def sclip_protocol() -> list[dict]:
     rows += [
         _row("sclip", "seg_slide_logits", logits, out["seg_slide_logits"], PROTOCOL_TOL),
         _row("sclip", "seg_probs", probs, out["seg_probs"], PROTOCOL_TOL),
-        _label_row("sclip", "seg_pred", pred[None], out["seg_pred"], _margin(out["seg_probs"])[None], PROTOCOL_TOL),
+        _label_row("sclip", "seg_pred", pred[None], out["seg_pred"], _margin(out["seg_probs"])[None], LABEL_MARGIN),
     ]
     return rows
 
@@ -167,7 +169,7 @@ def surgery_text_and_similarity() -> list[dict]:
         _row("clip_surgery", "feature_surgery_similarity", sim, out["feature_surgery_similarity"], 1e-5),
         _row("clip_surgery", "similarity_map_224_mean", maps.mean((1, 2)), out["similarity_map_224_mean"], 1e-5),
         _label_row("clip_surgery", "similarity_map_224_argmax", maps.argmax(-1), out["similarity_map_224_argmax"],
-                   _margin(m, axis=-1), 1e-5),
+                   _margin(m, axis=-1), LABEL_MARGIN),
     ]
 
 

@@ -114,7 +114,7 @@ def _class_lines() -> list[str]:
 def sclip_protocol() -> list[dict]:
     """SCLIP's segmentation protocol on ``seg_image``: query features, resize, input, slide
     logits, class probabilities and labels."""
-    from ..ovss.sclip import SCLIPProtocol
+    from ..ovss.sclip import SCLIPProtocol, rescale_size, resize_bilinear
 
     inp, out = golden.arrays("sclip", "inputs"), golden.arrays("sclip", "outputs")
     proto = SCLIPProtocol(clip_model(), _class_lines())
@@ -124,9 +124,8 @@ def sclip_protocol() -> list[dict]:
     ]
     img = inp["seg_image"]
     h, w = img.shape[:2]
-    from ..ovss.sclip import rescale_size, resize_bilinear
-
-    rows.append(_row("sclip", "seg_image_resized", resize_bilinear(img, *rescale_size(h, w)), inp["seg_image_resized"], 0.0))
+    resized = resize_bilinear(img, *rescale_size(h, w))
+    rows.append(_row("sclip", "seg_image_resized", resized, inp["seg_image_resized"], 0.0))
     x = proto.preprocess(img)
     rows.append(_row("sclip", "seg_input", x, inp["seg_input"], 1e-5))
     logits = proto.slide_logits(x, (h, w))
@@ -202,7 +201,8 @@ def format_rows(rows: list[dict]) -> str:
     for r in rows:
         d = "–" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.2e}"
         m = "–" if r["mask_disagreement"] is None else f"{r['mask_disagreement']:.4f}"
-        lines.append(f"| {r['fixture']} | {r['quantity']} | {d} | {r['tolerance']:.0e} | {m} | {'yes' if passed(r) else 'NO'} |")
+        ok = "yes" if passed(r) else "NO"
+        lines.append(f"| {r['fixture']} | {r['quantity']} | {d} | {r['tolerance']:.0e} | {m} | {ok} |")
     return "\n".join(lines)
 
 

@@ -120,8 +120,11 @@ def evaluate(
     output: Path = typer.Option(Path("eval"), "-o", "--output", help="Folder for metrics.json, table.md and pr_curve.png."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Stop after this many (image, sentence) samples."),
     device: str = typer.Option("cpu", "--device", help="torch device."),
-    protocol: str = typer.Option("detectron2", "--protocol", help="OVSS only: detectron2 (trained protocol) | mmseg (training-free protocol)."),
+    protocol: str = typer.Option("detectron2", "--protocol", help="OVSS only: detectron2 (trained protocol) | mmseg (mmseg's metric) | sclip (SCLIP's whole inference protocol + mmseg's metric)."),
     slide: bool = typer.Option(False, "--slide/--no-slide", help="OVSS only: sliding-window inference (plus a global view)."),
+    class_names: Optional[Path] = typer.Option(None, "--class-names", help="--protocol sclip: SCLIP class-name file, one class per line, synonyms split by ', '."),
+    prob_thd: float = typer.Option(0.0, "--prob-thd", help="--protocol sclip: pixels whose best class probability is below this become class 0 (SCLIP: 0.1 with a background class)."),
+    area_thd: Optional[float] = typer.Option(None, "--area-thd", help="--protocol sclip: drop non-background classes covering less than this fraction of the image."),
 ) -> None:
     """Evaluate with the reference metrics: RES mIoU/oIoU/Pr@X, GRES gIoU/cIoU/N-acc/T-acc, PhraseCut, OVSS mIoU."""
     from rich.progress import Progress
@@ -130,7 +133,8 @@ def evaluate(
     from .predictor import Segmenter
 
     if dataset in ev.SEMSEG_DATASETS:
-        return _evaluate_ovss(model, data, dataset, split, output, max_samples, device, protocol, slide)
+        sclip = {"class_names": class_names, "prob_thd": prob_thd, "area_thd": area_thd}
+        return _evaluate_ovss(model, data, dataset, split, output, max_samples, device, protocol, slide, sclip)
     try:
         task = ev.task_of(dataset)
         seg = Segmenter.from_pretrained(model, device=device)
@@ -147,15 +151,27 @@ def evaluate(
         print(f"wrote {f}")
 
 
-def _evaluate_ovss(model, data, dataset, split, output, max_samples, device, protocol, slide) -> None:
+def _evaluate_ovss(model, data, dataset, split, output, max_samples, device, protocol, slide, sclip=None) -> None:
     from . import evaluate as ev
     from .ovss.evaluate import evaluate_ovss, format_iou_table
     from .ovss.predictor import OVSS
 
+    sclip = dict(sclip or {})
     try:
+        if protocol not in ("detectron2", "mmseg", "sclip"):
+            raise ValueError(f"unknown --protocol {protocol!r}; choose detectron2, mmseg or sclip")
+        classes = None
+        if (path := sclip.pop("class_names", None)) is not None:
+            if protocol != "sclip":
+                raise ValueError("--class-names is for --protocol sclip")
+            from .ovss.sclip import read_class_names
+
+            names, idx = read_class_names(path)
+            classes = [", ".join(n for n, i in zip(names, idx) if i == k) for k in range(max(idx) + 1)]
         ovss = OVSS.from_pretrained(model, device=device)
         ds = ev.open_semseg(dataset, data, split)
-        res = evaluate_ovss(ovss.model, ds, protocol=protocol, slide=slide, limit=max_samples)
+        res = evaluate_ovss(ovss.model, ds, protocol=protocol, slide=slide, limit=max_samples, classes=classes,
+                            sclip_options=sclip if protocol == "sclip" else None)
     except (SSPSamError, RuntimeError, ValueError) as exc:
         _fail(exc)
     output.mkdir(parents=True, exist_ok=True)

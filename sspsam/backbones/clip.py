@@ -113,6 +113,20 @@ class CLIPBackbone(nn.Module):
         pad = torch.arange(tokens.shape[1], device=tokens.device)[None] > eot[:, None]
         return TextFeatures(words=x, sentence=sentence, pad_mask=pad)
 
+    def encode_sentences(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Sentence (EOT) embeddings [T, E] alone, as CLIP's ``encode_text`` returns them.
+
+        Under the causal mask no token after a text's EOT can reach it, so the context is cut
+        after the longest EOT of the batch: prompt templates are ~15 of 77 tokens, and class
+        embeddings over 80 templates cost 4–5× less with the same result.
+        """
+        m = self.model
+        n = int(tokens.argmax(dim=-1).max()) + 1
+        x = m.token_embedding(tokens[:, :n]) + m.positional_embedding[:n]
+        x = m.transformer(x, attn_mask=m.attn_mask[:n, :n])
+        x = m.ln_final(x[torch.arange(x.shape[0], device=x.device), tokens[:, :n].argmax(dim=-1)])
+        return x @ m.text_projection if not isinstance(m.text_projection, nn.Linear) else m.text_projection(x)
+
     # ---- image ---------------------------------------------------------------------------
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] float 0..255 (SAM's letterboxed square) → CLIP's normalised input."""
@@ -120,15 +134,40 @@ class CLIPBackbone(nn.Module):
             images = F.interpolate(images, size=(self.image_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
         return (images - self.mean) / self.std
 
-    def _positional(self, gh: int, gw: int) -> torch.Tensor:
+    def _positional(self, gh: int, gw: int, interp: str = "bicubic") -> torch.Tensor:
+        """Positional embeddings for a gh×gw patch grid; the class token's is never resized.
+
+        ``interp`` picks how a grid other than the pretrained one is reached, since each
+        training-free method's numbers were produced with its own rule: 'bicubic' (to the target
+        size), 'bilinear' (CLIP-Surgery) or 'sclip' (SCLIP's ``interpolate_pos_encoding``: bicubic
+        with ``scale_factor = (g + 0.1) / side``, so the sampling positions follow that factor
+        rather than the exact size ratio).
+        """
         pos = self.model.visual.positional_embedding
         cls_pos, grid_pos = pos[:1], pos[1:]
         side = int(math.isqrt(grid_pos.shape[0]))
         if (gh, gw) != (side, side):
             grid_pos = grid_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-            grid_pos = F.interpolate(grid_pos, size=(gh, gw), mode="bicubic", align_corners=False)
+            if interp == "sclip":
+                factor = ((gh + 0.1) / side, (gw + 0.1) / side)
+                grid_pos = F.interpolate(grid_pos, scale_factor=factor, mode="bicubic", align_corners=False)
+            elif interp in ("bicubic", "bilinear"):
+                grid_pos = F.interpolate(grid_pos, size=(gh, gw), mode=interp, align_corners=False)
+            else:
+                raise ConfigError(f"unknown positional interpolation '{interp}'")
+            if tuple(grid_pos.shape[-2:]) != (gh, gw):
+                raise ValueError(f"positional grid {tuple(grid_pos.shape[-2:])} does not fit the {gh}x{gw} patch grid")
             grid_pos = grid_pos.permute(0, 2, 3, 1).reshape(gh * gw, -1)
         return torch.cat([cls_pos, grid_pos], dim=0)
+
+    def embed_patches(self, x: torch.Tensor, interp: str = "bicubic") -> torch.Tensor:
+        """Normalised CLIP input [B,3,H,W] → tokens [B, 1+g*g, C] after ``ln_pre`` (class token first)."""
+        vis = self.model.visual
+        x = vis.conv1(x)
+        b, c, gh, gw = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([vis.class_embedding.expand(b, 1, c).to(x.dtype), x], dim=1)
+        return vis.ln_pre(x + self._positional(gh, gw, interp).to(x.dtype))
 
     @staticmethod
     def _attention(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,12 +184,13 @@ class CLIPBackbone(nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B,3,S,S] 0..255 → (patch tokens [B, g*g, E], global embedding [B, E])."""
+        return self.encode_normalised(self.preprocess(images))
+
+    def encode_normalised(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP-Surgery on an already normalised input of any size (a grid other than CLIP's own
+        takes bilinearly interpolated positions, as CLIP-Surgery does): (patch tokens, global)."""
         vis = self.model.visual
-        x = vis.conv1(self.preprocess(images))
-        b, c, gh, gw = x.shape
-        x = x.flatten(2).transpose(1, 2)
-        x = torch.cat([vis.class_embedding.expand(b, 1, c).to(x.dtype), x], dim=1)
-        x = vis.ln_pre(x + self._positional(gh, gw).to(x.dtype))
+        x = self.embed_patches(x, "bilinear")
         blocks = vis.transformer.resblocks
         first_dual = len(blocks) - self.surgery_layers
         dense = None

@@ -7,8 +7,14 @@ ImageNet templates, which the training-free protocol (SCLIP, ProxyCLIP) averages
 features come from ``CLIPBackbone.encode_image``'s patch tokens (CLIP-Surgery's v-v path in the last
 blocks) or, selected by ``mode``, from the two other training-free fixes of CLIP's last block:
 
-* ``"sclip"``: SCLIP's correlative self-attention, softmax(q·qᵀ) + softmax(k·kᵀ), in the last block;
-  its residual is kept and its FFN dropped [recall of SCLIP's code];
+* ``"sclip"``: SCLIP's last block exactly as its code computes it (``encode_image(return_all=True,
+  csa=True)``): ``x + CSA(ln_1(x))`` then ``x + mlp(ln_2(x))``, CSA = (softmax(q·qᵀ/√d) +
+  softmax(k·kᵀ/√d))·v through the output projection; other grids than CLIP's own take SCLIP's
+  bicubic positional interpolation (``scale_factor = (g + 0.1) / 14``). Matches SCLIP's golden
+  features to ~1e-6 (tests/test_golden_clip.py);
+* ``"csa-no-ffn"``: the same correlative attention with the last block's FFN dropped and plain
+  bicubic resizing of the positions: what sspsam called "sclip" before it was checked against
+  SCLIP's code (kept under its own name so that results made with it can be reproduced);
 * ``"maskclip"``: MaskCLIP's value path: the last block's value embedding through its output
   projection, no attention mixing, no residual, no FFN.
 
@@ -63,18 +69,26 @@ IMAGENET_TEMPLATES: tuple[str, ...] = (
 )
 assert len(IMAGENET_TEMPLATES) == 80
 
+# CLIP-Surgery's default prompt ensemble (its encode_text_with_prompt_ensemble): the 80 above
+# plus five scene templates.
+SURGERY_TEMPLATES: tuple[str, ...] = IMAGENET_TEMPLATES + (
+    "there is a {} in the scene.", "there is the {} in the scene.", "this is a {} in the scene.",
+    "this is the {} in the scene.", "this is one {} in the scene.",
+)
+
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "default": DEFAULT_TEMPLATES,
     "imagenet80": IMAGENET_TEMPLATES,
+    "surgery85": SURGERY_TEMPLATES,
     "plain": ("{}",),
 }
-DENSE_MODES = ("surgery", "sclip", "maskclip")
+DENSE_MODES = ("surgery", "sclip", "csa-no-ffn", "maskclip")
 SCLIP_LOGIT_SCALE = 40.0  # SCLIP's softmax temperature over classes (cosine × 40)
 _TEXT_CHUNK = 512  # texts per text-tower call: 150 classes × 80 templates would not fit at once
 
 
 def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
-    """A template-set name ('default', 'imagenet80', 'plain') or an explicit list of '{}' strings."""
+    """A template-set name ('default', 'imagenet80', 'surgery85', 'plain') or an explicit list of '{}' strings."""
     if isinstance(templates, str):
         if templates not in TEMPLATE_SETS:
             raise ConfigError(f"unknown template set '{templates}'; choose one of {', '.join(TEMPLATE_SETS)}")
@@ -92,11 +106,15 @@ def class_embeddings(
     templates = resolve_templates(templates)
     device = next(clip.parameters()).device
     texts = [t.format(c) for c in classes for t in templates]
-    parts = []
-    for i in range(0, len(texts), _TEXT_CHUNK):
-        sent = clip.encode_text(clip.tokenize(texts[i : i + _TEXT_CHUNK]).to(device)).sentence
-        parts.append(F.normalize(sent.float(), dim=-1))
-    sent = torch.cat(parts).view(len(classes), len(templates), -1).mean(1)
+    tokens = clip.tokenize(texts)
+    length = tokens.argmax(dim=-1)  # EOT position: texts of one length run together, unpadded
+    sent = torch.empty(len(texts), clip.embed_dim, device=device)
+    for n in length.unique().tolist():
+        sel = (length == n).nonzero().flatten()
+        for i in range(0, len(sel), _TEXT_CHUNK):
+            idx = sel[i : i + _TEXT_CHUNK]
+            sent[idx.to(device)] = F.normalize(clip.encode_sentences(tokens[idx].to(device)).float(), dim=-1)
+    sent = sent.view(len(classes), len(templates), -1).mean(1)
     return F.normalize(sent, dim=-1)
 
 
@@ -108,30 +126,56 @@ def _preprocess(clip: CLIPBackbone, images: torch.Tensor, size: int | None) -> t
     return (images - clip.mean) / clip.std
 
 
-def _last_block_dense(clip: CLIPBackbone, images: torch.Tensor, mode: str, size: int | None = None) -> torch.Tensor:
-    """Patch tokens [B, g*g, E] with the last vision block replaced by SCLIP's or MaskCLIP's variant."""
+def csa_attention(attn: torch.nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
+    """SCLIP's correlative self-attention on [B,N,C]: (softmax(q·qᵀ) + softmax(k·kᵀ))·v, then out_proj.
+
+    Each patch attends to patches that look like itself instead of to the few global "sink"
+    tokens, which is what makes CLIP's last layer spatially meaningful without training.
+    """
+    b, n, c = x.shape
+    h = attn.num_heads
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    out = F.scaled_dot_product_attention(q, q, v) + F.scaled_dot_product_attention(k, k, v)
+    return attn.out_proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+def sclip_tokens(clip: CLIPBackbone, x: torch.Tensor, csa: bool = True) -> torch.Tensor:
+    """Normalised input [B,3,H,W] (any multiple of the patch size) → ``ln_post(x) @ proj`` of every
+    token [B, 1+g*g, E], class token first: SCLIP's ``encode_image(x, return_all=True, csa=csa)``.
+    ``csa=False`` runs a standard last block (token 0 is then CLIP's own image embedding)."""
     vis = clip.model.visual
-    x = vis.conv1(_preprocess(clip, images, size))
-    b, c, gh, gw = x.shape
-    x = x.flatten(2).transpose(1, 2)
-    x = torch.cat([vis.class_embedding.expand(b, 1, c).to(x.dtype), x], dim=1)
-    x = vis.ln_pre(x + clip._positional(gh, gw).to(x.dtype))
+    x = clip.embed_patches(x, "sclip")
     blocks = vis.transformer.resblocks
     for blk in blocks[:-1]:
         x = blk(x)
     last = blocks[-1]
-    attn = last.attn
-    h = attn.num_heads
-    n = x.shape[1]
-    qkv = F.linear(last.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    if csa:
+        x = x + last.ls_1(csa_attention(last.attn, last.ln_1(x)))
+        x = x + last.ls_2(last.mlp(last.ln_2(x)))
+    else:
+        x = last(x)
+    return vis.ln_post(x) @ vis.proj
+
+
+def _last_block_dense(clip: CLIPBackbone, images: torch.Tensor, mode: str, size: int | None = None) -> torch.Tensor:
+    """Patch tokens [B, g*g, E] with the last vision block replaced by SCLIP's or MaskCLIP's variant."""
+    x = _preprocess(clip, images, size)
     if mode == "sclip":
-        # Correlative self-attention: (softmax(q qᵀ) + softmax(k kᵀ)) v, so each patch attends to
-        # patches that look like itself instead of to the few global "sink" tokens.
-        out = F.scaled_dot_product_attention(q, q, v) + F.scaled_dot_product_attention(k, k, v)
-        x = x + last.ls_1(attn.out_proj(out.transpose(1, 2).reshape(b, n, c)))
+        return sclip_tokens(clip, x)[:, 1:]
+    vis = clip.model.visual
+    x = clip.embed_patches(x, "bicubic")
+    blocks = vis.transformer.resblocks
+    for blk in blocks[:-1]:
+        x = blk(x)
+    last = blocks[-1]
+    if mode == "csa-no-ffn":
+        x = x + last.ls_1(csa_attention(last.attn, last.ln_1(x)))
     else:  # maskclip: the value embedding alone keeps each patch's own semantics
-        x = attn.out_proj(v.transpose(1, 2).reshape(b, n, c))
+        attn = last.attn
+        c = x.shape[-1]
+        v = F.linear(last.ln_1(x), attn.in_proj_weight[2 * c :], attn.in_proj_bias[2 * c :])
+        x = attn.out_proj(v)
     return vis.ln_post(x[:, 1:]) @ vis.proj
 
 
@@ -140,8 +184,8 @@ def dense_features(
 ) -> torch.Tensor:
     """[B,3,S,S] 0..255 → unit-norm dense CLIP features [B, E, g, g].
 
-    ``mode``: 'surgery' (the backbone's CLIP-Surgery v-v path, what SSP-SAM uses), 'sclip' or
-    'maskclip' (see the module docstring). ``size``: CLIP input side for 'sclip'/'maskclip' (e.g.
+    ``mode``: 'surgery' (the backbone's CLIP-Surgery v-v path, what SSP-SAM uses), 'sclip',
+    'csa-no-ffn' or 'maskclip' (see the module docstring). ``size``: CLIP input side for the last three (e.g.
     448 for a 28×28 grid from ViT-B/16; positional embeddings are interpolated), since a 14×14
     grid is coarse for segmentation.
     """
@@ -194,3 +238,29 @@ def cost_map(
 def class_probabilities(cost: torch.Tensor, logit_scale: float = SCLIP_LOGIT_SCALE) -> torch.Tensor:
     """Softmax over classes (dim 1) of cosine × ``logit_scale`` (SCLIP: 40)."""
     return (cost * logit_scale).softmax(dim=1)
+
+
+def feature_surgery(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+    """CLIP-Surgery's feature surgery: unit-norm tokens [B,N,E] (token 0 = the global embedding)
+    × unit-norm classes [K,E] → similarities [B,N,K].
+
+    The element-wise products token⊙class are weighted by how much each class stands out in the
+    whole image (softmax over classes of 2·cosine of the *global* token, divided by its mean), and
+    their mean over the classes — what every class shares, e.g. a response to the image's "sink"
+    features — is subtracted before summing, so the map keeps only class-specific evidence.
+    """
+    prob = (image_feats[:, :1] @ text_feats.T * 2).softmax(-1)  # [B,1,K]
+    w = prob / prob.mean(-1, keepdim=True)
+    feats = image_feats[:, :, None, :] * text_feats[None, None] * w[..., None]  # [B,N,K,E]
+    return (feats - feats.mean(2, keepdim=True)).sum(-1)
+
+
+def similarity_map(sim: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Patch similarities [B,N,K] (N a square grid) → per-class maps [B,*size,K]: min-max
+    normalised over the patches, then bilinearly upsampled (CLIP-Surgery's visualisation)."""
+    lo, hi = sim.min(1, keepdim=True).values, sim.max(1, keepdim=True).values
+    sim = (sim - lo) / (hi - lo)
+    b, n, k = sim.shape
+    side = int(round(n**0.5))
+    grid = sim.reshape(b, side, side, k).permute(0, 3, 1, 2)
+    return F.interpolate(grid, size=tuple(size), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)

@@ -3,7 +3,8 @@
 Predictions come from the public :class:`~sspsam.ovss.predictor.OVSS` predictor — the same
 letterbox, sliding windows and arg-max a user gets — at the original image size, and are scored
 there against the original label with :class:`sspsam.metrics.SemSegMeter` (detectron2's
-SemSegEvaluator by default, mmseg's IoUMetric with ``protocol="mmseg"``). ``slide=True`` adds
+SemSegEvaluator by default, mmseg's IoUMetric with ``protocol="mmseg"``; ``protocol="sclip"``: SCLIP's
+whole inference protocol and mmseg's metric). ``slide=True`` adds
 the predictor's sliding windows (1/3 overlap, averaged with the global view) for images much
 larger than the model input.
 """
@@ -20,15 +21,25 @@ from .predictor import OVSS, clean_classes
 
 @torch.inference_mode()
 def evaluate_ovss(model, dataset, protocol: str = "detectron2", slide: bool = False, classes: list[str] | None = None,
-                  limit: int | None = None) -> dict:
+                  limit: int | None = None, sclip_options: dict | None = None) -> dict:
     """mIoU, fwIoU, mACC, pACC and the per-class IoU table of ``model`` on ``dataset``
-    (a :class:`sspsam.data.semseg.SemSegBase`: uses ``raw(i)``, ``classes``, ``ignore_index``)."""
+    (a :class:`sspsam.data.semseg.SemSegBase`: uses ``raw(i)``, ``classes``, ``ignore_index``).
+
+    ``protocol="sclip"`` runs SCLIP's inference protocol (``sspsam.ovss.sclip``) scored with
+    mmseg's IoUMetric, as SCLIP reports; ``classes`` may then carry synonyms ("dog, puppy", one
+    entry per dataset class, e.g. the lines of SCLIP's ``cls_*.txt``)."""
     was_training = model.training
     classes = list(classes or dataset.classes)
-    if clean_classes(classes) != classes:
-        raise ValueError("the dataset's class names must be distinct, non-empty and already clean")
     device = next(model.parameters()).device
-    predictor = OVSS(model, device)
+    if protocol == "sclip":
+        if len(classes) != len(dataset.classes):
+            raise ValueError(f"{len(classes)} class lines given for a dataset with {len(dataset.classes)} classes")
+        predictor = OVSS(model, device, protocol="sclip", sclip_options=sclip_options)
+        protocol = "mmseg"
+    else:
+        if clean_classes(classes) != classes:
+            raise ValueError("the dataset's class names must be distinct, non-empty and already clean")
+        predictor = OVSS(model, device)
     meter = SemSegMeter(len(classes), ignore_index=dataset.ignore_index, protocol=protocol)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     t0 = time.perf_counter()
@@ -40,7 +51,7 @@ def evaluate_ovss(model, dataset, protocol: str = "detectron2", slide: bool = Fa
         model.train(was_training)
     seconds = time.perf_counter() - t0
     res = meter.compute()
-    res["per_class"] = {c: v for c, v in zip(classes, res["per_class_iou"])}
+    res["per_class"] = {c.split(", ")[0]: v for c, v in zip(classes, res["per_class_iou"])}
     res["seconds_per_image"] = seconds / max(n, 1)
     return res
 

@@ -38,6 +38,7 @@ DEFAULT_MODEL = "ovss-shapes-demo"
 BUNDLED = {"ovss-shapes-demo": "assets/ovss-shapes-demo.pt"}
 OVSS_MODELS = ("zeroshot", "escnet", "sam-mi")
 OVERLAP = 1 / 3
+PROTOCOLS = ("sspsam", "sclip")
 _CHUNK_PIXELS = 64_000_000  # class×pixel floats upsampled at once to the original size (256 MB)
 
 
@@ -103,7 +104,17 @@ class _ImageEntry:
 class OVSS:
     """Open-vocabulary semantic segmentation predictor (ESC-Net, SAM-MI or the training-free path)."""
 
-    def __init__(self, model, device: str | torch.device = "cpu", name: str | None = None):
+    def __init__(self, model, device: str | torch.device = "cpu", name: str | None = None, protocol: str = "sspsam",
+                 sclip_options: dict | None = None):
+        """``protocol``: 'sspsam' (the model's own inference: letterbox, windows when large) or
+        'sclip' (SCLIP's training-free protocol on the model's CLIP, see :mod:`sspsam.ovss.sclip`;
+        ``sclip_options`` go to :class:`~sspsam.ovss.sclip.SCLIPProtocol`, e.g. prob_thd, area_thd)."""
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown OVSS inference protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        if protocol == "sclip" and not hasattr(model, "clip"):
+            raise CheckpointError("the SCLIP protocol needs a model with a CLIP backbone (zeroshot, escnet, sam-mi)")
+        self.protocol, self.sclip_options = protocol, dict(sclip_options or {})
+        self._sclip = None
         kind = getattr(model, "config", {}).get("model")
         if kind not in OVSS_MODELS:
             raise CheckpointError(
@@ -214,6 +225,8 @@ class OVSS:
     @torch.inference_mode()
     def segment(self, image: ImageLike, classes: str | list[str], slide: bool | None = None) -> SemanticSegmentation:
         """Label every pixel with one of ``classes``. ``slide``: None = automatic by image size."""
+        if self.protocol == "sclip":
+            return self._segment_sclip(image, classes)
         names = clean_classes(classes)
         self.set_image(image, slide)
         canvas, q = self._canvas(names)
@@ -222,6 +235,24 @@ class OVSS:
         counts = np.bincount(labels.ravel(), minlength=len(names))
         shares = {c: float(n) / (h * w) for c, n in zip(names, counts)}
         return SemanticSegmentation(names, labels, scores, shares)
+
+    def _segment_sclip(self, image: ImageLike, classes: str | list[str]) -> SemanticSegmentation:
+        """SCLIP's protocol. ``classes``: a list with one class per entry (synonyms split on ", "),
+        SCLIP's class-file text (one class per line), or comma-separated single names."""
+        from .sclip import SCLIPProtocol
+
+        if isinstance(classes, str) and "\n" not in classes.strip():
+            classes = clean_classes(classes)
+        key = tuple(classes.splitlines()) if isinstance(classes, str) else tuple(classes)
+        if self._sclip is None or self._sclip[0] != key:
+            self._sclip = (key, SCLIPProtocol(self.model.clip, list(key), **self.sclip_options))
+        proto = self._sclip[1]
+        rgb = load_image(image)
+        labels, scores = proto(rgb)
+        h, w = labels.shape
+        counts = np.bincount(labels.ravel(), minlength=proto.num_classes)
+        shares = {c: float(n) / (h * w) for c, n in zip(proto.class_names, counts)}
+        return SemanticSegmentation(list(proto.class_names), labels, scores, shares)
 
     def _canvas(self, names: list[str]) -> tuple[torch.Tensor, float]:
         """Logits [K, ch, cw] over the working image at the model's output resolution, and the

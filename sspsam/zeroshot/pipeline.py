@@ -34,7 +34,7 @@ from ..ovss import cost as cost_ops
 from .smagg import Aggregated, ShallowMaskAggregation
 
 DEFAULTS = {
-    "dense_mode": "sclip",  # surgery | sclip | maskclip
+    "dense_mode": "sclip",  # surgery | sclip | csa-no-ffn | maskclip
     "clip_size": None,  # CLIP input side for the dense path (None: CLIP's own)
     "templates": "imagenet80",  # default | imagenet80 | plain | a list of '{}' templates
     "logit_scale": cost_ops.SCLIP_LOGIT_SCALE,

@@ -177,15 +177,17 @@ class Segmenter:
 
 def _model_from_checkpoint(path: Path, sam_image_encoder: bool = True):
     ckpt = read_sspsam_checkpoint(path, sam_image_encoder=sam_image_encoder)
-    model = build_model(ckpt["config"])
     sd = ckpt["state_dict"]
     external = ckpt.get("external_backbones", [])
+    files = {}
     if external:  # frozen backbones are not copied into every checkpoint: load them from the weights cache
         from .weights import require
 
+        files = {part: require(ckpt["config"][part].get("weights")) for part in external}  # before building a big model
+    model = build_model(ckpt["config"])
+    if external:
         for part in external:
-            weights_name = ckpt["config"][part].get("weights")
-            getattr(model, part).load_checkpoint(require(weights_name))
+            getattr(model, part).load_checkpoint(files[part])
         sd = {**{k: v for k, v in model.state_dict().items() if k.split(".")[0] in external}, **sd}
     load_into(model, sd, what=f"model checkpoint {path}")
     return model

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sspsam.checkpoint import read_sspsam_checkpoint
-from sspsam.errors import CheckpointError
+from sspsam.errors import CheckpointError, SSPSamError
 from sspsam.predictor import Segmenter
 from sspsam.ssp import official_checkpoint
 from sspsam.ssp.official_inputs import centered_geometry, clip_input, format_phrase
@@ -32,7 +32,7 @@ SMALL = {"phrase_attn_weights", "similarity_map", "verify_score"}
 
 
 @pytest.mark.parametrize("name", ["ssp_sam_224", "ssp_sam_336"])
-def test_matches_official_code(name, tmp_path):
+def test_matches_official_code(name, tmp_path, monkeypatch):
     rows = fidelity.CHECKS[name](tmp_path)
     by_q = {r["quantity"]: r for r in rows}
     assert set(by_q) == QUANTITIES | (ONLY_224 if name == "ssp_sam_224" else set())
@@ -44,6 +44,11 @@ def test_matches_official_code(name, tmp_path):
     masks = by_q["pred_masks (512x512 logits)"]
     # binarised masks identical at 512x512 except where the official logit is within 1e-4 of 0
     assert masks["flips_outside_margin"] == 0 and masks["mask_disagreement"] <= 2e-4, masks
+    if name == "ssp_sam_224":
+        # The same file through the predictor: without sam.image_encoder.* it needs SAM ViT-H from the cache.
+        monkeypatch.setenv("SSPSAM_HOME", str(tmp_path / "empty-cache"))
+        with pytest.raises(SSPSamError, match="sam-vit-h"):
+            Segmenter.from_pretrained(tmp_path / f"{name}_official.pth")
 
 
 # ---- preprocessing and the checkpoint layout, without the big towers ---------------------------
@@ -123,3 +128,36 @@ def test_incomplete_official_file_is_a_one_line_error(tmp_path):
     with pytest.raises(CheckpointError, match="missing"):
         Segmenter.from_pretrained(path)
 
+
+
+def test_official_head_in_the_predictor():
+    """A tiny model with ``ssp.head: official``: the predictor feeds CLIP the centred official input
+    built from the raw image and formats the phrase as the official dataset does."""
+    from sspsam.config import build_model, load_config
+    from sspsam.ssp.official_inputs import clip_input_from_letterbox
+    from sspsam.transforms import model_input
+
+    cfg = load_config("ssp-sam-tiny")
+    cfg["ssp"].update(head="official", no_target_head=False)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    assert model.ssp_encoder.prompt_generator.norm is not None and model.ssp_encoder.visual_adapter.sigma.shape == (1,)
+    assert torch.equal(model.tokenize(["  A Dog "]), model.clip.tokenize(["a dog."]))
+    rgb = np.random.RandomState(0).randint(0, 256, (90, 120, 3)).astype(np.uint8)
+    seg = Segmenter(model)
+    res = seg.segment(rgb, ["A dog", "the cat"])
+    assert res.masks.shape == (2, 90, 120)
+    exact = clip_input(rgb, model.clip.image_size)[None]
+    with torch.no_grad():
+        patches, glob = model.encode_clip(exact)
+    torch.testing.assert_close(seg._cache.features.clip_patches, patches)
+    torch.testing.assert_close(seg._cache.features.clip_global, glob)
+    # Paths that only keep SAM's letterbox rebuild the same layout (resampled twice, so only close).
+    x, valid, _ = model_input(rgb, model.image_size)
+    approx = clip_input_from_letterbox(x, valid, model.clip.image_size)
+    s = model.clip.image_size
+    nh, nw, top, left = centered_geometry(rgb.shape[:2], s)
+    inside = torch.zeros(s, s, dtype=torch.bool)
+    inside[top : top + nh, left : left + nw] = True
+    assert (exact[..., ~inside] == 0).all() and (approx[..., ~inside] == 0).all()
+    assert (approx - exact)[..., inside].abs().mean() < 0.1

@@ -2,7 +2,8 @@
 
 ``python -m sspsam.tools.fidelity`` prints one row per fixture and quantity: the max abs
 difference to the reference output, the tolerance it must meet, and for masks the fraction of
-pixels whose binary decision differs. The golden tests call the same check functions
+pixels whose binary decision differs, among the pixels whose reference logit is at least
+``MASK_MARGIN`` from 0 (the fixtures' README: 0.013 % / 0.003 % of the logits lie closer). The golden tests call the same check functions
 (:data:`CHECKS`), so the table and the tests cannot disagree. Rows of other families come from
 ``sspsam.tools.fidelity_clip.checks()`` when that module exists.
 
@@ -34,9 +35,12 @@ def row(fixture: str, quantity: str, ours, ref, tolerance: float, mask: bool = F
     out = {"fixture": fixture, "quantity": quantity, "max_abs_diff": float(np.abs(a - b).max()),
            "tolerance": tolerance, "mask_disagreement": None}
     if mask:
-        flip = (a >= 0) != (b >= 0)  # sigmoid >= 0.5, the official binarisation
-        out["mask_disagreement"] = float(flip.mean())
-        out["flips_outside_margin"] = int((flip & (np.abs(b) >= MASK_MARGIN)).sum())
+        # sigmoid >= 0.5 (the official binarisation), compared where the reference logit is
+        # decided, |logit| >= MASK_MARGIN (as fidelity_clip compares labels outside near-ties)
+        flip = (a >= 0) != (b >= 0)
+        decided = np.abs(b) >= MASK_MARGIN
+        out["mask_disagreement"] = float((flip & decided).sum() / max(int(decided.sum()), 1))
+        out["flips_all_pixels"] = int(flip.sum())
     return out
 
 
@@ -105,8 +109,9 @@ def other_rows() -> list[dict]:
 
 
 def passed(r: dict) -> bool:
-    ok = r["max_abs_diff"] <= r["tolerance"]
-    return ok and r.get("flips_outside_margin", 0) == 0
+    """Within tolerance, and no binary decision flipped (rows of label maps carry no max abs diff)."""
+    ok = r["max_abs_diff"] is None or r["max_abs_diff"] <= r["tolerance"]
+    return ok and (r.get("mask_disagreement") is None or r["mask_disagreement"] == 0.0)
 
 
 def table(rows: list[dict]) -> str:
@@ -115,7 +120,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         md = r.get("mask_disagreement")
         md = "" if md is None else f"{md:.4%}"
-        lines.append(f"| {r['fixture']:<18} | {r['quantity']:<34} | {r['max_abs_diff']:>12.3g} | {r['tolerance']:>9.0e} "
+        diff = "" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.3g}"
+        lines.append(f"| {r['fixture']:<18} | {r['quantity']:<34} | {diff:>12} | {r['tolerance']:>9.0e} "
                      f"| {md:>17} | {'yes' if passed(r) else 'NO':<3} |")
     return "\n".join(lines)
 

@@ -4,7 +4,8 @@ open_clip's ``encode_image``/``encode_text`` return pooled vectors only. SSP-SAM
 patch token (as CLIP-Surgery computes them: v-v attention in the last blocks, so patch tokens
 keep their own semantics instead of collapsing onto the global token) and every word token,
 all projected into the joint embedding space so that cosine similarity between a sentence and
-a patch is meaningful.
+a patch is meaningful. The unprojected ``ln_final`` word tokens are kept too: the official
+SSP-SAM head reads those.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 import zipfile
@@ -39,10 +40,17 @@ def _corrupt(what: str, path: Path, exc: Exception, hint: str = "") -> Checkpoin
     return CheckpointError(f"{what} {path} is truncated or corrupt ({type(exc).__name__}: {first})" + (f"; {hint}" if hint else ""))
 
 
+def _load(path: Path) -> Any:
+    # Weights only; DETR-style training checkpoints (the official SSP-SAM ones) also pickle their
+    # argparse.Namespace, which is plain data. Zip files are memory-mapped: no second copy in RAM.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+
+
 def torch_load(path: str | os.PathLike, what: str, hint: str = "") -> Any:
     """torch.load (weights only) whose many failure types for cut or damaged files become one named error."""
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        return _load(Path(path))
     except Exception as exc:
         raise _corrupt(what, Path(path), exc, hint) from exc
 
@@ -61,7 +69,7 @@ def read_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> dict[s
             return dict(load_file(str(path)))
         if _is_torchscript(path):
             return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = _load(path)
     except Exception as exc:  # torch raises several types for truncated zips and pickles
         raise _corrupt(f"{what} file", path, exc, "download or import it again") from exc
     try:
@@ -128,15 +136,28 @@ def save_checkpoint(path: str | os.PathLike, config: dict, state_dict: Mapping[s
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def read_sspsam_checkpoint(path: str | os.PathLike) -> dict:
+def read_sspsam_checkpoint(path: str | os.PathLike, sam_image_encoder: bool = True) -> dict:
+    """An sspsam checkpoint, or an official SSP-SAM one converted to it (see ``ssp/official_checkpoint.py``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model checkpoint not found: {path}")
     obj = torch_load(path, "model checkpoint")
+    if isinstance(obj, Mapping) and "sspsam" not in obj:
+        from .ssp import official_checkpoint
+
+        try:
+            sd = _unwrap(obj)
+        except CheckpointError:
+            sd = None
+        if sd is not None and official_checkpoint.is_official(sd):
+            try:
+                return official_checkpoint.to_sspsam_checkpoint(sd, sam_image_encoder=sam_image_encoder)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{path}: {exc}") from None
     if not isinstance(obj, Mapping) or "sspsam" not in obj or "config" not in obj:
         raise CheckpointError(
             f"{path} is not an sspsam model checkpoint (no 'sspsam'/'config' entries); "
-            "backbone files (SAM .pth, CLIP .pt) go through `sspsam weights import`"
+            "nor an official SSP-SAM one; backbone files (SAM .pth, CLIP .pt) go through `sspsam weights import`"
         )
     if obj["sspsam"] > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer sspsam (format {obj['sspsam']}); upgrade sspsam")

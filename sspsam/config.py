@@ -34,7 +34,7 @@ def load_config(name_or_path: str | Path) -> dict:
         base_path = Path(base) if Path(base).suffix else CONFIG_DIR / f"{base}.yaml"
         if not base_path.is_absolute() and Path(base).suffix:
             base_path = path.parent / base
-        cfg = merge(load_config(base_path), cfg)
+        cfg = merge({k: v for k, v in load_config(base_path).items() if k != "name"}, cfg)  # a variant keeps its own name
     cfg.setdefault("name", path.stem)
     return cfg
 

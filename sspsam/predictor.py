@@ -126,7 +126,8 @@ class Segmenter:
         key = image_key(rgb)
         if self._cache is None or self._cache.key != key:
             x, valid, box = model_input(rgb, self.model.image_size, self.device)
-            self._cache = _Encoded(key, self.model.encode_image(x, valid), box)
+            clip_x = self.model.clip_input([rgb], self.device) if hasattr(self.model, "clip_input") else None
+            self._cache = _Encoded(key, self.model.encode_image(x, valid, clip_images=clip_x), box)
         return rgb
 
     @torch.inference_mode()
@@ -137,7 +138,7 @@ class Segmenter:
         masks, scores, no_target, nt_probs = [], [], [], []
         for i in range(0, len(phrases), batch_size):
             chunk = phrases[i : i + batch_size]
-            tokens = self.model.clip.tokenize(chunk).to(self.device)
+            tokens = self.model.tokenize(chunk).to(self.device)
             text = self.model.encode_text(tokens)
             out = self.model.decode(enc.features, text, torch.zeros(len(chunk), dtype=torch.long, device=self.device))
             m, s, n, p = self._postprocess(out, enc.box)
@@ -154,7 +155,9 @@ class Segmenter:
     def _postprocess(self, out: dict, box: Letterbox):
         low = out["mask_logits"][:, 0].float()
         # The official GRES rule: fewer than N positive pixels at 512x512 means "no target".
-        sq = F.interpolate(low[:, None], size=(512, 512), mode="bilinear", align_corners=False)[:, 0]
+        from .ssp.model import official_mask_logits
+
+        sq = official_mask_logits(low[:, None], self.model.image_size)[:, 0]
         sh, sw = (round(v * 512 / box.size) for v in box.scaled_hw)
         area512 = (sq[:, :sh, :sw] > self.mask_threshold).sum((1, 2))
         iou = out["iou"].float().clamp(0, 1)
@@ -172,17 +175,19 @@ class Segmenter:
         return full.cpu().numpy(), score.cpu().numpy(), no_target.cpu().numpy(), prob
 
 
-def _model_from_checkpoint(path: Path):
-    ckpt = read_sspsam_checkpoint(path)
-    model = build_model(ckpt["config"])
+def _model_from_checkpoint(path: Path, sam_image_encoder: bool = True):
+    ckpt = read_sspsam_checkpoint(path, sam_image_encoder=sam_image_encoder)
     sd = ckpt["state_dict"]
     external = ckpt.get("external_backbones", [])
+    files = {}
     if external:  # frozen backbones are not copied into every checkpoint: load them from the weights cache
         from .weights import require
 
+        files = {part: require(ckpt["config"][part].get("weights")) for part in external}  # before building a big model
+    model = build_model(ckpt["config"])
+    if external:
         for part in external:
-            weights_name = ckpt["config"][part].get("weights")
-            getattr(model, part).load_checkpoint(require(weights_name))
+            getattr(model, part).load_checkpoint(files[part])
         sd = {**{k: v for k, v in model.state_dict().items() if k.split(".")[0] in external}, **sd}
     load_into(model, sd, what=f"model checkpoint {path}")
     return model

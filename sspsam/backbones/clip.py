@@ -4,7 +4,8 @@ open_clip's ``encode_image``/``encode_text`` return pooled vectors only. SSP-SAM
 patch token (as CLIP-Surgery computes them: v-v attention in the last blocks, so patch tokens
 keep their own semantics instead of collapsing onto the global token) and every word token,
 all projected into the joint embedding space so that cosine similarity between a sentence and
-a patch is meaningful.
+a patch is meaningful. The unprojected ``ln_final`` word tokens are kept too: the official
+SSP-SAM head reads those.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class TextFeatures:
     words: torch.Tensor  # [T, L, E] every token, projected into the joint space
     sentence: torch.Tensor  # [T, E] the EOT token (CLIP's sentence embedding)
     pad_mask: torch.Tensor  # [T, L] True where there is no token (after EOT)
+    raw_words: torch.Tensor | None = None  # [T, L, W] ln_final output, not projected (what the official SSP-SAM reads)
+    tokens: torch.Tensor | None = None  # [T, L] the token ids (the official head masks ``tokens == 0``)
 
 
 def open_clip_config(arch: str) -> dict:
@@ -106,12 +109,12 @@ class CLIPBackbone(nn.Module):
         m = self.model
         x = m.token_embedding(tokens) + m.positional_embedding
         x = m.transformer(x, attn_mask=m.attn_mask)
-        x = m.ln_final(x)
+        x = raw = m.ln_final(x)
         x = x @ m.text_projection if not isinstance(m.text_projection, nn.Linear) else m.text_projection(x)
         eot = tokens.argmax(dim=-1)  # the EOT id is the largest in CLIP's vocabulary
         sentence = x[torch.arange(x.shape[0], device=x.device), eot]
         pad = torch.arange(tokens.shape[1], device=tokens.device)[None] > eot[:, None]
-        return TextFeatures(words=x, sentence=sentence, pad_mask=pad)
+        return TextFeatures(words=x, sentence=sentence, pad_mask=pad, raw_words=raw, tokens=tokens)
 
     def encode_sentences(self, tokens: torch.Tensor) -> torch.Tensor:
         """Sentence (EOT) embeddings [T, E] alone, as CLIP's ``encode_text`` returns them.
@@ -182,9 +185,14 @@ class CLIPBackbone(nn.Module):
         merge = lambda t: attn.out_proj(t.transpose(1, 2).reshape(b, n, c))  # noqa: E731
         return merge(vv), merge(ori)
 
-    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B,3,S,S] 0..255 → (patch tokens [B, g*g, E], global embedding [B, E])."""
-        return self.encode_normalised(self.preprocess(images))
+    @property
+    def text_width(self) -> int:
+        return self.model.ln_final.normalized_shape[0]
+
+    def encode_image(self, images: torch.Tensor, normalized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B,3,S,S] 0..255 (or already CLIP-normalised with ``normalized``) →
+        (patch tokens [B, g*g, E], global embedding [B, E])."""
+        return self.encode_normalised(images if normalized else self.preprocess(images))
 
     def encode_normalised(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP-Surgery on an already normalised input of any size (a grid other than CLIP's own

@@ -39,6 +39,7 @@ class SAMBackbone(nn.Module):
         encoder_overrides: dict | None = None,
         decoder_mlp_dim: int = 2048,
         decoder_heads: int = 8,
+        image_encoder: bool = True,
     ):
         super().__init__()
         modeling = segment_anything_modeling()
@@ -46,7 +47,11 @@ class SAMBackbone(nn.Module):
         if img_size % patch:
             raise ConfigError(f"sam.img_size must be a multiple of {patch}, got {img_size}")
         overrides = dict(encoder_overrides or {})
-        if encoder in VIT_ENCODERS:
+        if not image_encoder:
+            # Prompt encoder and decoder only, for callers that bring their own (cached) embeddings,
+            # as the official SSP-SAM code does; a ViT-H alone is 632M parameters.
+            self.image_encoder = None
+        elif encoder in VIT_ENCODERS:
             kw = {**VIT_ENCODERS[encoder], **overrides}
             self.image_encoder = modeling.ImageEncoderViT(
                 img_size=img_size,
@@ -86,7 +91,8 @@ class SAMBackbone(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: dict) -> "SAMBackbone":
-        known = {"encoder", "img_size", "prompt_dim", "encoder_overrides", "decoder_mlp_dim", "decoder_heads", "weights"}
+        known = {"encoder", "img_size", "prompt_dim", "encoder_overrides", "decoder_mlp_dim", "decoder_heads", "weights",
+                 "image_encoder"}
         if extra := set(cfg) - known:
             raise ConfigError(f"unknown keys in sam config: {sorted(extra)}")
         return cls(**{k: v for k, v in cfg.items() if k != "weights"})
@@ -102,6 +108,8 @@ class SAMBackbone(nn.Module):
         ``valid_hw`` [B,2] is the letterboxed content size; the padding beyond it is set to 0
         after normalisation, exactly as SAM pads. Without it the whole square counts as content.
         """
+        if self.image_encoder is None:
+            raise ConfigError("this model was built without SAM's image encoder (sam.image_encoder: false); pass the image embeddings")
         if images.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(f"SAM expects {self.img_size}x{self.img_size} letterboxed input, got {tuple(images.shape[-2:])}")
         x = (images - self.pixel_mean) / self.pixel_std

@@ -30,16 +30,35 @@ class SemanticSpatialPromptEncoder(nn.Module):
         pg_heads: int = 8,
         pg_ffn: int = 2048,
         dropout: float = 0.0,
+        official: bool = False,
+        word_dim: int | None = None,
+        vaa_dropout: float = 0.0,
     ):
         super().__init__()
-        self.linguistic_adapter = LinguisticAttentionAdapter(clip_dim, d_model)
-        self.visual_adapter = VisualAttentionAdapter(clip_dim, d_model, vaa_heads, vaa_mlp_layers, sigma_init, scale_init)
+        self.official = official
+        self.linguistic_adapter = LinguisticAttentionAdapter(word_dim or clip_dim, d_model, official=official)
+        self.visual_adapter = VisualAttentionAdapter(
+            clip_dim, d_model, vaa_heads, vaa_mlp_layers, sigma_init, scale_init, official=official, attn_dropout=vaa_dropout
+        )
         self.fusion = SemanticSpatialFusion(d_model, prompt_dim)
-        self.prompt_generator = PromptGenerator(num_patches, prompt_dim, num_prompts, pg_layers, pg_heads, pg_ffn, dropout)
+        self.prompt_generator = PromptGenerator(
+            num_patches, prompt_dim, num_prompts, pg_layers, pg_heads, pg_ffn, dropout, official=official
+        )
 
-    def forward(self, patches: torch.Tensor, text: TextFeatures) -> dict[str, torch.Tensor]:
-        """patches [T,N,E] (already gathered per phrase), text features for T phrases."""
-        phrase, words, word_weights = self.linguistic_adapter(text.words, text.pad_mask)
-        visual, maps = self.visual_adapter(patches, text.sentence, words, text.pad_mask)
+    def forward(self, patches: torch.Tensor, text: TextFeatures, cls: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """patches [T,N,E] (already gathered per phrase), text features for T phrases.
+
+        The official layout reads CLIP's unprojected word tokens, masks token id 0 (as the
+        official ``text == 0``) and needs CLIP's token 0 (``cls``) for the token-axis norm.
+        """
+        if self.official:
+            if text.raw_words is None or text.tokens is None:
+                raise ValueError("the official SSP head needs CLIP's unprojected word tokens and the token ids")
+            pad = text.tokens == 0
+            phrase, words, word_weights = self.linguistic_adapter(text.raw_words, pad)
+        else:
+            pad = text.pad_mask
+            phrase, words, word_weights = self.linguistic_adapter(text.words, pad)
+        visual, maps = self.visual_adapter(patches, text.sentence, words, pad, cls=cls)
         out = self.prompt_generator(self.fusion(visual, phrase))
-        return {**out, **maps, "word_weights": word_weights}
+        return {**out, **maps, "word_weights": word_weights, "phrase": phrase}

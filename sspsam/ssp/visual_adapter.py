@@ -19,11 +19,21 @@ def _mlp(dims: list[int]) -> nn.Sequential:
 class VisualAttentionAdapter(nn.Module):
     """Sentence-level and word-level attention over CLIP patch features.
 
-    Sentence level: cosine similarity of the sentence embedding with each patch, min-max
-    normalised per image, re-weights the patches (a coarse "where"). Word level: patches query
-    the words; agreement between a patch and what it attended to, mapped through a Gaussian of
-    (1 − cos) with learnable width σ and scale, sharpens the map so that only patches that
-    match the words strongly survive.
+    Sentence level: similarity of the sentence embedding with each patch, min-max normalised per
+    image, re-weights the patches (a coarse "where"). Word level: patches query the words;
+    agreement between a patch and what it attended to, mapped through a Gaussian of (1 − cos)
+    with learnable width σ and scale, sharpens the map so that only patches that match the
+    words strongly survive.
+
+    Two layouts (config ``ssp.head``):
+
+    * ``official`` — as the official code: the CLIP image tokens (CLS included) are divided by
+      their norm over the *token* axis, not per token, and those normalised patches are both
+      scored against the unit sentence and re-weighted; the cosine of the Gaussian score is taken
+      between two extra projections (``image_proj`` of the patch queries, ``text_proj`` of what
+      they attended to); the word attention has the official dropout; σ and the scale are [1].
+    * ``legacy`` — sspsam's earlier head: per-token cosine similarity, cosine between the raw
+      queries and the attention output, scalar σ and scale.
     """
 
     def __init__(
@@ -34,30 +44,61 @@ class VisualAttentionAdapter(nn.Module):
         mlp_layers: int = 3,
         sigma_init: float = 0.5,
         scale_init: float = 1.0,
+        official: bool = False,
+        attn_dropout: float = 0.0,
     ):
         super().__init__()
+        self.official = official
         self.mlp = _mlp([clip_dim] + [d_model] * mlp_layers)
-        self.word_attention = nn.MultiheadAttention(d_model, num_heads, batch_first=True)
+        self.word_attention = nn.MultiheadAttention(d_model, num_heads, dropout=attn_dropout, batch_first=True)
         self.norm = nn.LayerNorm(d_model)
-        self.sigma = nn.Parameter(torch.tensor(float(sigma_init)))
-        self.scale = nn.Parameter(torch.tensor(float(scale_init)))
+        shape = (1,) if official else ()
+        self.sigma = nn.Parameter(torch.full(shape, float(sigma_init)))
+        self.scale = nn.Parameter(torch.full(shape, float(scale_init)))
+        if official:
+            self.image_proj = nn.Linear(d_model, d_model)
+            self.text_proj = nn.Linear(d_model, d_model)
 
     @staticmethod
     def sentence_map(patches: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
-        """Min-max normalised cosine similarity [T,N] in [0,1]."""
+        """Min-max normalised cosine similarity [T,N] in [0,1] (legacy layout)."""
         sim = torch.einsum("tnc,tc->tn", F.normalize(patches, dim=-1), F.normalize(sentence, dim=-1))
-        lo, hi = sim.amin(1, keepdim=True), sim.amax(1, keepdim=True)
-        return (sim - lo) / (hi - lo).clamp(min=1e-6)
+        return _min_max(sim)
 
     def gaussian_score(self, cos: torch.Tensor) -> torch.Tensor:
         return self.scale * torch.exp(-((1 - cos) ** 2) / (2 * self.sigma**2))
 
     def forward(
-        self, patches: torch.Tensor, sentence: torch.Tensor, words: torch.Tensor, pad_mask: torch.Tensor
+        self,
+        patches: torch.Tensor,
+        sentence: torch.Tensor,
+        words: torch.Tensor,
+        pad_mask: torch.Tensor,
+        cls: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """patches [T,N,E], sentence [T,E], words [T,L,d] (projected), pad_mask [T,L] → [T,N,d]."""
-        a_sent = self.sentence_map(patches, sentence)
+        """patches [T,N,E], sentence [T,E], words [T,L,d] (projected), pad_mask [T,L] → [T,N,d].
+
+        ``cls`` [T,E] (official layout only) is CLIP's token 0, part of the token-axis norm.
+        """
+        if self.official:
+            if cls is None:
+                raise ValueError("the official Visual Attention Adapter needs CLIP's token 0 (cls)")
+            norm = torch.cat([cls.unsqueeze(1), patches], dim=1).norm(dim=1, keepdim=True)
+            patches = patches / norm
+            unit = sentence / sentence.norm(dim=-1, keepdim=True)
+            a_sent = _min_max(torch.bmm(patches, unit.unsqueeze(-1)).squeeze(-1))
+        else:
+            a_sent = self.sentence_map(patches, sentence)
         v = self.mlp(patches * a_sent.unsqueeze(-1))
         attended, _ = self.word_attention(v, words, words, key_padding_mask=pad_mask, need_weights=False)
-        a_word = self.gaussian_score(F.cosine_similarity(v, attended, dim=-1))
+        if self.official:
+            cos = (F.normalize(self.image_proj(v), dim=-1) * F.normalize(self.text_proj(attended), dim=-1)).sum(-1)
+        else:
+            cos = F.cosine_similarity(v, attended, dim=-1)
+        a_word = self.gaussian_score(cos)
         return self.norm(v) * a_word.unsqueeze(-1), {"sentence_map": a_sent, "word_map": a_word}
+
+
+def _min_max(sim: torch.Tensor) -> torch.Tensor:
+    lo, hi = sim.amin(1, keepdim=True), sim.amax(1, keepdim=True)
+    return (sim - lo) / (hi - lo).clamp(min=1e-6)

@@ -1,0 +1,146 @@
+"""How close sspsam is to the official reference code, measured on the golden fixtures.
+
+``python -m sspsam.tools.fidelity`` prints one row per fixture and quantity: the max abs
+difference to the reference output, the tolerance it must meet, and for masks the fraction of
+pixels whose binary decision differs, among the pixels whose reference logit is at least
+``MASK_MARGIN`` from 0 (the fixtures' README: 0.013 % / 0.003 % of the logits lie closer). The golden tests call the same check functions
+(:data:`CHECKS`), so the table and the tests cannot disagree. Rows of other families come from
+``sspsam.tools.fidelity_clip.checks()`` when that module exists.
+
+Each SSP-SAM check goes through the public loading path: the regenerated official state dict is
+written as an official-layout checkpoint file and loaded with the official-checkpoint loader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import golden
+
+MASK_MARGIN = 1e-4  # logits this close to 0 may flip from float summation order alone
+
+
+def row(fixture: str, quantity: str, ours, ref, tolerance: float, mask: bool = False) -> dict:
+    a = np.asarray(ours, dtype=np.float64)
+    b = np.asarray(ref, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"{fixture}/{quantity}: shape {a.shape} vs reference {b.shape}")
+    out = {"fixture": fixture, "quantity": quantity, "max_abs_diff": float(np.abs(a - b).max()),
+           "tolerance": tolerance, "mask_disagreement": None}
+    if mask:
+        # sigmoid >= 0.5 (the official binarisation), compared where the reference logit is
+        # decided, |logit| >= MASK_MARGIN (as fidelity_clip compares labels outside near-ties)
+        flip = (a >= 0) != (b >= 0)
+        decided = np.abs(b) >= MASK_MARGIN
+        out["mask_disagreement"] = float((flip & decided).sum() / max(int(decided.sum()), 1))
+        out["flips_all_pixels"] = int(flip.sum())
+    return out
+
+
+def ssp_sam(name: str, workdir: Path) -> list[dict]:
+    """Official SSP-SAM (224 or 336 fixture): preprocessing, every intermediate, masks."""
+    import torch
+
+    from ..ssp.model import ImageFeatures, official_mask_logits
+    from ..ssp.official_checkpoint import load_official
+
+    path = Path(workdir) / f"{name}_official.pth"
+    sd = golden.generate(name)
+    torch.save({"model": sd, "epoch": 0, "args": argparse.Namespace(is_pretrain=False)}, path)
+    del sd
+    gc.collect()
+    model = load_official(path, sam_image_encoder=False).eval()
+    inp, ref, meta = golden.arrays(name, "inputs"), golden.arrays(name, "outputs"), golden.run_meta(name)
+    emb = golden.generate(name, "inputs")["sam_image_embedding"]
+    rows = []
+    with torch.no_grad():
+        clip_x = model.clip_input([inp["image_0"], inp["image_1"]])
+        rows.append(row(name, "clip_image (from the raw images)", clip_x, inp["clip_image"], 1e-5))
+        tokens = model.tokenize(meta["phrases"])
+        rows.append(row(name, "word_id (from the phrases)", tokens, inp["word_id"], 0.0))
+
+        patches, glob = model.encode_clip(torch.from_numpy(inp["clip_image"]))
+        text = model.encode_text(torch.from_numpy(inp["word_id"]))
+        out = model.decode(ImageFeatures(sam=emb, clip_patches=patches, clip_global=glob), text)
+        g = model.clip.grid_size
+        ours = {
+            "clip_image_tokens": torch.cat([glob[:, None], patches], 1),
+            "clip_sentence": text.sentence,
+            "clip_words": text.raw_words,
+            "phrase_attn_weights": out["word_weights"],
+            "phrase_embedding": out["phrase"][:, None],
+            "similarity_map": out["sentence_map"].reshape(-1, g, g, 1),
+            "verify_score": out["word_map"][..., None],
+            "prompt_tokens": out["prompts"],
+            "bbox_token": out["box_token"],
+            "pred_boxes": out["box"][:, None],
+            "low_res_masks": out["mask_logits"],
+            "iou_predictions": out["iou"][:, None],
+        }
+        small = {"phrase_attn_weights", "similarity_map", "verify_score"}
+        for key, value in ours.items():
+            if key not in ref:  # the 336 fixture does not store the CLIP token/word arrays
+                continue
+            rows.append(row(name, key, value, ref[key], 1e-5 if key in small else 1e-4))
+        pred = official_mask_logits(out["mask_logits"], model.sam.img_size)
+        rows.append(row(name, "pred_masks (512x512 logits)", pred, ref["pred_masks"], 1e-4, mask=True))
+    return rows
+
+
+CHECKS: dict[str, Callable[[Path], list[dict]]] = {
+    "ssp_sam_224": lambda d: ssp_sam("ssp_sam_224", d),
+    "ssp_sam_336": lambda d: ssp_sam("ssp_sam_336", d),
+}
+
+
+def other_rows() -> list[dict]:
+    try:
+        from . import fidelity_clip  # SCLIP, CLIP-Surgery, TinyViT (written alongside)
+    except ImportError:
+        return []
+    return list(fidelity_clip.checks())
+
+
+def passed(r: dict) -> bool:
+    """Within tolerance, and no binary decision flipped (rows of label maps carry no max abs diff)."""
+    ok = r["max_abs_diff"] is None or r["max_abs_diff"] <= r["tolerance"]
+    return ok and (r.get("mask_disagreement") is None or r["mask_disagreement"] == 0.0)
+
+
+def table(rows: list[dict]) -> str:
+    head = f"| {'fixture':<18} | {'quantity':<34} | {'max abs diff':>12} | {'tolerance':>9} | {'mask disagreement':>17} | ok  |"
+    lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
+    for r in rows:
+        md = r.get("mask_disagreement")
+        md = "" if md is None else f"{md:.4%}"
+        diff = "" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.3g}"
+        lines.append(f"| {r['fixture']:<18} | {r['quantity']:<34} | {diff:>12} | {r['tolerance']:>9.0e} "
+                     f"| {md:>17} | {'yes' if passed(r) else 'NO':<3} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sspsam.tools.fidelity", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--fixture", action="append", choices=sorted(CHECKS), help="only these SSP-SAM fixtures")
+    ap.add_argument("--no-clip", action="store_true", help="skip the SCLIP / CLIP-Surgery / TinyViT rows")
+    args = ap.parse_args(argv)
+    rows: list[dict] = []
+    for name in args.fixture or list(CHECKS):
+        with tempfile.TemporaryDirectory(prefix="sspsam-fidelity-") as d:
+            rows += CHECKS[name](Path(d))
+        gc.collect()
+    if not args.no_clip:
+        rows += other_rows()
+    print(table(rows))
+    return 0 if all(passed(r) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -135,9 +135,7 @@ class Segmenter:
         if path.suffix or path.exists():
             return _build(cls, path, device, path.stem)
         if name in list_configs():
-            from .weights import require
-
-            return _build(cls, require(name), device, name)
+            return _build(cls, variant_checkpoint(name), device, name)
         raise CheckpointError(
             f"unknown model '{name}': use a checkpoint path, a bundled model ({', '.join(BUNDLED)}) "
             f"or a variant ({', '.join(c for c in list_configs() if c != 'ssp-sam-tiny')})"
@@ -204,6 +202,19 @@ def _model_from_checkpoint(path: Path):
     return _model_and_meta(path)[0]
 
 
+def variant_checkpoint(name: str) -> Path:
+    """The trained checkpoint published for a variant name (downloaded on first use), or an error
+    saying to pass a checkpoint path: an architecture name alone has no trained weights."""
+    from . import weights
+
+    if name not in weights.REGISTRY:
+        raise CheckpointError(
+            f"'{name}' is an architecture, and no trained weights are published for it: pass the path of a "
+            f"checkpoint (`sspsam train {name} …` writes one), or use a bundled model or 'zeroshot' (see `sspsam models`)"
+        )
+    return weights.ensure(name)
+
+
 def _build(cls, path: Path, device, name: str):
     model, meta = _model_and_meta(path)
     return cls(model, device, name, meta)
@@ -216,11 +227,11 @@ def _model_and_meta(path: Path):
     sd = ckpt["state_dict"]
     external = ckpt.get("external_backbones", [])
     if external:  # frozen backbones are not copied into every checkpoint: load them from the weights cache
-        from .weights import require
+        from .weights import ensure
 
         for part in external:
             weights_name = ckpt["config"][part].get("weights")
-            getattr(model, part).load_checkpoint(require(weights_name))
+            getattr(model, part).load_checkpoint(ensure(weights_name))  # downloaded on first use unless offline
         sd = {**{k: v for k, v in model.state_dict().items() if k.split(".")[0] in external}, **sd}
     load_into(model, sd, what=f"model checkpoint {path}")
     meta = ckpt.get("meta")

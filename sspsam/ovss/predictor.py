@@ -29,7 +29,7 @@ from PIL import Image
 from ..config import list_configs, load_config
 from ..errors import CheckpointError, TextError
 from ..imageio import ImageLike, load_image
-from ..predictor import _build, domain_warnings, model_domain
+from ..predictor import _build, domain_warnings, model_domain, variant_checkpoint
 from ..transforms import Letterbox, image_key, letterbox_image, to_tensor
 
 MAX_CLASSES = 1000
@@ -152,9 +152,7 @@ class OVSS:
             kind = load_config(name).get("model")
             if kind not in OVSS_MODELS:
                 raise CheckpointError(f"'{name}' is a '{kind}' model, not an OVSS model; use `sspsam segment` for it")
-            from ..weights import require
-
-            return _build(cls, require(name), device, name)
+            return _build(cls, variant_checkpoint(name), device, name)
         ovss = [c for c in configs if not c.endswith("-tiny") and load_config(c).get("model") in OVSS_MODELS]
         raise CheckpointError(
             f"unknown OVSS model '{name}': use a checkpoint path, a bundled model ({', '.join(BUNDLED)}) "

@@ -356,7 +356,7 @@ def test_cli_import_bad_file_is_one_line_error(tmp_path: Path, home: Path) -> No
     src = tmp_path / "bad.pt"
     src.write_bytes(OTHER)
     result = runner.invoke(app, ["import", "tiny", str(src)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.stderr.startswith("error:") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.output
     assert cache_files(home) == []
@@ -366,7 +366,7 @@ def test_cli_fetch_errors(server: Server) -> None:
     fake()
     url = server.base + "/missing.pt"
     result = runner.invoke(app, ["fetch", "tiny", "--url", url])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert url in result.stderr and "404" in result.stderr
     result = runner.invoke(app, ["fetch", "no-such-weights"])
     assert result.exit_code == 2 and "sam-vit-b" in result.stderr
@@ -382,6 +382,6 @@ def test_cli_fetch_downloads(server: Server, home: Path) -> None:
 def test_cli_path_and_verify_of_missing_weights_say_how_to_get_them() -> None:
     for command in ("path", "verify"):
         result = runner.invoke(app, [command, "sam-vit-b"])
-        assert result.exit_code == 1
+        assert result.exit_code == 2
         assert "sspsam weights fetch sam-vit-b" in result.stderr
         assert "sspsam weights import sam-vit-b" in result.stderr

@@ -163,7 +163,7 @@ class _offline:
 def train(
     config: str = typer.Argument(..., help="Variant name (e.g. ssp-sam-vitb) or a YAML config path."),
     data: Path = typer.Option(..., "--data", help="Data root in the refer / gRefCOCO layout."),
-    out: Path = typer.Option(Path("runs/ssp-sam"), "--out", help="Run folder: last.pt (resumable), model.pt, log.jsonl."),
+    out: Path = typer.Option(Path("runs/ssp-sam"), "-o", "--output", "--out", help="Run folder: last.pt (resumable), model.pt, log.jsonl."),
     dataset: str = typer.Option("refcoco", "--dataset", help="refcoco | refcoco+ | refcocog | grefcoco | phrasecut."),
     steps: int = typer.Option(1000, "--steps", help="Optimiser steps to reach (counting steps already done on --resume)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Samples per step per process (the paper: 8 per GPU)."),
@@ -208,6 +208,7 @@ def evaluate(
 ) -> None:
     """Evaluate with the reference metrics: RES mIoU/oIoU/Pr@X, GRES gIoU/cIoU/N-acc/T-acc, PhraseCut, OVSS mIoU."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import Progress
 
     from . import evaluate as ev
@@ -226,7 +227,7 @@ def evaluate(
             seg = Segmenter.from_pretrained(model, device=device)
         ds = ev.open_dataset(dataset, data, split, seg.model.image_size, split_by)
         with Progress(console=Console(stderr=True), transient=True) as bar:
-            job = bar.add_task(f"{dataset} {split}", total=len(ds) if max_samples is None else min(len(ds), max_samples))
+            job = bar.add_task(escape(f"{dataset} {split}"), total=len(ds) if max_samples is None else min(len(ds), max_samples))
             res = ev.evaluate(seg, ds, task, max_samples=max_samples, progress=lambda d, t: bar.update(job, completed=d))
         files = ev.write_report(output, res, task, dataset, split, seg.name)
     except SSPSamError as exc:

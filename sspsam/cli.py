@@ -30,6 +30,7 @@ def _version(value: bool) -> None:
 
 app = typer.Typer(
     cls=Group,
+    rich_markup_mode=None,
     help="Language-guided segmentation with SAM and CLIP (SSP-SAM).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -44,10 +45,6 @@ def _root(
     """Language-guided segmentation with SAM and CLIP (SSP-SAM)."""
 
 
-app.add_typer(cli_weights.app, name="weights", help="List, fetch, import and verify checkpoint files (offline-friendly).")
-app.command("ovss")(cli_ovss.ovss)
-app.command("serve")(cli_serve.serve)
-app.command("batch")(cli_batch.batch)
 
 
 def _fail(exc: Exception) -> None:
@@ -157,6 +154,11 @@ class _offline:
                 os.environ.pop("SSPSAM_OFFLINE", None)
             else:
                 os.environ["SSPSAM_OFFLINE"] = self.old
+
+
+app.command("ovss")(cli_ovss.ovss)
+app.command("batch")(cli_batch.batch)
+app.command("serve")(cli_serve.serve)
 
 
 @app.command()
@@ -284,6 +286,9 @@ def models() -> None:
                 print(f"  {r['name']:<{width}}  {r['kind']:<8}  {r['weights']}")
     print("Any sspsam checkpoint path works too. Weights: `sspsam weights list`; missing ones are downloaded "
           "on first use unless --offline / SSPSAM_OFFLINE=1.")
+
+
+app.add_typer(cli_weights.app, name="weights", help="List, fetch, import and verify checkpoint files (offline-friendly).")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -29,6 +29,7 @@ app = typer.Typer(
         "(default ~/.cache/sspsam/weights)."
     ),
     no_args_is_help=True,
+    rich_markup_mode=None,  # plain help: no Rich import for `--help`
 )
 
 T = TypeVar("T")

@@ -53,12 +53,15 @@ def _fail(exc: Exception) -> None:
 
 def _check_phrases(texts: list[str]) -> None:
     """Catch the two ways a command line silently turns into a wrong phrase."""
+    from PIL import Image
+
+    image_suffixes = set(Image.registered_extensions())
     for t in texts:
         if _OPTION_LIKE.fullmatch(t.strip()):
             raise TextError(f"'{t}' looks like an option, not a phrase: put options such as -o DIR before `--` "
                             "or give them their value (`-o out/`)")
         try:
-            is_file = len(t) < 4096 and Path(t).is_file()
+            is_file = len(t) < 4096 and Path(t).suffix.lower() in image_suffixes and Path(t).is_file()
         except (OSError, ValueError):
             is_file = False
         if is_file:
@@ -91,7 +94,7 @@ def segment(
         rgb = load_image(image)
         phrases = clean_phrases(text)
         dev = resolve_device(device)
-        check_output_dir(output)
+        check_output_dir(output, create=False)
         with _offline(offline):
             seg = Segmenter.from_pretrained(model, device=str(dev))
         res = seg.segment(rgb, phrases)
@@ -114,6 +117,7 @@ def _write_segment(image: Path, output: Path, model_name: str, rgb, res) -> None
     stem = output_stem(image)
     masks = [f"{stem}.segment.mask{i}.png" for i in range(len(res))]
     try:
+        check_output_dir(output)
         written = []
         for i, name in enumerate(masks):
             mask_png = Image.fromarray(res.masks[i].astype(np.uint8) * 255)
@@ -125,7 +129,7 @@ def _write_segment(image: Path, output: Path, model_name: str, rgb, res) -> None
         for r, name in zip(payload["results"], masks):
             r["mask_file"] = name
         written.append(atomic_write(output / f"{stem}.segment.json", lambda p: Path(p).write_text(json.dumps(payload, indent=1))))
-    except OSError as exc:
+    except (OSError, SSPSamError) as exc:
         _fail(exc)
     for p, s, n in zip(res.phrases, res.scores, res.no_target):
         print(f"{p!r}: " + ("no matching object" if n else f"mask, score {s:.3f}"))

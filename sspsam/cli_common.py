@@ -87,11 +87,15 @@ def output_stem(image: Path, suffix_room: int = 40) -> str:
     return f"{cut}-{digest}"
 
 
-def check_output_dir(output: Path) -> Path:
-    """Create the output folder, or a named error (a file in the way, no permission)."""
+def check_output_dir(output: Path, create: bool = True) -> Path:
+    """Create the output folder (``create=False``: only check it could be), or a named error
+    (a file in the way, no permission). Checked before the work, created after it, so a failed
+    run leaves not even an empty folder."""
     try:
         if output.exists() and not output.is_dir():
             raise SSPSamError(f"output {output} exists and is not a folder; give -o a folder")
+        if not create:
+            return output
         output.mkdir(parents=True, exist_ok=True)
         if not os.access(output, os.W_OK):
             raise SSPSamError(f"output folder {output} is not writable")

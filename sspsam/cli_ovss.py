@@ -81,7 +81,7 @@ def ovss(
         if len(names) > 256:
             raise SSPSamError(f"{len(names)} classes do not fit an 8-bit label PNG; give at most 256")
         dev = resolve_device(device)
-        check_output_dir(output)
+        check_output_dir(output, create=False)
         with _offline(offline):
             seg = OVSS.from_pretrained(model, device=str(dev))
         res = seg.segment(rgb, names, slide=slide)
@@ -97,13 +97,14 @@ def ovss(
     stem = output_stem(image)
     written = []
     try:
+        check_output_dir(output)
         labels_png = Image.fromarray(res.labels.astype(np.uint8), mode="L")
         written.append(atomic_write(output / f"{stem}.ovss.labels.png", lambda p: labels_png.save(p, format="PNG")))
         ov = label_overlay(rgb, res.labels, res.classes, res.shares)
         written.append(atomic_write(output / f"{stem}.ovss.overlay.png", lambda p: ov.save(p, format="PNG")))
         payload = {"image": str(image), "model": seg.name, **res.to_json()}
         written.append(atomic_write(output / f"{stem}.ovss.json", lambda p: Path(p).write_text(json.dumps(payload, indent=1))))
-    except OSError as exc:
+    except (OSError, SSPSamError) as exc:
         _fail(exc)
     for c in sorted(res.classes, key=lambda c: -res.shares[c]):
         if res.shares[c] > 0:

@@ -136,6 +136,11 @@ class Segmenter:
             return _build(cls, path, device, path.stem)
         if name in list_configs():
             return _build(cls, variant_checkpoint(name), device, name)
+        from .ovss.predictor import BUNDLED as OVSS_BUNDLED
+
+        if name in OVSS_BUNDLED:
+            raise CheckpointError(f"'{name}' is an open-vocabulary (OVSS) model, not a referring one: use it with "
+                                  f"`sspsam ovss`; referring models: {', '.join(BUNDLED)}, zeroshot, or a checkpoint path")
         raise CheckpointError(
             f"unknown model '{name}': use a checkpoint path, a bundled model ({', '.join(BUNDLED)}) "
             f"or a variant ({', '.join(c for c in list_configs() if c != 'ssp-sam-tiny')})"

@@ -212,3 +212,18 @@ def test_found_never_has_an_empty_mask(monkeypatch):
     assert res.no_target[0] and not res.masks[0].any()
     assert all(n or m.any() for m, n in zip(res.masks, res.no_target))
     assert res.to_json()["results"][0]["no_target"] is True
+
+
+def test_a_failed_run_leaves_no_output(tmp_path, scene_png):
+    out = tmp_path / "out"
+    _error_line(_run("segment", scene_png, "dog", "-o", out, "--model", "no-such-model"), "unknown model 'no-such-model'")
+    _error_line(_run("ovss", scene_png, "-o", out, "--model", "shapes-demo"), "not an OVSS model: use it with `sspsam segment`")
+    _error_line(_run("segment", scene_png, "dog", "-o", out, "--model", "ovss-shapes-demo"), "use it with `sspsam ovss`")
+    assert not out.exists()
+
+
+def test_a_phrase_naming_a_non_image_file_is_still_a_phrase(tmp_path, scene_png, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dog").write_text("a file that happens to share the phrase's name")
+    r = _run("segment", scene_png, "dog", "-o", tmp_path / "o")
+    assert r.exit_code == 0, r.output

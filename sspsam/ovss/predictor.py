@@ -154,6 +154,11 @@ class OVSS:
                 raise CheckpointError(f"'{name}' is a '{kind}' model, not an OVSS model; use `sspsam segment` for it")
             return _build(cls, variant_checkpoint(name), device, name)
         ovss = [c for c in configs if not c.endswith("-tiny") and load_config(c).get("model") in OVSS_MODELS]
+        from ..predictor import BUNDLED as RES_BUNDLED
+
+        if name in RES_BUNDLED:
+            raise CheckpointError(f"'{name}' is a referring-segmentation model, not an OVSS model: use it with "
+                                  f"`sspsam segment`; OVSS models: {', '.join([*BUNDLED, *ovss])}")
         raise CheckpointError(
             f"unknown OVSS model '{name}': use a checkpoint path, a bundled model ({', '.join(BUNDLED)}) "
             f"or a variant ({', '.join(ovss) or 'none installed'})"

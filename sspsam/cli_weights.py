@@ -76,7 +76,9 @@ def list_cmd() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"weights in {weights.weights_home() / 'weights'}")
+    from rich.text import Text
+
+    table = Table(title=Text(f"weights in {weights.weights_home() / 'weights'}"))  # a path is not markup
     for column in ("name", "kind", "size", "status", "licence"):
         table.add_column(column, no_wrap=True)
     for row in weights.list_weights():

@@ -270,6 +270,11 @@ def run_batch(
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
 ) -> Summary:
     """Run (or resume) a job. ``progress(total, already_done)`` returns an ``advance(n)`` callback."""
+    if use_ray:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:  # before anything is written
+            raise SSPSamError("--ray needs the batch extra (ray is not installed): pip install 'sspsam[batch]'")
     output.mkdir(parents=True, exist_ok=True)
     units = collect_units(input, phrases, exclude=output)
     results = output / RESULTS

@@ -1,89 +1,174 @@
-"""`sspsam` command line: segment, ovss, evaluate, train, serve, batch, weights, models."""
+"""`sspsam` command line: segment, ovss, evaluate, train, serve, batch, weights, models.
+
+Only typer and click load at start-up: torch, numpy and the model code are imported inside the
+command that needs them, so `sspsam --help` answers at once. Every error is one `error: …` line
+on stderr with exit code 2 (``cli_common.Group``).
+"""
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import typer
-from PIL import Image
-from rich.console import Console
 
-from . import cli_batch, cli_ovss, cli_serve, cli_weights
-from .checkpoint import atomic_write
-from .errors import SSPSamError
+from . import __version__, cli_batch, cli_ovss, cli_serve, cli_weights
+from .cli_common import Group, check_input_file, check_output_dir, fail, output_stem, say_warning
+from .errors import SSPSamError, TextError
+
+DEVICE_HELP = "torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps."
+_OPTION_LIKE = re.compile(r"--?[A-Za-z][\w-]*(=.*)?|--?")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"sspsam {__version__}")
+        raise typer.Exit()
+
 
 app = typer.Typer(
+    cls=Group,
+    rich_markup_mode=None,
     help="Language-guided segmentation with SAM and CLIP (SSP-SAM).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-app.add_typer(cli_weights.app, name="weights", help="List, fetch, import and verify checkpoint files (offline-friendly).")
-app.command("ovss")(cli_ovss.ovss)
-app.command("serve")(cli_serve.serve)
-app.command("batch")(cli_batch.batch)
-err = Console(stderr=True)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the sspsam version and exit."),
+) -> None:
+    """Language-guided segmentation with SAM and CLIP (SSP-SAM)."""
+
+
 
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
-    raise typer.Exit(code=1)
+    raise fail(exc)
 
 
-def _slug(text: str, n: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "phrase"
+def _check_phrases(texts: list[str]) -> None:
+    """Catch the two ways a command line silently turns into a wrong phrase."""
+    from PIL import Image
+
+    image_suffixes = set(Image.registered_extensions())
+    for t in texts:
+        if _OPTION_LIKE.fullmatch(t.strip()):
+            raise TextError(f"'{t}' looks like an option, not a phrase: put options such as -o DIR before `--` "
+                            "or give them their value (`-o out/`)")
+        try:
+            is_file = len(t) < 4096 and Path(t).suffix.lower() in image_suffixes and Path(t).is_file()
+        except (OSError, ValueError):
+            is_file = False
+        if is_file:
+            raise TextError(f"'{t}' is a file, not a phrase: `sspsam segment` takes ONE image and then phrases; "
+                            "did you mean `sspsam batch` (many images)?")
 
 
 @app.command()
 def segment(
     image: Path = typer.Argument(..., help="Image file (JPEG, PNG, TIFF, WebP…; EXIF orientation is applied)."),
     text: list[str] = typer.Argument(..., help="One or more phrases, each quoted: \"the man holding the baby\"."),
-    output: Path = typer.Option(Path("out"), "-o", "--output", help="Folder for the mask PNG, overlay PNG and JSON."),
-    model: str = typer.Option("shapes-demo", "--model", "-m", help="Bundled model name, variant name with weights in the cache, or a checkpoint path."),
-    device: str = typer.Option("cpu", "--device", help="torch device: cpu, cuda, cuda:1, mps."),
+    output: Path = typer.Option(Path("out"), "-o", "--output", help="Folder for <name>.segment.json, .segment.overlay.png and .segment.mask<i>.png."),
+    model: str = typer.Option("shapes-demo", "--model", "-m", help="Bundled model name, variant name, 'zeroshot' or a checkpoint path (see `sspsam models`)."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    offline: bool = typer.Option(False, "--offline", help="Never download missing weights (also: SSPSAM_OFFLINE=1)."),
 ) -> None:
-    """Segment what each phrase refers to. Writes <name>_mask.png, <name>_overlay.png and <name>.json (COCO RLE)."""
-    from .imageio import load_image
-    from .masks import segmentation_overlay
-    from .predictor import Segmenter, clean_phrases
+    """Segment what each phrase refers to.
 
+    Writes, for IMAGE named <name>.<ext>: <name>.segment.json (COCO RLE per phrase, scores, no-target flags,
+    warnings), <name>.segment.overlay.png and one 0/255 mask per phrase, <name>.segment.mask0.png, mask1, …
+    in phrase order — the same names for one phrase or many.
+    """
     try:  # cheap checks first: a bad image or phrase should not wait for a model to load
+        check_input_file(image)
+        _check_phrases(text)
+        from .device import resolve_device
+        from .imageio import load_image
+        from .predictor import Segmenter, clean_phrases
+
         rgb = load_image(image)
         phrases = clean_phrases(text)
-        seg = Segmenter.from_pretrained(model, device=device)
+        dev = resolve_device(device)
+        check_output_dir(output, create=False)
+        with _offline(offline):
+            seg = Segmenter.from_pretrained(model, device=str(dev))
         res = seg.segment(rgb, phrases)
     except SSPSamError as exc:
         _fail(exc)
-    except RuntimeError as exc:  # e.g. an unavailable CUDA device
+    _write_segment(image, output, seg.name, rgb, res)
+
+
+def _write_segment(image: Path, output: Path, model_name: str, rgb, res) -> None:
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from .checkpoint import atomic_write
+    from .masks import segmentation_overlay
+
+    for w in res.warnings:
+        say_warning(w)
+    stem = output_stem(image)
+    masks = [f"{stem}.segment.mask{i}.png" for i in range(len(res))]
+    try:
+        check_output_dir(output)
+        written = []
+        for i, name in enumerate(masks):
+            mask_png = Image.fromarray(res.masks[i].astype(np.uint8) * 255)
+            written.append(atomic_write(output / name, lambda p, im=mask_png: im.save(p, format="PNG")))
+        ov = segmentation_overlay(rgb, res.phrases, res.masks, res.scores, res.no_target)
+        written.append(atomic_write(output / f"{stem}.segment.overlay.png", lambda p: ov.save(p, format="PNG")))
+        payload = {"image": str(image), "model": model_name, **res.to_json()}
+        for r, name in zip(payload["results"], masks):
+            r["mask_file"] = name
+        written.append(atomic_write(output / f"{stem}.segment.json", lambda p: Path(p).write_text(json.dumps(payload, indent=1))))
+    except (OSError, SSPSamError) as exc:
         _fail(exc)
-    output.mkdir(parents=True, exist_ok=True)
-    stem = image.stem
-    many = len(res) > 1
-    written = []
-    for i, phrase in enumerate(res.phrases):
-        tag = f"{stem}_{i}_{_slug(phrase)}" if many else stem
-        mask_png = Image.fromarray(res.masks[i].astype(np.uint8) * 255)
-        written.append(atomic_write(output / f"{tag}_mask.png", lambda p, im=mask_png: im.save(p, format="PNG")))
-    ov = segmentation_overlay(rgb, res.phrases, res.masks, res.scores, res.no_target)
-    written.append(atomic_write(output / f"{stem}_overlay.png", lambda p: ov.save(p, format="PNG")))
-    payload = {"image": str(image), "model": seg.name, **res.to_json()}
-    written.append(atomic_write(output / f"{stem}.json", lambda p: Path(p).write_text(json.dumps(payload, indent=1))))
     for p, s, n in zip(res.phrases, res.scores, res.no_target):
         print(f"{p!r}: " + ("no matching object" if n else f"mask, score {s:.3f}"))
     for w in written:
         print(f"wrote {w}")
 
 
+class _offline:
+    """``--offline``: set SSPSAM_OFFLINE=1 while a model loads, so nothing is downloaded."""
+
+    def __init__(self, on: bool):
+        self.on, self.old = on, None
+
+    def __enter__(self):
+        import os
+
+        if self.on:
+            self.old = os.environ.get("SSPSAM_OFFLINE")
+            os.environ["SSPSAM_OFFLINE"] = "1"
+
+    def __exit__(self, *exc):
+        import os
+
+        if self.on:
+            if self.old is None:
+                os.environ.pop("SSPSAM_OFFLINE", None)
+            else:
+                os.environ["SSPSAM_OFFLINE"] = self.old
+
+
+app.command("ovss")(cli_ovss.ovss)
+app.command("batch")(cli_batch.batch)
+app.command("serve")(cli_serve.serve)
+
+
 @app.command()
 def train(
     config: str = typer.Argument(..., help="Variant name (e.g. ssp-sam-vitb) or a YAML config path."),
     data: Path = typer.Option(..., "--data", help="Data root in the refer / gRefCOCO layout."),
-    out: Path = typer.Option(Path("runs/ssp-sam"), "--out", help="Run folder: last.pt (resumable), model.pt, log.jsonl."),
+    out: Path = typer.Option(Path("runs/ssp-sam"), "-o", "--output", "--out", help="Run folder: last.pt (resumable), model.pt, log.jsonl."),
     dataset: str = typer.Option("refcoco", "--dataset", help="refcoco | refcoco+ | refcocog | grefcoco | phrasecut."),
     steps: int = typer.Option(1000, "--steps", help="Optimiser steps to reach (counting steps already done on --resume)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Samples per step per process (the paper: 8 per GPU)."),
@@ -92,18 +177,20 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue bit-exactly from OUT/last.pt."),
     ckpt_every: int = typer.Option(500, "--ckpt-every", help="Steps between atomic checkpoints."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (autocast)."),
-    device: str = typer.Option("cpu", "--device", help="torch device; under torchrun each rank uses its local GPU."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP + " Under torchrun each rank uses its local GPU."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimiser step."),
     total_steps: Optional[int] = typer.Option(None, "--total-steps", help="Length of the LR schedule (default: --steps); keep it fixed across resumes."),
     seed: int = typer.Option(3407, "--seed", help="Seed (the official recipe: 3407)."),
 ) -> None:
     """Train SSP-SAM (backbones frozen as in the paper). Multi-GPU: torchrun --nproc_per_node N -m sspsam.cli train ..."""
-    from .config import load_config
-    from .trainer import train as run_training
-
     try:
+        from .config import load_config
+        from .device import resolve_device
+        from .trainer import train as run_training
+
+        dev = str(resolve_device(device))
         res = run_training(load_config(config), data, out, dataset=dataset, steps=steps, batch_size=batch_size, lr=lr,
-                           decoder_lr=decoder_lr, resume=resume, ckpt_every=ckpt_every, precision=precision, device=device,
+                           decoder_lr=decoder_lr, resume=resume, ckpt_every=ckpt_every, precision=precision, device=dev,
                            grad_accum=grad_accum, total_steps=total_steps, seed=seed, progress=True)
     except SSPSamError as exc:
         _fail(exc)
@@ -119,7 +206,8 @@ def evaluate(
     split_by: Optional[str] = typer.Option(None, "--split-by", help="refer split scheme: unc (RefCOCO/+), umd or google (RefCOCOg)."),
     output: Path = typer.Option(Path("eval"), "-o", "--output", help="Folder for metrics.json, table.md and pr_curve.png."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Stop after this many (image, sentence) samples."),
-    device: str = typer.Option("cpu", "--device", help="torch device."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    offline: bool = typer.Option(False, "--offline", help="Never download missing weights (also: SSPSAM_OFFLINE=1)."),
     protocol: str = typer.Option("detectron2", "--protocol", help="OVSS only: detectron2 (trained protocol) | mmseg (mmseg's metric) | sclip (SCLIP's whole inference protocol + mmseg's metric)."),
     slide: bool = typer.Option(False, "--slide/--no-slide", help="OVSS only: sliding-window inference (plus a global view)."),
     class_names: Optional[Path] = typer.Option(None, "--class-names", help="--protocol sclip: SCLIP class-name file, one class per line, synonyms split by ', '."),
@@ -127,23 +215,31 @@ def evaluate(
     area_thd: Optional[float] = typer.Option(None, "--area-thd", help="--protocol sclip: drop non-background classes covering less than this fraction of the image."),
 ) -> None:
     """Evaluate with the reference metrics: RES mIoU/oIoU/Pr@X, GRES gIoU/cIoU/N-acc/T-acc, PhraseCut, OVSS mIoU."""
+    from rich.console import Console
+    from rich.markup import escape
     from rich.progress import Progress
 
     from . import evaluate as ev
+    from .device import resolve_device
     from .predictor import Segmenter
 
+    try:
+        device = str(resolve_device(device))
+    except SSPSamError as exc:
+        _fail(exc)
     if dataset in ev.SEMSEG_DATASETS:
         sclip = {"class_names": class_names, "prob_thd": prob_thd, "area_thd": area_thd}
-        return _evaluate_ovss(model, data, dataset, split, output, max_samples, device, protocol, slide, sclip)
+        return _evaluate_ovss(model, data, dataset, split, output, max_samples, device, protocol, slide, sclip, offline)
     try:
         task = ev.task_of(dataset)
-        seg = Segmenter.from_pretrained(model, device=device)
+        with _offline(offline):
+            seg = Segmenter.from_pretrained(model, device=device)
         ds = ev.open_dataset(dataset, data, split, seg.model.image_size, split_by)
-        with Progress(console=err, transient=True) as bar:
-            job = bar.add_task(f"{dataset} {split}", total=len(ds) if max_samples is None else min(len(ds), max_samples))
+        with Progress(console=Console(stderr=True), transient=True) as bar:
+            job = bar.add_task(escape(f"{dataset} {split}"), total=len(ds) if max_samples is None else min(len(ds), max_samples))
             res = ev.evaluate(seg, ds, task, max_samples=max_samples, progress=lambda d, t: bar.update(job, completed=d))
         files = ev.write_report(output, res, task, dataset, split, seg.name)
-    except (SSPSamError, RuntimeError) as exc:
+    except SSPSamError as exc:
         _fail(exc)
     print(ev.markdown_table(res["metrics"], task, dataset, split, seg.name), end="")
     print(f"{res['n']} samples in {res['seconds']:.1f} s")
@@ -151,7 +247,10 @@ def evaluate(
         print(f"wrote {f}")
 
 
-def _evaluate_ovss(model, data, dataset, split, output, max_samples, device, protocol, slide, sclip=None) -> None:
+def _evaluate_ovss(model, data, dataset, split, output, max_samples, device, protocol, slide, sclip=None, offline=False) -> None:
+    import json
+
+    from .checkpoint import atomic_write
     from . import evaluate as ev
     from .ovss.evaluate import evaluate_ovss, format_iou_table
     from .ovss.predictor import OVSS
@@ -168,11 +267,12 @@ def _evaluate_ovss(model, data, dataset, split, output, max_samples, device, pro
 
             names, idx = read_class_names(path)
             classes = [", ".join(n for n, i in zip(names, idx) if i == k) for k in range(max(idx) + 1)]
-        ovss = OVSS.from_pretrained(model, device=device)
+        with _offline(offline):
+            ovss = OVSS.from_pretrained(model, device=device)
         ds = ev.open_semseg(dataset, data, split)
         res = evaluate_ovss(ovss.model, ds, protocol=protocol, slide=slide, limit=max_samples, classes=classes,
                             sclip_options=sclip if protocol == "sclip" else None)
-    except (SSPSamError, RuntimeError, ValueError) as exc:
+    except (SSPSamError, ValueError) as exc:
         _fail(exc)
     output.mkdir(parents=True, exist_ok=True)
     table = format_iou_table(res)
@@ -189,18 +289,29 @@ def _evaluate_ovss(model, data, dataset, split, output, max_samples, device, pro
 
 @app.command()
 def models() -> None:
-    """List bundled models and model variants (configs)."""
-    from .config import list_configs
-    from .predictor import BUNDLED
+    """List every model each command accepts, and whether the weights it needs are here.
 
-    for name in BUNDLED:
-        print(f"{name}\tbundled (trained on synthetic shapes; a demo, not for real photos)")
-    for name in list_configs():
-        print(f"{name}\tvariant (needs weights: `sspsam weights list`)")
+    bundled: shipped inside sspsam. zeroshot: pretrained CLIP + SAM, nothing trained. variant: an
+    architecture whose trained checkpoint you pass by path (`sspsam train` makes one).
+    """
+    from .model_catalog import catalog
+
+    rows = catalog()
+    width = max(len(r["name"]) for r in rows)
+    for command in ("segment", "ovss"):
+        print(f"sspsam {command} --model …")
+        for r in rows:
+            if command in r["commands"]:
+                print(f"  {r['name']:<{width}}  {r['kind']:<8}  {r['weights']}")
+    print("Any sspsam checkpoint path works too. Weights: `sspsam weights list`; missing ones are downloaded "
+          "on first use unless --offline / SSPSAM_OFFLINE=1.")
+
+
+app.add_typer(cli_weights.app, name="weights", help="List, fetch, import and verify checkpoint files (offline-friendly).")
 
 
 def main() -> None:  # pragma: no cover - console entry
-    app()
+    app(prog_name="sspsam")
 
 
 if __name__ == "__main__":  # pragma: no cover

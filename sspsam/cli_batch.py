@@ -6,10 +6,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from .cli_common import fail
 from .errors import SSPSamError
 
 
@@ -20,7 +18,7 @@ def batch(
                                            "image of a folder (and of manifest lines without their own)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder: results.jsonl (and masks/ with --png)."),
     model: str = typer.Option("shapes-demo", "--model", "-m", help="Bundled model name, variant name or checkpoint path."),
-    device: str = typer.Option("cpu", "--device", help="torch device: cpu, cuda, cuda:1, mps."),
+    device: str = typer.Option("auto", "--device", help="torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps."),
     png: bool = typer.Option(False, "--png", help="Also write one mask PNG per item, OUT/masks/<id>.png."),
     ray: bool = typer.Option(False, "--ray", help="Run on Ray Data (local, or the cluster in RAY_ADDRESS)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="With --ray: images per model call batch."),
@@ -28,7 +26,11 @@ def batch(
 ) -> None:
     """Segment every (image, phrase) into OUT/results.jsonl, one COCO-RLE line each, in input order.
     Rerun the same command after an interruption: finished items are skipped, the rest appended."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     from .batch import run_batch
+    from .device import resolve_device
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     bar = Progress(TextColumn("[bold]segmenting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err)
@@ -38,12 +40,12 @@ def batch(
         return lambda n: bar.advance(task, n)
 
     try:
+        device = str(resolve_device(device))
         with bar:
             summary = run_batch(input, output, phrases, model=model, device=device, png=png, use_ray=ray,
                                 batch_size=batch_size, concurrency=concurrency, progress=progress)
     except SSPSamError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(code=1) from None
+        raise fail(exc) from None
     resumed = f", {summary.skipped} already done" if summary.skipped else ""
     failed = f", {summary.errors} with unreadable images" if summary.errors else ""
     print(f"{summary.items} items{resumed}; wrote {summary.written}{failed} -> {summary.results}")

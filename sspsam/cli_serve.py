@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
+from .cli_common import fail, say_warning
 from .errors import CheckpointError, SSPSamError
 
 DEFAULT_OVSS = "ovss-shapes-demo"
@@ -16,7 +15,7 @@ def serve(
     port: int = typer.Option(8000, "--port", "-p", help="TCP port."),
     model: str = typer.Option("shapes-demo", "--model", "-m", help="Referring model: bundled name, variant or checkpoint."),
     ovss_model: str = typer.Option(DEFAULT_OVSS, "--ovss-model", help="OVSS model for /v1/ovss; 'none' to run without."),
-    device: str = typer.Option("cpu", "--device", help="torch device: cpu, cuda, cuda:1, mps."),
+    device: str = typer.Option("auto", "--device", help="torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps."),
     queue_size: int = typer.Option(64, "--queue-size", min=1, help="Requests that may wait; beyond it: 503 + Retry-After."),
     max_batch: int = typer.Option(16, "--max-batch", min=1, help="Most queued requests the inference thread takes at once."),
     timeout_s: float = typer.Option(30.0, "--timeout", min=0.001, help="Seconds a request may wait for its answer (then 504)."),
@@ -26,13 +25,17 @@ def serve(
 ) -> None:
     """Serve POST /v1/segment, POST /v1/ovss, the web page at / and the API docs at /docs.
     One process, one inference thread that micro-batches; run several behind a proxy to scale out."""
-    import uvicorn
+    try:
+        import uvicorn
 
-    from .serve.app import create_app, load_models
+        from .serve.app import create_app, load_models
+    except ImportError as exc:
+        raise fail(f"`sspsam serve` needs the serve extra ({exc.name} is missing): pip install 'sspsam[serve]'") from None
+    from .device import resolve_device
 
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
     ovss = None
     try:  # load here, not in the server's start-up, so a bad model name is one clear line
+        device = str(resolve_device(device))
         seg, _ = load_models(model, None, device)
         if ovss_model.lower() not in ("", "none"):
             try:
@@ -40,11 +43,10 @@ def serve(
             except CheckpointError as exc:
                 if ovss_model != DEFAULT_OVSS:  # asked for by name: that is an error
                     raise
-                err.print(f"[yellow]warning:[/] {escape(str(exc))}; serving without /v1/ovss")
-    except (SSPSamError, RuntimeError) as exc:  # RuntimeError: e.g. an unavailable CUDA device
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(code=1) from None
+                say_warning(f"{exc}; serving without /v1/ovss")
+    except SSPSamError as exc:
+        raise fail(exc) from None
     app = create_app(model=model, ovss_model=None, device=device, max_upload_mb=max_upload_mb, timeout_s=timeout_s,
                      queue_size=queue_size, max_batch=max_batch, max_classes=max_classes, segmenter=seg, ovss=ovss)
-    err.print(f"sspsam serving {seg.name}" + (f" and {ovss.name}" if ovss else "") + f" on http://{host}:{port}/")
+    typer.echo(f"sspsam serving {seg.name}" + (f" and {ovss.name}" if ovss else "") + f" on http://{host}:{port}/", err=True)
     uvicorn.run(app, host=host, port=port, access_log=False, log_level=log_level)

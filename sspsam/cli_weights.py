@@ -7,11 +7,20 @@ from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from . import weights
+from .cli_common import fail
+
+
+class _LazyWeights:
+    """``sspsam.weights`` on first attribute use, so `sspsam --help` does not load urllib and rich."""
+
+    def __getattr__(self, name: str):
+        from . import weights as module
+
+        return getattr(module, name)
+
+
+weights = _LazyWeights()
 
 app = typer.Typer(
     help=(
@@ -20,6 +29,7 @@ app = typer.Typer(
         "(default ~/.cache/sspsam/weights)."
     ),
     no_args_is_help=True,
+    rich_markup_mode=None,  # plain help: no Rich import for `--help`
 )
 
 T = TypeVar("T")
@@ -27,22 +37,14 @@ NameArg = Annotated[str, typer.Argument(help="Registered weights name, e.g. sam-
 _STATUS_STYLE = {"verified": "green", "recorded": "yellow", "unchecked": "yellow", "missing": "dim"}
 
 
-def _err() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True)
-
-
 def _run(fn: Callable[[], T]) -> T:
-    """Turn the channel's errors into one line on stderr and an exit code, not a traceback."""
+    """Turn the channel's errors into one `error:` line on stderr and exit code 2, not a traceback."""
     try:
         return fn()
-    except weights.UnknownWeightsError as exc:
-        _err().print(f"[red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(2) from None
     except weights.WeightsError as exc:
-        _err().print(f"[red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(1) from None
+        raise fail(exc) from None
     except KeyboardInterrupt:
-        _err().print("interrupted; run the same command again (a download resumes where it stopped)")
+        typer.echo("interrupted; run the same command again (a download resumes where it stopped)", err=True)
         raise typer.Exit(130) from None
 
 
@@ -71,7 +73,12 @@ def list_cmd() -> None:
 
     unchecked: no hash recorded yet (run `sspsam weights verify NAME`). Also: wrong-size, missing.
     """
-    table = Table(title=f"weights in {weights.weights_home() / 'weights'}")
+    from rich.console import Console
+    from rich.table import Table
+
+    from rich.text import Text
+
+    table = Table(title=Text(f"weights in {weights.weights_home() / 'weights'}"))  # a path is not markup
     for column in ("name", "kind", "size", "status", "licence"):
         table.add_column(column, no_wrap=True)
     for row in weights.list_weights():
@@ -128,10 +135,8 @@ def verify(name: NameArg) -> None:
             f"does not match the expected sha256 {expected}" if expected
             else "has no sha256 to be checked against (none published, none recorded)"
         )
-        _err().print(
-            f"[red]error:[/] {escape(name)}: {escape(str(weights.local_path(name)))} {problem}; run "
-            f"`sspsam weights fetch {escape(name)} --force` or "
-            f"`sspsam weights import {escape(name)} /path/to/{escape(spec.filename)}`"
+        raise fail(
+            f"{name}: {weights.local_path(name)} {problem}; run `sspsam weights fetch {name} --force` or "
+            f"`sspsam weights import {name} /path/to/{spec.filename}`"
         )
-        raise typer.Exit(1)
     typer.echo(f"{name}: OK ({weights.local_path(name)})")

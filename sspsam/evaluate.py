@@ -227,5 +227,12 @@ def write_report(out_dir: str | Path, result: dict, task: str, dataset: str, spl
         "json": atomic_write(out / "metrics.json", lambda p: Path(p).write_text(json.dumps(json_safe(payload), indent=1, default=float))),
         "table": atomic_write(out / "table.md", lambda p: Path(p).write_text(markdown_table(metrics, task, dataset, split, model))),
     }
+    try:
+        import matplotlib  # noqa: F401  (the [train] extra)
+    except ImportError:  # the numbers are written; only the picture needs matplotlib
+        import warnings
+
+        warnings.warn("matplotlib is not installed (pip install 'sspsam[train]'): no pr_curve.png")
+        return files
     files["plot"] = plot_precision_curve(out / "pr_curve.png", curve, f"{model} · {dataset} {split}")
     return files

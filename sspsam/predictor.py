@@ -54,6 +54,7 @@ class Segmentation:
     no_target: np.ndarray  # [N] bool: "nothing in the image matches this phrase"
     no_target_prob: np.ndarray | None = None
     extras: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # e.g. a demo model on an image unlike its training data
 
     def __len__(self) -> int:
         return len(self.phrases)
@@ -73,6 +74,7 @@ class Segmentation:
                 }
                 for i, (p, m, s, n) in enumerate(zip(self.phrases, self.masks, self.scores, self.no_target))
             ],
+            "warnings": list(self.warnings),
         }
 
 
@@ -83,11 +85,34 @@ class _Encoded:
     box: Letterbox
 
 
+def model_domain(name: str | None, meta: dict | None) -> str | None:
+    """The data a model knows, from its checkpoint meta; the bundled demos are generated shapes."""
+    from .domain import DOMAIN
+
+    domain = (meta or {}).get("domain")
+    if domain is None and name in ("shapes-demo", "ovss-shapes-demo"):
+        return DOMAIN
+    return domain if isinstance(domain, str) else None
+
+
+def domain_warnings(name: str, domain: str | None, rgb: np.ndarray, command: str) -> list[str]:
+    from .domain import DOMAIN, out_of_domain_warning
+
+    if domain != DOMAIN:
+        return []
+    warning = out_of_domain_warning(name, rgb, command)
+    return [warning] if warning else []
+
+
 class Segmenter:
-    def __init__(self, model, device: str | torch.device = "cpu", name: str | None = None):
-        self.device = torch.device(device)
+    def __init__(self, model, device: str | torch.device = "cpu", name: str | None = None, meta: dict | None = None):
+        from .device import resolve_device
+
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.name = name or model.config.get("name", "ssp-sam")
+        self.meta = dict(meta or {})  # the checkpoint's "meta" entry (training data, domain, …)
+        self.domain = model_domain(self.name, self.meta)
         inf = model.config.get("inference", {})
         self.mask_threshold = float(inf.get("mask_threshold", 0.0))
         self.no_target_min_pixels = int(inf.get("no_target_min_pixels", 50))
@@ -101,18 +126,21 @@ class Segmenter:
         name = str(name_or_path)
         if name in BUNDLED:
             path = Path(str(resources.files("sspsam") / BUNDLED[name]))
-            return cls(_model_from_checkpoint(path), device, name)
+            return _build(cls, path, device, name)
         if name in list_configs() and load_config(name).get("model") == "zeroshot":  # training-free: CLIP + SAM from the cache
             from .zeroshot.res import ZeroShotSegmenter
 
             return ZeroShotSegmenter.from_pretrained(name, device)
         path = Path(name)
         if path.suffix or path.exists():
-            return cls(_model_from_checkpoint(path), device, path.stem)
+            return _build(cls, path, device, path.stem)
         if name in list_configs():
-            from .weights import require
+            return _build(cls, variant_checkpoint(name), device, name)
+        from .ovss.predictor import BUNDLED as OVSS_BUNDLED
 
-            return cls(_model_from_checkpoint(require(name)), device, name)
+        if name in OVSS_BUNDLED:
+            raise CheckpointError(f"'{name}' is an open-vocabulary (OVSS) model, not a referring one: use it with "
+                                  f"`sspsam ovss`; referring models: {', '.join(BUNDLED)}, zeroshot, or a checkpoint path")
         raise CheckpointError(
             f"unknown model '{name}': use a checkpoint path, a bundled model ({', '.join(BUNDLED)}) "
             f"or a variant ({', '.join(c for c in list_configs() if c != 'ssp-sam-tiny')})"
@@ -133,7 +161,7 @@ class Segmenter:
     @torch.inference_mode()
     def segment(self, image: ImageLike, text_or_texts: str | list[str], batch_size: int = 16) -> Segmentation:
         phrases = clean_phrases(text_or_texts)
-        self.set_image(image)
+        rgb = self.set_image(image)
         enc = self._cache
         masks, scores, no_target, nt_probs = [], [], [], []
         for i in range(0, len(phrases), batch_size):
@@ -150,6 +178,7 @@ class Segmenter:
             scores=np.concatenate(scores),
             no_target=np.concatenate(no_target),
             no_target_prob=np.concatenate(nt_probs) if has_head else None,
+            warnings=domain_warnings(self.name, self.domain, rgb, "segment"),
         )
 
     def _postprocess(self, out: dict, box: Letterbox):
@@ -171,23 +200,50 @@ class Segmenter:
             no_target = area512 < self.no_target_min_pixels
             score = iou
         full = unletterbox_logits(low, box) > self.mask_threshold
+        # A mask that vanishes at the original size (tiny image, thin sliver) is no answer: never "found" and empty.
+        no_target = no_target | ~full.flatten(1).any(1)
         full[no_target] = False
         return full.cpu().numpy(), score.cpu().numpy(), no_target.cpu().numpy(), prob
 
 
 def _model_from_checkpoint(path: Path, sam_image_encoder: bool = True):
+    return _model_and_meta(path, sam_image_encoder)[0]
+
+
+def variant_checkpoint(name: str) -> Path:
+    """The trained checkpoint published for a variant name (downloaded on first use), or an error
+    saying to pass a checkpoint path: an architecture name alone has no trained weights."""
+    from . import weights
+
+    if name not in weights.REGISTRY:
+        raise CheckpointError(
+            f"'{name}' is an architecture, and no trained weights are published for it: pass the path of a "
+            f"checkpoint (`sspsam train {name} …` writes one), or use a bundled model or 'zeroshot' (see `sspsam models`)"
+        )
+    return weights.ensure(name)
+
+
+def _build(cls, path: Path, device, name: str):
+    model, meta = _model_and_meta(path)
+    return cls(model, device, name, meta)
+
+
+def _model_and_meta(path: Path, sam_image_encoder: bool = True):
+    """(model, the checkpoint's meta dict) — the meta says e.g. what data the model knows."""
     ckpt = read_sspsam_checkpoint(path, sam_image_encoder=sam_image_encoder)
     sd = ckpt["state_dict"]
     external = ckpt.get("external_backbones", [])
     files = {}
     if external:  # frozen backbones are not copied into every checkpoint: load them from the weights cache
-        from .weights import require
+        from .weights import ensure
 
-        files = {part: require(ckpt["config"][part].get("weights")) for part in external}  # before building a big model
+        # found (or downloaded on first use, unless offline) before a large model is built
+        files = {part: ensure(ckpt["config"][part].get("weights")) for part in external}
     model = build_model(ckpt["config"])
     if external:
         for part in external:
             getattr(model, part).load_checkpoint(files[part])
         sd = {**{k: v for k, v in model.state_dict().items() if k.split(".")[0] in external}, **sd}
     load_into(model, sd, what=f"model checkpoint {path}")
-    return model
+    meta = ckpt.get("meta")
+    return model, dict(meta) if isinstance(meta, dict) else {}

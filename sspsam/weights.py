@@ -4,6 +4,10 @@ Files live at ``<SSPSAM_HOME>/weights/<filename>`` (default ``~/.cache/sspsam``)
 only through ``fetch`` (resumable HTTP download) or ``import_file`` (an offline copy), and both
 check the file before an atomic rename, so a file in the cache is never half-written.
 
+Missing weights are fetched on first use (``ensure``: what ``from_pretrained`` and the CLI call)
+unless ``SSPSAM_OFFLINE=1`` (or ``--offline``); ``SSPSAM_WEIGHTS_MIRROR=URL`` downloads every file
+as ``URL/<filename>`` instead of from the registry's address (a mirror, or a test server).
+
 Beside each file sits ``<filename>.sha256`` in ``sha256sum`` format: the digest the file had when
 it entered the cache. For a spec with a published digest it is a cheap "checked" stamp for
 ``list_weights``; for a spec without one it is the only reference later checks can use
@@ -431,6 +435,59 @@ def _download(spec: WeightSpec, url: str, part: Path, show_progress: bool) -> st
     return h.hexdigest()
 
 
+def offline() -> bool:
+    """True when SSPSAM_OFFLINE says downloads are not allowed (1, true, yes, on)."""
+    return os.environ.get("SSPSAM_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def source_url(name: str) -> str | None:
+    """Where ``name`` is downloaded from: the mirror in SSPSAM_WEIGHTS_MIRROR if set, else the registry URL."""
+    spec = get_spec(name)
+    mirror = os.environ.get("SSPSAM_WEIGHTS_MIRROR", "").strip()
+    if mirror:
+        return mirror.rstrip("/") + "/" + spec.filename
+    return spec.url
+
+
+def _missing_message(names: list[str], reason: str) -> str:
+    """One message for every missing file: where they would be, why they are not, the exact commands."""
+    specs = [get_spec(n) for n in names]
+    what = ", ".join(f"{n!r} ({s.filename})" for n, s in zip(names, specs))
+    fetch_cmds = " and ".join(f"`sspsam weights fetch {n}`" for n in names)
+    import_cmds = " and ".join(f"`sspsam weights import {n} /path/to/{s.filename}`" for n, s in zip(names, specs))
+    return (f"weights {what} {'are' if len(names) > 1 else 'is'} not in the cache {weights_home() / 'weights'} and {reason}; "
+            f"run {fetch_cmds} (a download resumes where it stopped), or copy files you already have with {import_cmds}")
+
+
+def ensure_all(names: list[str], *, progress: bool = True) -> list[Path]:
+    """The cached files for ``names``, each downloaded first if missing and downloads are allowed.
+
+    Offline (SSPSAM_OFFLINE=1) or unreachable, ONE error names every missing file and the exact
+    fetch/import commands. A download that fails half-way keeps its ``.part`` file, so the next
+    call resumes it; a file with the wrong sha256 is deleted and reported, never cached.
+    """
+    paths: dict[str, Path] = {n: p for n in names if (p := find(n)) is not None}
+    missing = [n for n in names if n not in paths]
+    if missing and offline():
+        raise WeightsMissingError(_missing_message(missing, "downloads are off (--offline / SSPSAM_OFFLINE=1)"))
+    for i, name in enumerate(missing):
+        url = source_url(name)
+        if url is None:
+            raise WeightsMissingError(_missing_message(missing[i:], f"{name} has no public download URL"))
+        try:
+            paths[name] = fetch(name, url=url, progress=progress)
+        except DownloadError as exc:
+            cause = exc.__cause__
+            reason = getattr(cause, "reason", None) or cause or exc
+            raise WeightsMissingError(_missing_message(missing[i:], f"could not be downloaded from {url} ({reason})")) from None
+    return [paths[n] for n in names]
+
+
+def ensure(name: str, *, progress: bool = True) -> Path:
+    """``ensure_all`` for one name."""
+    return ensure_all([name], progress=progress)[0]
+
+
 def fetch(name: str, *, url: str | None = None, progress: bool = True, force: bool = False) -> Path:
     """Download ``name`` into the cache, resumably, verifying size and sha256 before it lands.
 
@@ -439,7 +496,7 @@ def fetch(name: str, *, url: str | None = None, progress: bool = True, force: bo
     on a network error the ``.part`` file stays so the next call resumes.
     """
     spec = get_spec(name)
-    source = url or spec.url
+    source = url or source_url(name)
     if source is None:
         raise DownloadError(
             f"{name} has no public download URL; get {spec.filename} elsewhere and run "
@@ -462,6 +519,8 @@ def fetch(name: str, *, url: str | None = None, progress: bool = True, force: bo
         raise
     except urllib.error.HTTPError as exc:
         raise DownloadError(f"download of {name} from {source} failed: HTTP {exc.code} {exc.reason}") from exc
+    except ValueError as exc:  # a malformed URL (bad port, bad IPv6 literal)
+        raise DownloadError(f"cannot download {name} from {source!r}: malformed URL ({exc})") from None
     except (OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", None) or exc
         kept = part.stat().st_size if part.is_file() else 0

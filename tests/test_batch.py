@@ -109,12 +109,12 @@ def test_bad_inputs_are_one_line_errors(job, tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"image": "x.png", "phrase": "  "}) + "\n")
     result = _run(manifest, "-o", tmp_path / "b")
-    assert result.exit_code == 1 and "m.jsonl:1" in result.output and "empty phrase" in result.output
+    assert result.exit_code == 2 and "m.jsonl:1" in result.output and "empty phrase" in result.output
     other = tmp_path / "other"
     other.mkdir()
     (other / "results.jsonl").write_text(json.dumps({"id": "not-this-job"}) + "\n")
     result = _run(images, "--phrases", phrases, "-o", other)
-    assert result.exit_code == 1 and "another input" in result.output
+    assert result.exit_code == 2 and "another input" in result.output
 
 
 def test_killed_run_resumes_to_identical_file(job, tmp_path):

@@ -89,7 +89,7 @@ def test_output_original_size_and_shares(predictor):
     assert sum(res.shares.values()) == pytest.approx(1.0)
     for i, c in enumerate(res.classes):
         assert res.shares[c] == pytest.approx((res.labels == i).mean())
-    assert res.to_json() == {"image_size": [90, 120], "classes": ["sky", "road", "car"], "shares": res.shares}
+    assert res.to_json() == {"image_size": [90, 120], "classes": ["sky", "road", "car"], "shares": res.shares, "warnings": []}
 
 
 def test_image_and_class_caches(predictor, monkeypatch):
@@ -163,12 +163,12 @@ def test_cli_writes_three_files(tiny_ckpt, tmp_path):
     out = tmp_path / "out"
     r = CliRunner().invoke(_app(), ["ovss", str(img_path), "--classes", "sky, road,car", "-o", str(out), "--model", str(tiny_ckpt)])
     assert r.exit_code == 0, r.output
-    assert Image.open(out / "street_labels.png").mode == "P"  # palette PNG: class indices, shown in colour
-    labels = np.asarray(Image.open(out / "street_labels.png"))
+    assert Image.open(out / "street.ovss.labels.png").mode == "P"  # palette PNG: class indices, shown in colour
+    labels = np.asarray(Image.open(out / "street.ovss.labels.png"))
     assert labels.shape == (60, 80) and labels.dtype == np.uint8 and labels.max() < 3
-    overlay = Image.open(out / "street_overlay.png")
+    overlay = Image.open(out / "street.ovss.overlay.png")
     assert overlay.height >= 60 and overlay.width > 80  # image plus legend panel
-    data = json.loads((out / "street.json").read_text())
+    data = json.loads((out / "street.ovss.json").read_text())
     assert data["classes"] == ["sky", "road", "car"] and data["image_size"] == [60, 80]
     assert sum(data["shares"].values()) == pytest.approx(1.0)
     assert data["shares"]["road"] == pytest.approx((labels == 1).mean())
@@ -179,6 +179,6 @@ def test_cli_one_line_errors(tmp_path):
     img_path = tmp_path / "x.png"
     Image.fromarray(_image(20, 20)).save(img_path)
     r = CliRunner().invoke(_app(), ["ovss", str(img_path), "--classes", " , ", "-o", str(tmp_path / "o")])
-    assert r.exit_code == 1 and "no class names" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "no class names" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(_app(), ["ovss", str(tmp_path / "missing.png"), "-o", str(tmp_path / "o")])
-    assert r.exit_code == 1 and "error" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "error" in r.output and "Traceback" not in r.output

@@ -168,9 +168,9 @@ def test_unknown_model_and_bad_checkpoint(tmp_path):
 
 def test_variant_without_weights_names_the_command(tmp_path, monkeypatch):
     monkeypatch.setenv("SSPSAM_HOME", str(tmp_path))
-    with pytest.raises(Exception) as info:
+    with pytest.raises(CheckpointError) as info:  # an architecture name: say to pass a trained checkpoint
         Segmenter.from_pretrained("ssp-sam-vitb")
-    assert "sspsam weights" in str(info.value)
+    assert "no trained weights are published" in str(info.value) and "sspsam train ssp-sam-vitb" in str(info.value)
 
 
 # ---- CLI ---------------------------------------------------------------------------------
@@ -180,11 +180,11 @@ def test_cli_segment_writes_three_files(tiny_ckpt, tmp_path):
     out = tmp_path / "out"
     r = CliRunner().invoke(app, ["segment", str(img), "the red square", "-o", str(out), "--model", str(tiny_ckpt)])
     assert r.exit_code == 0, r.output
-    mask = np.asarray(Image.open(out / "photo_mask.png"))
+    mask = np.asarray(Image.open(out / "photo.segment.mask0.png"))
     assert mask.shape == (90, 120) and set(np.unique(mask)) <= {0, 255}
-    ov = Image.open(out / "photo_overlay.png")
+    ov = Image.open(out / "photo.segment.overlay.png")
     assert ov.height == 90 and ov.width > 120  # the image, then the legend panel
-    data = json.loads((out / "photo.json").read_text())
+    data = json.loads((out / "photo.segment.json").read_text())
     res = data["results"][0]
     assert res["phrase"] == "the red square" and isinstance(res["no_target"], bool)
     assert np.array_equal(decode_rle(res["rle"]), mask > 0)
@@ -196,7 +196,7 @@ def test_cli_bundled_default_runs(tmp_path):
     Image.fromarray(_photo()).save(img)
     r = CliRunner().invoke(app, ["segment", str(img), "the red square", "-o", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
-    assert {p.name for p in (tmp_path / "o").iterdir()} == {"scene_mask.png", "scene_overlay.png", "scene.json"}
+    assert {p.name for p in (tmp_path / "o").iterdir()} == {"scene.segment.mask0.png", "scene.segment.overlay.png", "scene.segment.json"}
 
 
 @pytest.mark.parametrize(
@@ -204,7 +204,7 @@ def test_cli_bundled_default_runs(tmp_path):
     [
         (["segment", "/no/such/image.jpg", "dog"], "image not found"),
         (["segment", "IMG", "   "], "empty phrase"),
-        (["segment", "IMG", "dog", "--model", "ssp-sam-vitb"], "sspsam weights"),
+        (["segment", "IMG", "dog", "--model", "ssp-sam-vitb"], "no trained weights are published"),
     ],
 )
 def test_cli_errors_are_one_line(args, message, tmp_path, monkeypatch):
@@ -213,5 +213,5 @@ def test_cli_errors_are_one_line(args, message, tmp_path, monkeypatch):
     Image.fromarray(_photo()).save(img)
     args = [str(img) if a == "IMG" else a for a in args]
     r = CliRunner().invoke(app, args)
-    assert r.exit_code != 0
+    assert r.exit_code == 2
     assert message in r.output and "Traceback" not in r.output

@@ -356,7 +356,7 @@ def test_cli_import_bad_file_is_one_line_error(tmp_path: Path, home: Path) -> No
     src = tmp_path / "bad.pt"
     src.write_bytes(OTHER)
     result = runner.invoke(app, ["import", "tiny", str(src)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.stderr.startswith("error:") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.output
     assert cache_files(home) == []
@@ -366,7 +366,7 @@ def test_cli_fetch_errors(server: Server) -> None:
     fake()
     url = server.base + "/missing.pt"
     result = runner.invoke(app, ["fetch", "tiny", "--url", url])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert url in result.stderr and "404" in result.stderr
     result = runner.invoke(app, ["fetch", "no-such-weights"])
     assert result.exit_code == 2 and "sam-vit-b" in result.stderr
@@ -382,6 +382,103 @@ def test_cli_fetch_downloads(server: Server, home: Path) -> None:
 def test_cli_path_and_verify_of_missing_weights_say_how_to_get_them() -> None:
     for command in ("path", "verify"):
         result = runner.invoke(app, [command, "sam-vit-b"])
-        assert result.exit_code == 1
+        assert result.exit_code == 2
         assert "sspsam weights fetch sam-vit-b" in result.stderr
         assert "sspsam weights import sam-vit-b" in result.stderr
+
+
+# --- first use: from_pretrained and the CLI download what they need ---------------------------
+
+
+def _tiny_backbones(tmp_path: Path) -> tuple[dict, dict[str, bytes]]:
+    """The tiny zeroshot config pointing at two registered test weights, and those files' bytes."""
+    import io
+
+    import torch
+
+    from sspsam.config import build_model, load_config
+
+    torch.manual_seed(1)
+    cfg = load_config("zeroshot-tiny")
+    model = build_model(cfg)
+    files = {}
+    for part, sd in (("clip", model.clip.model.state_dict()), ("sam", model.sam.state_dict())):
+        buf = io.BytesIO()
+        torch.save(sd, buf)
+        files[part] = buf.getvalue()
+        weights.register(WeightSpec(
+            name=f"tiny-{part}", url="https://example.invalid/never-used", sha256=sha(files[part]),
+            size=len(files[part]), filename=f"tiny-{part}.pt", licence="MIT", kind="clip" if part == "clip" else "sam",
+            description="test backbone",
+        ))
+        cfg[part]["weights"] = f"tiny-{part}"
+    return cfg, files
+
+
+def test_first_use_downloads_from_the_mirror_and_loads(server: Server, home: Path, tmp_path: Path, monkeypatch) -> None:
+    from sspsam.zeroshot.pipeline import load_zeroshot
+
+    cfg, files = _tiny_backbones(tmp_path)
+    server.files.update({f"/mirror/tiny-{p}.pt": b for p, b in files.items()})
+    monkeypatch.setenv("SSPSAM_WEIGHTS_MIRROR", server.base + "/mirror/")  # registry URLs overridden
+    model = load_zeroshot(cfg)
+    assert cache_files(home) == ["tiny-clip.pt", "tiny-clip.pt.sha256", "tiny-sam.pt", "tiny-sam.pt.sha256"]
+    import torch
+
+    want = torch.load(home / "weights" / "tiny-sam.pt")
+    got = model.sam.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    n = len(server.requests)
+    weights.ensure_all(["tiny-clip", "tiny-sam"])  # cached now: no second download
+    assert len(server.requests) == n
+
+
+def test_first_use_resumes_a_partial_download(server: Server, home: Path, monkeypatch) -> None:
+    fake(url=server.base + "/w.pt")
+    server.cut_after = 3000  # the connection drops after 3000 bytes
+    with pytest.raises(weights.WeightsMissingError) as info:
+        weights.ensure("tiny", progress=False)
+    msg = str(info.value)
+    assert "sspsam weights fetch tiny" in msg and "sspsam weights import tiny /path/to/tiny.pt" in msg
+    assert (home / "weights" / "tiny.pt.part").stat().st_size == 3000
+    server.cut_after = None
+    path = weights.ensure("tiny", progress=False)
+    assert path.read_bytes() == BODY
+    assert server.requests[-1]["range"] == "bytes=3000-"  # resumed, not restarted
+    assert cache_files(home) == ["tiny.pt", "tiny.pt.sha256"]
+
+
+def test_first_use_hash_mismatch_caches_nothing(server: Server, home: Path) -> None:
+    fake(url=server.base + "/w.pt", sha256=sha(OTHER))
+    with pytest.raises(ChecksumError, match="sha256"):
+        weights.ensure("tiny", progress=False)
+    assert cache_files(home) == []  # neither the file nor a partial one
+
+
+def test_offline_names_the_commands_and_downloads_nothing(server: Server, home: Path, monkeypatch) -> None:
+    fake(url=server.base + "/w.pt")
+    monkeypatch.setenv("SSPSAM_OFFLINE", "1")
+    with pytest.raises(weights.WeightsMissingError, match="downloads are off") as info:
+        weights.ensure("tiny")
+    assert "`sspsam weights fetch tiny`" in str(info.value) and "`sspsam weights import tiny /path/to/tiny.pt`" in str(info.value)
+    assert server.requests == [] and cache_files(home) == []
+
+
+def test_cli_offline_and_unreachable_are_one_line_with_the_commands(tmp_path: Path, monkeypatch) -> None:
+    from PIL import Image
+
+    from sspsam.cli import app as main_app
+    from sspsam.data.shapes import make_scene
+
+    img = tmp_path / "s.png"
+    Image.fromarray(make_scene(0, width=64, height=48).render()).save(img)
+    cases = [(["--offline"], {}, "downloads are off"),
+             ([], {"SSPSAM_WEIGHTS_MIRROR": "http://127.0.0.1:9"}, "could not be downloaded")]  # port 9: refused
+    for extra, env, reason in cases:
+        for command in (["segment", str(img), "dog"], ["ovss", str(img), "-c", "a,b"]):
+            r = runner.invoke(main_app, [*command, "--model", "zeroshot", *extra], env=env)
+            assert r.exit_code == 2, r.output
+            (line,) = r.stderr.splitlines()
+            assert line.startswith("error: ") and reason in line
+            for name in ("clip-vit-b16", "sam-vit-b"):
+                assert f"`sspsam weights fetch {name}`" in line and f"`sspsam weights import {name} /path/to/" in line

@@ -1,8 +1,8 @@
 """Import the pure-torch model modules of open_clip and segment_anything without torchvision.
 
 Both packages' ``__init__`` pull in torchvision (for image transforms, NMS and a frozen
-BatchNorm we never use), and no PyPI torchvision imports beside the CPU torch build this
-project pins. The model code itself is plain torch, so we import the submodules we need
+BatchNorm we never use), and no PyPI torchvision imports beside a CPU-only torch build (its
+compiled ops expect CUDA torch). The model code itself is plain torch, so we import the submodules we need
 without running the package ``__init__``. If a working torchvision is installed the normal
 import path is used unchanged.
 """
@@ -37,8 +37,8 @@ def _bare_package(name: str) -> None:
     spec = importlib.util.find_spec(name)
     if spec is None or spec.submodule_search_locations is None:
         raise ImportError(
-            f"the package '{name}' is not installed; run scripts/install.sh "
-            f"(it installs open_clip_torch and segment_anything without torchvision)"
+            f"the package '{name}' is not installed; run `pip install -c constraints.txt -e .` in the sspsam "
+            f"checkout (or `pip install open_clip_torch segment_anything`)"
         )
     pkg = types.ModuleType(name)
     pkg.__path__ = list(spec.submodule_search_locations)

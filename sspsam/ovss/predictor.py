@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from PIL import Image
 from ..config import list_configs, load_config
 from ..errors import CheckpointError, TextError
 from ..imageio import ImageLike, load_image
-from ..predictor import _model_from_checkpoint
+from ..predictor import _build, domain_warnings, model_domain, variant_checkpoint
 from ..transforms import Letterbox, image_key, letterbox_image, to_tensor
 
 MAX_CLASSES = 1000
@@ -76,10 +76,12 @@ class SemanticSegmentation:
     labels: np.ndarray  # [H, W] int32 index into classes, original image size
     scores: np.ndarray | None  # [H, W] float32 max class probability, or None
     shares: dict[str, float]  # class -> fraction of image pixels
+    warnings: list[str] = field(default_factory=list)  # e.g. a demo model on an image unlike its training data
 
     def to_json(self) -> dict:
         h, w = self.labels.shape
-        return {"image_size": [int(h), int(w)], "classes": list(self.classes), "shares": dict(self.shares)}
+        return {"image_size": [int(h), int(w)], "classes": list(self.classes), "shares": dict(self.shares),
+                "warnings": list(self.warnings)}
 
 
 @dataclass
@@ -104,11 +106,13 @@ class _ImageEntry:
 class OVSS:
     """Open-vocabulary semantic segmentation predictor (ESC-Net, SAM-MI or the training-free path)."""
 
-    def __init__(self, model, device: str | torch.device = "cpu", name: str | None = None, protocol: str = "sspsam",
-                 sclip_options: dict | None = None):
+    def __init__(self, model, device: str | torch.device = "cpu", name: str | None = None, meta: dict | None = None,
+                 protocol: str = "sspsam", sclip_options: dict | None = None):
         """``protocol``: 'sspsam' (the model's own inference: letterbox, windows when large) or
         'sclip' (SCLIP's training-free protocol on the model's CLIP, see :mod:`sspsam.ovss.sclip`;
         ``sclip_options`` go to :class:`~sspsam.ovss.sclip.SCLIPProtocol`, e.g. prob_thd, area_thd)."""
+        from ..device import resolve_device
+
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown OVSS inference protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
         if protocol == "sclip" and not hasattr(model, "clip"):
@@ -121,9 +125,11 @@ class OVSS:
                 f"model '{name or getattr(model, 'config', {}).get('name')}' is a '{kind}' model, not an OVSS model "
                 f"({', '.join(OVSS_MODELS)}); referring models go through `sspsam segment` / Segmenter"
             )
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.name = name or model.config.get("name", kind)
+        self.meta = dict(meta or {})  # the checkpoint's "meta" entry (training data, domain, …)
+        self.domain = model_domain(self.name, self.meta)
         inf = model.config.get("inference", {})
         self.slide_above = float(inf.get("slide_above", 1.5))
         self.slide_max_scale = float(inf.get("slide_max_scale", 1.67))
@@ -144,7 +150,7 @@ class OVSS:
             if not path.is_file():
                 raise CheckpointError(f"bundled model '{name}' is not in this install ({path} missing); "
                                       "use 'zeroshot' or a checkpoint path")
-            return cls(_model_from_checkpoint(path), device, name)
+            return _build(cls, path, device, name)
         configs = list_configs()
         if name in configs and load_config(name).get("model") == "zeroshot":
             from ..zeroshot.pipeline import load_zeroshot
@@ -152,15 +158,18 @@ class OVSS:
             return cls(load_zeroshot(name), device, name)
         path = Path(name)
         if path.suffix or path.exists():
-            return cls(_model_from_checkpoint(path), device, path.stem)
+            return _build(cls, path, device, path.stem)
         if name in configs:
             kind = load_config(name).get("model")
             if kind not in OVSS_MODELS:
                 raise CheckpointError(f"'{name}' is a '{kind}' model, not an OVSS model; use `sspsam segment` for it")
-            from ..weights import require
-
-            return cls(_model_from_checkpoint(require(name)), device, name)
+            return _build(cls, variant_checkpoint(name), device, name)
         ovss = [c for c in configs if not c.endswith("-tiny") and load_config(c).get("model") in OVSS_MODELS]
+        from ..predictor import BUNDLED as RES_BUNDLED
+
+        if name in RES_BUNDLED:
+            raise CheckpointError(f"'{name}' is a referring-segmentation model, not an OVSS model: use it with "
+                                  f"`sspsam segment`; OVSS models: {', '.join([*BUNDLED, *ovss])}")
         raise CheckpointError(
             f"unknown OVSS model '{name}': use a checkpoint path, a bundled model ({', '.join(BUNDLED)}) "
             f"or a variant ({', '.join(ovss) or 'none installed'})"
@@ -228,13 +237,13 @@ class OVSS:
         if self.protocol == "sclip":
             return self._segment_sclip(image, classes)
         names = clean_classes(classes)
-        self.set_image(image, slide)
+        rgb = self.set_image(image, slide)
         canvas, q = self._canvas(names)
         labels, scores = self._finalise(canvas, q)
         h, w = self._image.orig_hw
         counts = np.bincount(labels.ravel(), minlength=len(names))
         shares = {c: float(n) / (h * w) for c, n in zip(names, counts)}
-        return SemanticSegmentation(names, labels, scores, shares)
+        return SemanticSegmentation(names, labels, scores, shares, domain_warnings(self.name, self.domain, rgb, "ovss"))
 
     def _segment_sclip(self, image: ImageLike, classes: str | list[str]) -> SemanticSegmentation:
         """SCLIP's protocol. ``classes``: a list with one class per entry (synonyms split on ", "),
@@ -252,7 +261,8 @@ class OVSS:
         h, w = labels.shape
         counts = np.bincount(labels.ravel(), minlength=proto.num_classes)
         shares = {c: float(n) / (h * w) for c, n in zip(proto.class_names, counts)}
-        return SemanticSegmentation(list(proto.class_names), labels, scores, shares)
+        return SemanticSegmentation(list(proto.class_names), labels, scores, shares,
+                                    domain_warnings(self.name, self.domain, rgb, "ovss"))
 
     def _canvas(self, names: list[str]) -> tuple[torch.Tensor, float]:
         """Logits [K, ch, cw] over the working image at the model's output resolution, and the

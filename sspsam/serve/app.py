@@ -118,6 +118,7 @@ def _subset(res: Segmentation, idx: list[int]) -> Segmentation:
         scores=res.scores[idx],
         no_target=res.no_target[idx],
         no_target_prob=None if res.no_target_prob is None else res.no_target_prob[idx],
+        warnings=list(res.warnings),
     )
 
 

@@ -257,25 +257,19 @@ class ZeroShot(nn.Module):
 def load_zeroshot(name_or_cfg: str | Path | dict) -> ZeroShot:
     """A zeroshot config (name, path or dict) with CLIP and SAM weights from the weights cache.
 
-    The cache is checked before anything is built, so a missing file fails fast with the
-    ``sspsam weights fetch/import`` command to run. A config without ``weights`` entries (the tiny
+    Missing files are downloaded first (unless SSPSAM_OFFLINE=1); offline or unreachable, it fails
+    before anything is built, with the ``sspsam weights fetch/import`` commands to run. A config without ``weights`` entries (the tiny
     test config) keeps its random initialisation.
     """
     from ..config import build_model, load_config
-    from ..weights import WeightsMissingError, require
+    from ..weights import ensure_all
 
     cfg = name_or_cfg if isinstance(name_or_cfg, dict) else load_config(name_or_cfg)
     if cfg.get("model") != "zeroshot":
         raise ConfigError(f"config '{cfg.get('name')}' is not a zeroshot config (model: {cfg.get('model')})")
-    files, missing = {}, []
-    for part in ("clip", "sam"):
-        if weights := cfg.get(part, {}).get("weights"):
-            try:
-                files[part] = require(weights)
-            except WeightsMissingError as exc:  # name every missing file at once, not one per attempt
-                missing.append(str(exc))
-    if missing:
-        raise WeightsMissingError(" | ".join(missing))
+    parts = [part for part in ("clip", "sam") if cfg.get(part, {}).get("weights")]
+    # downloaded on first use unless offline; one error names every missing file at once
+    files = dict(zip(parts, ensure_all([cfg[part]["weights"] for part in parts])))
     model = build_model(cfg)
     for part, path in files.items():
         getattr(model, part).load_checkpoint(path)

@@ -67,9 +67,12 @@ class ZeroShotSegmenter:
     def __init__(self, model: ZeroShot, device: str | torch.device = "cpu", name: str | None = None):
         if not isinstance(model, ZeroShot):
             raise CheckpointError(f"ZeroShotSegmenter needs a zeroshot model, got {type(model).__name__}")
-        self.device = torch.device(device)
+        from ..device import resolve_device
+
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.name = name or model.config.get("name", "zeroshot")
+        self.meta: dict = {}  # nothing learned: no checkpoint meta
         res = {**RES_DEFAULTS, **model.config.get("res", {})}
         self.templates = cost_ops.resolve_templates(res["templates"])
         self.n_points = int(res["points"])
@@ -123,6 +126,7 @@ class ZeroShotSegmenter:
                 no_target[n] = low is None or cos < self.no_target_threshold
                 if not no_target[n]:
                     masks[n] = (unletterbox_logits(low[None], enc.box)[0] > self.mask_threshold).cpu().numpy()
+                    no_target[n] = not masks[n].any()  # empty at the original size: never "found"
         return Segmentation(phrases, masks, scores, no_target, no_target_prob=1 - scores,
                             extras={"clip_score": best_cos})
 

@@ -289,7 +289,7 @@ function stem() {
 function downloadMask() {
   if (state.result.label_png) {
     const bytes = Uint8Array.from(atob(state.result.label_png), (c) => c.charCodeAt(0));
-    download(new Blob([bytes], { type: "image/png" }), `${stem()}_labels.png`);
+    download(new Blob([bytes], { type: "image/png" }), `${stem()}.ovss.labels.png`);
     return;
   }
   const [h, w] = state.result.image_size;
@@ -305,7 +305,7 @@ function downloadMask() {
     }
   }
   ctx.putImageData(img, 0, 0);
-  c.toBlob((blob) => download(blob, `${stem()}_mask.png`), "image/png");
+  c.toBlob((blob) => download(blob, `${stem()}.segment.mask.png`), "image/png");
 }
 
 function downloadJson() {

@@ -139,6 +139,6 @@ def test_cli_evaluate_protocol_sclip(tmp_path):
     assert list(m["metrics"]["per_class"]) == list(SHAPE_CLASSES)  # the first synonym of each line
     names.write_text("one\ntwo\n", encoding="utf-8")
     bad = CliRunner().invoke(app, [*args, "--protocol", "sclip", "--class-names", str(names), "-o", str(out)])
-    assert bad.exit_code == 1 and "class lines" in bad.output
+    assert bad.exit_code == 2 and "class lines" in bad.output
     bad = CliRunner().invoke(app, [*args, "--protocol", "nope", "-o", str(out)])
-    assert bad.exit_code == 1 and "--protocol" in bad.output
+    assert bad.exit_code == 2 and "--protocol" in bad.output

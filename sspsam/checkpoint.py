@@ -138,6 +138,35 @@ def read_sspsam_checkpoint(path: str | os.PathLike) -> dict:
             f"{path} is not an sspsam model checkpoint (no 'sspsam'/'config' entries); "
             "backbone files (SAM .pth, CLIP .pt) go through `sspsam weights import`"
         )
-    if obj["sspsam"] > FORMAT_VERSION:
-        raise CheckpointError(f"{path} was written by a newer sspsam (format {obj['sspsam']}); upgrade sspsam")
-    return dict(obj)
+    return validate_checkpoint(dict(obj), path)
+
+
+def validate_checkpoint(ckpt: dict, path: str | os.PathLike) -> dict:
+    """The entries of an sspsam checkpoint, checked by type before any model is built from them."""
+    from .config import validate_config  # config imports nothing of ours: no cycle, but keep the import local
+    from .errors import ConfigError
+
+    version = ckpt["sspsam"]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path}: format version {version!r} is not a positive integer; the file is damaged or not sspsam's")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer sspsam (format {version}); upgrade sspsam")
+    if "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} has no 'state_dict' entry (the weights)")
+    sd = ckpt["state_dict"]
+    if not isinstance(sd, Mapping):
+        raise CheckpointError(f"{path}: 'state_dict' is a {type(sd).__name__}, not a mapping of names to tensors")
+    for k, v in sd.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{path}: 'state_dict' entry {str(k)[:80]!r} is a {type(v).__name__}, not a tensor")
+    external = ckpt.get("external_backbones", [])
+    if not isinstance(external, (list, tuple)) or not all(e in ("clip", "sam") for e in external):
+        raise CheckpointError(f"{path}: 'external_backbones' must list 'clip' and/or 'sam', got {external!r}"[:300])
+    try:
+        validate_config(ckpt["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    for part in external:
+        if not isinstance(ckpt["config"][part].get("weights"), str):
+            raise CheckpointError(f"{path}: backbone '{part}' is external but its config names no 'weights'")
+    return ckpt

@@ -29,7 +29,7 @@ from PIL import Image
 from ..config import list_configs, load_config
 from ..errors import CheckpointError, TextError
 from ..imageio import ImageLike, load_image
-from ..predictor import _model_from_checkpoint
+from ..predictor import _model_from_checkpoint, check_finite
 from ..transforms import Letterbox, image_key, letterbox_image, to_tensor
 
 MAX_CLASSES = 1000
@@ -133,7 +133,7 @@ class OVSS:
             if not path.is_file():
                 raise CheckpointError(f"bundled model '{name}' is not in this install ({path} missing); "
                                       "use 'zeroshot' or a checkpoint path")
-            return cls(_model_from_checkpoint(path), device, name)
+            return cls(_model_from_checkpoint(path, OVSS_MODELS), device, name)
         configs = list_configs()
         if name in configs and load_config(name).get("model") == "zeroshot":
             from ..zeroshot.pipeline import load_zeroshot
@@ -141,7 +141,7 @@ class OVSS:
             return cls(load_zeroshot(name), device, name)
         path = Path(name)
         if path.suffix or path.exists():
-            return cls(_model_from_checkpoint(path), device, path.stem)
+            return cls(_model_from_checkpoint(path, OVSS_MODELS), device, path.stem)
         if name in configs:
             kind = load_config(name).get("model")
             if kind not in OVSS_MODELS:
@@ -170,9 +170,9 @@ class OVSS:
         return self._classes[1]
 
     @torch.inference_mode()
-    def set_image(self, image: ImageLike, slide: bool | None = None) -> np.ndarray:
+    def set_image(self, image: ImageLike, slide: bool | None = None, items: int = 1) -> np.ndarray:
         """Encode an image's views once; later ``segment`` calls on the same pixels reuse them."""
-        rgb = load_image(image)
+        rgb = load_image(image, items)
         s = self.model.image_size
         h, w = rgb.shape[:2]
         do_slide = (max(h, w) > self.slide_above * s) if slide is None else bool(slide)
@@ -208,14 +208,16 @@ class OVSS:
         else:
             x, valid = view.features
             out = self.model(x, emb, valid_hw=valid) if self._forward_takes_valid else self.model(x, emb)
-        return out["logits"][0].float()
+        logits = out["logits"][0].float()
+        check_finite(self.name, logits)
+        return logits
 
     # ---- inference ------------------------------------------------------------------------
     @torch.inference_mode()
     def segment(self, image: ImageLike, classes: str | list[str], slide: bool | None = None) -> SemanticSegmentation:
         """Label every pixel with one of ``classes``. ``slide``: None = automatic by image size."""
         names = clean_classes(classes)
-        self.set_image(image, slide)
+        self.set_image(image, slide, items=len(names))
         canvas, q = self._canvas(names)
         labels, scores = self._finalise(canvas, q)
         h, w = self._image.orig_hw

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, OutputError
 
 FORMAT_VERSION = 1
 
@@ -107,8 +107,11 @@ _UMASK = _current_umask()
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call ``write(tmp_path)`` and move the result into place, so readers never see half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # a file where the folder should be, no permission, a read-only disk
+        raise _write_error(path, exc) from None
     os.close(fd)
     try:
         write(tmp)
@@ -116,10 +119,17 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)  # the previous file, if any, is untouched
+        if isinstance(exc, OSError) or (type(exc) is RuntimeError and "writ" in str(exc).lower()):
+            raise _write_error(path, exc) from None  # torch.save reports a full disk as a RuntimeError
         raise
     return path
+
+
+def _write_error(path: Path, exc: BaseException) -> OutputError:
+    reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:200]
+    return OutputError(f"cannot write {path}: {reason}; nothing was changed there")
 
 
 def save_checkpoint(path: str | os.PathLike, config: dict, state_dict: Mapping[str, torch.Tensor], **extra) -> Path:

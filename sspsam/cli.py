@@ -31,8 +31,9 @@ err = Console(stderr=True)
 
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
-    raise typer.Exit(code=1)
+    # markup off: user text (a file name like "[/red].png") must never be read as Rich markup
+    err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True, style="bold red")
+    raise typer.Exit(code=2)
 
 
 def _slug(text: str, n: int = 40) -> str:
@@ -49,19 +50,26 @@ def segment(
 ) -> None:
     """Segment what each phrase refers to. Writes <name>_mask.png, <name>_overlay.png and <name>.json (COCO RLE)."""
     from .imageio import load_image
-    from .masks import overlay
     from .predictor import Segmenter, clean_phrases
 
     try:  # cheap checks first: a bad image or phrase should not wait for a model to load
-        rgb = load_image(image)
         phrases = clean_phrases(text)
+        rgb = load_image(image, len(phrases))
         seg = Segmenter.from_pretrained(model, device=device)
         res = seg.segment(rgb, phrases)
     except SSPSamError as exc:
         _fail(exc)
     except RuntimeError as exc:  # e.g. an unavailable CUDA device
         _fail(exc)
-    output.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_segment(image, output, seg, rgb, res)
+    except SSPSamError as exc:  # a full disk or a file in the way: each file is atomic, the old ones intact
+        _fail(exc)
+
+
+def _write_segment(image: Path, output: Path, seg, rgb, res) -> None:
+    from .masks import overlay
+
     stem = image.stem
     many = len(res) > 1
     written = []

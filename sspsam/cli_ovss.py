@@ -22,8 +22,9 @@ _LEGEND_ROW = 14
 
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
-    raise typer.Exit(code=1)
+    # markup off: user text (a file name like "[/red].png") must never be read as Rich markup
+    err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True, style="bold red")
+    raise typer.Exit(code=2)
 
 
 def label_overlay(rgb: np.ndarray, labels: np.ndarray, classes: list[str], shares: dict[str, float], alpha: float = 0.55) -> Image.Image:
@@ -66,8 +67,8 @@ def ovss(
     from .ovss.predictor import OVSS, clean_classes
 
     try:  # cheap checks first: a bad image or class list should not wait for a model to load
-        rgb = load_image(image)
         names = clean_classes(classes)
+        rgb = load_image(image, len(names))
         if len(names) > 256:
             raise SSPSamError(f"{len(names)} classes do not fit an 8-bit label PNG; give at most 256")
         seg = OVSS.from_pretrained(model, device=device)
@@ -77,11 +78,14 @@ def ovss(
     stem = image.stem
     written = []
     labels_png = Image.fromarray(res.labels.astype(np.uint8), mode="L")
-    written.append(atomic_write(output / f"{stem}_labels.png", lambda p: labels_png.save(p, format="PNG")))
     ov = label_overlay(rgb, res.labels, res.classes, res.shares)
-    written.append(atomic_write(output / f"{stem}_overlay.png", lambda p: ov.save(p, format="PNG")))
     payload = {"image": str(image), "model": seg.name, **res.to_json()}
-    written.append(atomic_write(output / f"{stem}.json", lambda p: Path(p).write_text(json.dumps(payload, indent=1))))
+    try:  # each file atomic: a full disk leaves the previous ones intact
+        written.append(atomic_write(output / f"{stem}_labels.png", lambda p: labels_png.save(p, format="PNG")))
+        written.append(atomic_write(output / f"{stem}_overlay.png", lambda p: ov.save(p, format="PNG")))
+        written.append(atomic_write(output / f"{stem}.json", lambda p: Path(p).write_text(json.dumps(payload, indent=1))))
+    except SSPSamError as exc:
+        _fail(exc)
     for c in sorted(res.classes, key=lambda c: -res.shares[c]):
         if res.shares[c] > 0:
             print(f"{c}: {100 * res.shares[c]:.1f}%")

@@ -43,11 +43,13 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     raise ImageLoadError(f"unsupported array dtype {arr.dtype}")
 
 
-def check_size(width: int, height: int, items: int = 1, name: str = "image") -> None:
+def check_size(width: int, height: int, items: int = 1, name: str = "image", max_pixels: int | None = None) -> None:
     """Refuse work whose size alone would exhaust memory, before any pixel is decoded."""
     pixels = int(width) * int(height)
-    if pixels > MAX_PIXELS:
-        raise ImageTooLargeError(f"{name} is {width}x{height}, over the {MAX_PIXELS:,}-pixel limit (SSPSAM_MAX_PIXELS)")
+    cap = MAX_PIXELS if max_pixels is None else min(MAX_PIXELS, max_pixels)
+    if pixels > cap:
+        raise ImageTooLargeError(f"{name} is {width}x{height}, over the {cap:,}-pixel limit"
+                                 + (" (SSPSAM_MAX_PIXELS)" if cap == MAX_PIXELS else ""))
     if pixels * max(1, int(items)) > MAX_WORK:
         raise ImageTooLargeError(
             f"{name} is {width}x{height} and {items} outputs were asked of it: {pixels * items:,} pixel-outputs, over the "
@@ -55,7 +57,7 @@ def check_size(width: int, height: int, items: int = 1, name: str = "image") -> 
         )
 
 
-def _from_array(arr: np.ndarray, items: int = 1) -> np.ndarray:
+def _from_array(arr: np.ndarray, items: int = 1, max_pixels: int | None = None) -> np.ndarray:
     if not isinstance(arr, np.ndarray) or arr.dtype == object or arr.dtype.kind in "USVMmc":
         raise ImageLoadError(f"unsupported array dtype {getattr(arr, 'dtype', type(arr).__name__)}")
     if arr.ndim == 2:
@@ -64,7 +66,7 @@ def _from_array(arr: np.ndarray, items: int = 1) -> np.ndarray:
         raise ImageLoadError(f"expected an HxW, HxWx1, HxWx3 or HxWx4 array, got shape {arr.shape}")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ImageLoadError(f"image has zero size {arr.shape[:2]}")
-    check_size(arr.shape[1], arr.shape[0], items)
+    check_size(arr.shape[1], arr.shape[0], items, max_pixels=max_pixels)
     arr = _to_uint8(arr)
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)
@@ -94,8 +96,8 @@ def _pick_frame(img: Image.Image, name: str) -> None:
         img.seek(0)
 
 
-def _from_pil(img: Image.Image, items: int = 1, name: str = "image") -> np.ndarray:
-    check_size(img.width, img.height, items, name)
+def _from_pil(img: Image.Image, items: int = 1, name: str = "image", max_pixels: int | None = None) -> np.ndarray:
+    check_size(img.width, img.height, items, name, max_pixels)
     try:
         img.load()  # a lazily opened file is decoded here: truncation and corruption surface now, named
     except (OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
@@ -120,13 +122,14 @@ def _from_pil(img: Image.Image, items: int = 1, name: str = "image") -> np.ndarr
         raise ImageLoadError(f"{name} has PIL mode '{mode}', which sspsam cannot convert to RGB") from None
 
 
-def load_image(image: ImageLike, items: int = 1) -> np.ndarray:
+def load_image(image: ImageLike, items: int = 1, max_pixels: int | None = None) -> np.ndarray:
     """Any supported input → HxWx3 uint8 RGB, upright. ``items``: the phrases or classes that will be
-    asked of it, for the pixel × outputs budget (checked from the header, before decoding)."""
+    asked of it, for the pixel × outputs budget (checked from the header, before decoding);
+    ``max_pixels``: a lower cap than SSPSAM_MAX_PIXELS (the service sets one)."""
     if isinstance(image, np.ndarray):
-        return _from_array(image, items)
+        return _from_array(image, items, max_pixels)
     if isinstance(image, Image.Image):
-        return _from_pil(image, items)
+        return _from_pil(image, items, max_pixels=max_pixels)
     if isinstance(image, (bytes, bytearray, memoryview)):
         source, name = io.BytesIO(bytes(image)), "<bytes>"
     elif isinstance(image, (str, os.PathLike)):
@@ -149,7 +152,7 @@ def load_image(image: ImageLike, items: int = 1) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as img:
                 _pick_frame(img, name)
-                return _from_pil(img, items, name)
+                return _from_pil(img, items, name, max_pixels)
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

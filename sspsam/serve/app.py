@@ -297,11 +297,11 @@ def _parse_json(raw: bytes) -> Any:
     return body
 
 
-def _decode_image(data: bytes, items: int = 1) -> tuple[np.ndarray, str]:
+def _decode_image(data: bytes, items: int = 1, max_pixels: int | None = None) -> tuple[np.ndarray, str]:
     if not data:
         raise ApiError(400, "bad_image", "the image is empty (0 bytes)")
     try:
-        rgb = load_image(data, items)
+        rgb = load_image(data, items, max_pixels)
     except ImageTooLargeError as exc:
         raise ApiError(413, "image_too_large", str(exc)) from None
     except ImageLoadError as exc:
@@ -514,6 +514,7 @@ def create_app(
     ovss=None,
     body_timeout_s: float = 30.0,
     cors_origins: list[str] | None = None,
+    max_pixels: int = 25_000_000,
 ) -> FastAPI:
     """The service. Models load once at start-up (lifespan), unless ready objects are passed in
     (``segmenter``/``ovss``: anything with the Segmenter / OVSS ``segment`` method, e.g. test stubs).
@@ -522,7 +523,8 @@ def create_app(
         raise ValueError("queue_size and max_batch must be >= 1, timeout_s and max_upload_mb > 0")
     _setup_logging()
     limits = {"max_upload_mb": max_upload_mb, "timeout_s": timeout_s, "queue_size": queue_size,
-              "max_batch": max_batch, "max_classes": max_classes, "max_phrases": max_phrases}
+              "max_batch": max_batch, "max_classes": max_classes, "max_phrases": max_phrases,
+              "max_pixels": max_pixels, "body_timeout_s": body_timeout_s}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -587,7 +589,7 @@ def create_app(
             raise ApiError(422, "invalid_field", str(exc)) from None
         if len(items) > limit:
             raise ApiError(422, "invalid_field", f"{len(items)} {noun} given; at most {limit} per request")
-        rgb, key = await run_in_threadpool(_decode_image, payload.image, len(items))
+        rgb, key = await run_in_threadpool(_decode_image, payload.image, len(items), max_pixels)
         return payload, items, rgb, key
 
     @app.post("/v1/segment", summary="Segment what each phrase refers to",

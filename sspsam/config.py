@@ -26,8 +26,11 @@ def load_config(name_or_path: str | Path, _depth: int = 0) -> dict:
         raise ConfigError(f"no model config '{name_or_path}'; bundled ones: {', '.join(list_configs())}")
     try:
         cfg = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    except yaml.YAMLError as exc:  # one line: the problem and where, not PyYAML's multi-line excerpt
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML: {what}{where}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read the model config {path}: {exc}") from None
     if not isinstance(cfg, dict):
@@ -59,11 +62,12 @@ _ARCH_SECTIONS = ("clip", "sam", "ssp", "escnet", "sam_mi", "zeroshot")
 # Ceilings far above any published variant (SAM ViT-H, CLIP ViT-bigG): a config past them is a
 # typo or hostile, and would otherwise allocate until the machine runs out of memory.
 _INT_CAPS = {"vocab_size": 1_000_000, "image_size": 4096, "img_size": 4096, "clip_size": 4096,
-             "context_length": 4096, "heads": 256, "num_heads": 256, "decoder_heads": 256}
+             "context_length": 4096, "heads": 256, "num_heads": 256, "decoder_heads": 256,
+             "layers": 1024, "depth": 1024, "pg_layers": 1024, "blocks": 1024, "vaa_mlp_layers": 1024}
 _INT_CAP = 65_536
 _WIDTHS = ("width", "embed_dim", "d_model", "dim", "prompt_dim", "pg_ffn", "decoder_mlp_dim", "text_dim", "point_dim")
 _DEPTHS = ("layers", "depth", "pg_layers", "blocks", "vaa_mlp_layers")
-MAX_PARAMS = 4_000_000_000  # 16 GB of fp32 weights
+MAX_PARAMS = 3_000_000_000  # 12 GB of fp32 weights; SAM ViT-H + CLIP ViT-L are ~1 G
 
 
 def _check_values(node, where: str, name: str) -> int:
@@ -133,6 +137,9 @@ def validate_config(cfg) -> dict:
     est = sum(_check_values(cfg[k], k, name) for k in _ARCH_SECTIONS if k in cfg)
     if est > MAX_PARAMS:
         raise ConfigError(f"model config '{name}' describes about {est:,} parameters, over the {MAX_PARAMS:,} limit")
+    for key, value in cfg.get("inference", {}).items():  # thresholds and scales: plain finite numbers
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+            raise ConfigError(f"model config '{name}': 'inference.{key}' is {str(value)[:40]!r}; expected a number")
     for key in ("weights", "arch", "encoder"):
         for sec in ("clip", "sam"):
             if key in cfg[sec] and not isinstance(cfg[sec][key], str):

@@ -141,10 +141,11 @@ class RefCOCODataset(ReferringDataset):
         self.categories = {c["id"]: c["name"] for c in instances["categories"]}
         self.refs = refs
 
-        available = sorted({r.get("split", "?") for r in refs})
         for ref in refs:
             if not isinstance(ref, dict):
                 raise DatasetLayoutError(f"{refs_path}: a ref is a {type(ref).__name__}, not a mapping")
+        available = sorted({str(r.get("split", "?")) for r in refs})
+        for ref in refs:
             missing = [k for k in REF_KEYS if k not in ref]
             if missing:
                 raise DatasetLayoutError(f"{refs_path}: ref {ref.get('ref_id')} lacks {', '.join(missing)}")

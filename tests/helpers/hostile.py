@@ -295,9 +295,13 @@ def config_cases(valid_yaml: str) -> list[Case]:
         "no-clip": "model: ssp-sam\nsam: {}\n", "clip-list": "model: ssp-sam\nclip: [1]\nsam: {}\n",
         "deep": "model: ssp-sam\nclip: " + "{a: " * 60 + "1" + "}" * 60 + "\nsam: {}\n",
     }
-    for key, value in [("width", 10**6), ("layers", 10**5), ("width", -3), ("width", "wide"), ("layers", 1e400), ("width", 2.5)]:
-        texts[f"clip.vision.{key}={value}"] = valid_yaml.replace("  vision: {", f"  vision: {{{key}: {value}, ", 1) \
-            if "  vision: {" in valid_yaml else valid_yaml + f"\n# {key}\n"
+    import yaml
+
+    for key, value in [("width", 10**6), ("layers", 10**5), ("width", -3), ("width", "wide"), ("layers", float("inf")),
+                       ("width", 2.5), ("patch_size", 0), ("image_size", 4095)]:
+        cfg = yaml.safe_load(valid_yaml)
+        cfg["clip"]["vision"][key] = value
+        texts[f"clip.vision.{key}={value}"] = yaml.safe_dump(cfg)
     texts["huge-embed"] = "model: ssp-sam\nclip: {embed_dim: 100000000, vision: {width: 100000, layers: 1000}}\nsam: {encoder: vit_b}\n"
     texts["huge-vocab"] = "model: ssp-sam\nclip: {text: {vocab_size: 100000000000, width: 64}}\nsam: {encoder: vit_b}\n"
     return [Case("config", n, v) for n, v in texts.items()]

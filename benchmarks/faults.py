@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -62,7 +63,7 @@ def batch_cases(work: Path) -> list[str]:
     src = work / "imgs"
     src.mkdir()
     for i in range(16):
-        make_scene(i, width=128, height=96).render().save(src / f"{i:02d}.png")
+        Image.fromarray(make_scene(i, width=128, height=96).render()).save(src / f"{i:02d}.png")
     (src / "07.png").write_bytes(b"broken")  # one unreadable image: reported, not fatal
     phrases = work / "phrases.txt"
     phrases.write_text("red circle\nthe blue square\ngreen triangle\n")
@@ -144,7 +145,7 @@ def full_disk_cases(work: Path) -> list[bool]:
         src = work / "big"
         src.mkdir()
         for i in range(60):
-            make_scene(i, width=320, height=240).render().save(src / f"{i:02d}.png")
+            Image.fromarray(make_scene(i, width=320, height=240).render()).save(src / f"{i:02d}.png")
         phrases = work / "p.txt"
         phrases.write_text("red circle\nthe blue square\n")
         ref = work / "big-ref"

@@ -219,7 +219,7 @@ class _InOrderWriter:
             idx = self.order[self.next]
             unit, lines = self.units[idx], self.buffer.pop(idx)
             new = [line for it, line in zip(unit.items, lines) if it.id not in self.done]
-            start = self.fh.tell()
+            start = os.fstat(self.fh.fileno()).st_size
             try:
                 data = memoryview("".join(new).encode("utf-8"))
                 while data:

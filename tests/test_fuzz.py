@@ -130,8 +130,10 @@ def summary(request):
         lines.append(f"{kind:<11} {surface:<8} " + " ".join(f"{c[o]:>11}" for o in outcomes) + f" {sum(c.values()):>6}")
         total.update(c)
     lines.append(f"{'total':<20} " + " ".join(f"{total[o]:>11}" for o in outcomes) + f" {sum(total.values()):>6}")
-    for line in lines:
-        (rep.write_line(line) if rep else print(line))
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else __import__("contextlib").nullcontext():
+        for line in lines:
+            (rep.write_line(line) if rep else print(line))
 
 
 def _sensible_segmentation(res, hw) -> str | None:

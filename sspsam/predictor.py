@@ -195,11 +195,11 @@ def _model_from_checkpoint(path: Path, task: tuple[str, ...] | None = None):
     ckpt = read_sspsam_checkpoint(path)
     kind = ckpt["config"].get("model", "ssp-sam")
     if task is not None and kind not in task:
-        res = kind in RES_MODELS
         raise CheckpointError(
-            f"{path} holds a '{kind}' model, which does "
-            + ("referring segmentation: use `sspsam segment` / Segmenter" if res else
-               "open-vocabulary semantic segmentation (class names, not phrases): use `sspsam ovss` / OVSS")
+            f"{path} holds a '{kind}' model, "
+            + ("not an OVSS model: it does referring segmentation (phrases); use `sspsam segment` / Segmenter"
+               if kind in RES_MODELS else
+               "not a referring model: it does open-vocabulary semantic segmentation (class names); use `sspsam ovss` / OVSS")
         )
     model = build_model(ckpt["config"])
     sd = ckpt["state_dict"]

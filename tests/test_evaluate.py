@@ -161,9 +161,9 @@ def test_cli_evaluate_on_a_checkpoint(refer_root, tmp_path):
     assert "| tiny · refcoco val |" in r.output
 
     bad = CliRunner().invoke(app, ["evaluate", str(ckpt), "--data", str(tmp_path / "nowhere"), "--dataset", "refcoco"])
-    assert bad.exit_code == 1 and "does not exist" in bad.output
+    assert bad.exit_code == 2 and "does not exist" in bad.output
     bad = CliRunner().invoke(app, ["evaluate", str(ckpt), "--data", str(refer_root), "--dataset", "coco"])
-    assert bad.exit_code == 1 and "unknown referring dataset" in bad.output
+    assert bad.exit_code == 2 and "unknown referring dataset" in bad.output
 
 
 def test_cli_evaluate_ovss_dataset(tmp_path):
@@ -183,4 +183,4 @@ def test_cli_evaluate_ovss_dataset(tmp_path):
     table = (out / "table.md").read_text()
     assert all(f"| {c} |" in table for c in SHAPE_CLASSES) and "**mIoU**" in table
     bad = CliRunner().invoke(app, ["evaluate", "ovss-shapes-demo", "--dataset", "ade150", "--data", str(tmp_path / "none")])
-    assert bad.exit_code == 1 and "ADE" in bad.output
+    assert bad.exit_code == 2 and "ADE" in bad.output

@@ -178,6 +178,6 @@ def test_cli_one_line_errors(tmp_path):
     img_path = tmp_path / "x.png"
     Image.fromarray(_image(20, 20)).save(img_path)
     r = CliRunner().invoke(_app(), ["ovss", str(img_path), "--classes", " , ", "-o", str(tmp_path / "o")])
-    assert r.exit_code == 1 and "no class names" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "no class names" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(_app(), ["ovss", str(tmp_path / "missing.png"), "-o", str(tmp_path / "o")])
-    assert r.exit_code == 1 and "error" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "error" in r.output and "Traceback" not in r.output

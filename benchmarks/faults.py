@@ -113,6 +113,78 @@ def train_cases(work: Path) -> list[bool]:
     return out
 
 
+FETCH = """
+import sys
+from sspsam import weights
+weights.register(weights.WeightSpec(name="fault-test", url=None, sha256=sys.argv[1], size=int(sys.argv[2]),
+                 filename="fault-test.pt", licence="MIT", kind="sspsam", description="fault test"))
+from sspsam.cli import app
+sys.argv = ["sspsam", "weights", "fetch", "fault-test", "--url", sys.argv[3], "--quiet"]
+app()
+"""
+
+
+def fetch_cases(work: Path) -> list[bool]:
+    """SIGKILL `sspsam weights fetch` from a throttled local HTTP server at several byte counts."""
+    import hashlib
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = os.urandom(3_000_000)
+    digest = hashlib.sha256(body).hexdigest()
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            start = 0
+            rng = self.headers.get("Range")
+            if rng:
+                start = int(rng.split("=")[1].split("-")[0])
+            self.send_response(206 if start else 200)
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            self.send_header("Content-Length", str(len(body) - start))
+            self.end_headers()
+            try:
+                for i in range(start, len(body), 65536):
+                    self.wfile.write(body[i : i + 65536])
+                    time.sleep(0.02)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def log_message(self, *a):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/w.pt"
+    out = []
+    try:
+        for point in (1, 300_000, 1_500_000, 2_900_000):
+            home = work / f"home{point}"
+            env = {**ENV, "SSPSAM_HOME": str(home)}
+            final = home / "weights" / "fault-test.pt"
+            part = final.with_name(final.name + ".part")
+            cmd = [sys.executable, "-c", FETCH, digest, str(len(body)), url]
+            p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            while p.poll() is None and not (part.exists() and part.stat().st_size >= point):
+                time.sleep(0.005)
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+            p.wait()
+            had = part.stat().st_size if part.exists() else 0
+            final_early = final.exists()
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            same = final.exists() and hashlib.sha256(final.read_bytes()).hexdigest() == digest
+            left = [q.name for q in (home / "weights").iterdir() if q.name.endswith((".part", ".tmp"))]
+            ok = res.returncode == 0 and same and not left and not final_early
+            out.append(ok)
+            print(f"fetch  kill at {had:>9,} of {len(body):,} bytes (final file present before rerun: {final_early}) -> "
+                  f"rerun sha256 ok={same} leftovers={left or 'none'}  {'ok' if ok else 'FAIL ' + res.stderr[-200:]}")
+    finally:
+        httpd.shutdown()
+    return out
+
+
 def full_disk_cases(work: Path) -> list[bool]:
     mnt = work / "tmpfs"
     mnt.mkdir()
@@ -177,7 +249,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         results = []
-        for name, fn in (("batch", batch_cases), ("train", train_cases), ("full disk", full_disk_cases)):
+        for name, fn in (("batch", batch_cases), ("train", train_cases), ("fetch", fetch_cases), ("full disk", full_disk_cases)):
             if len(sys.argv) > 1 and name.split()[0] not in sys.argv[1:]:
                 continue
             (work / name.replace(" ", "_")).mkdir()

@@ -129,7 +129,9 @@ def client_loop(port: int, mix, deadline: float, seed: int, out: list, lock: thr
                 conn.close()
                 conn = None
         except (OSError, http.client.HTTPException) as exc:
-            status = f"dropped:{type(exc).__name__}"
+            # an oversize body is refused from its Content-Length and the connection closed while the
+            # client is still sending: deliberate, like a 503, and counted apart from real drops
+            status = "closed:oversize" if label == "hostile-oversize" else f"dropped:{type(exc).__name__}"
             conn.close()
             conn = None
         records.append((label, status, time.perf_counter() - t0))
@@ -212,6 +214,7 @@ def main() -> None:
     five = sum(n for s, n in statuses.items() if s.startswith("5") and s != "503")
     busy = statuses.get("503", 0)
     dropped = sum(n for s, n in statuses.items() if s.startswith("dropped"))
+    closed = statuses.get("closed:oversize", 0)
     valid = [d for label, s, d in records if label.startswith("valid") and s == 200]
     hostile = [d for label, s, d in records if label.startswith("hostile") and isinstance(s, int)]
     hostile_ok = Counter(s for label, s, _ in records if label.startswith("hostile"))
@@ -219,6 +222,7 @@ def main() -> None:
         "clients": args.clients, "seconds": round(elapsed, 1), "requests": len(records),
         "requests_per_s": round(len(records) / elapsed, 1), "statuses": dict(sorted(statuses.items())),
         "5xx_other_than_503": five, "deliberate_503": busy, "dropped_connections": dropped,
+        "oversize_closed_before_read": closed,
         "valid_200": len(valid), "valid_p50_ms": round(pct(valid, 50), 1), "valid_p99_ms": round(pct(valid, 99), 1),
         "hostile_p50_ms": round(pct(hostile, 50), 1), "hostile_p99_ms": round(pct(hostile, 99), 1),
         "hostile_statuses": dict(sorted((str(k), v) for k, v in hostile_ok.items())),

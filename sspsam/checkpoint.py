@@ -121,14 +121,32 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)  # the previous file, if any, is untouched
-        if isinstance(exc, OSError) or (type(exc) is RuntimeError and "writ" in str(exc).lower()):
-            raise _write_error(path, exc) from None  # torch.save reports a full disk as a RuntimeError
+        if isinstance(exc, OSError) or (type(exc) is RuntimeError and _torch_write_failure(exc, path.parent)):
+            raise _write_error(path, exc) from None
         raise
     return path
 
 
+def _torch_write_failure(exc: RuntimeError, folder: Path) -> bool:
+    """torch.save reports a full disk as a RuntimeError from its C++ writer ("file write failed",
+    "basic_ios::clear: iostream error", "unexpected pos …"), not as an OSError."""
+    text = str(exc).lower()
+    if any(m in text for m in ("writ", "iostream", "inline_container", "unexpected pos")):
+        return True
+    try:
+        return os.statvfs(folder).f_bavail == 0
+    except OSError:
+        return False
+
+
 def _write_error(path: Path, exc: BaseException) -> OutputError:
-    reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:200]
+    reason = getattr(exc, "strerror", None)
+    if not reason:
+        try:
+            full = os.statvfs(path.parent).f_bavail == 0
+        except OSError:
+            full = False
+        reason = "No space left on device" if full else str(exc).splitlines()[0][:200]
     return OutputError(f"cannot write {path}: {reason}; nothing was changed there")
 
 

@@ -143,7 +143,7 @@ def _read_manifest(path: Path, default_phrases: list[str] | None) -> list[tuple[
 def segment_unit(seg, unit: Unit, out_dir: Path, png: bool) -> list[str]:
     """The results.jsonl lines of one image. Local and Ray runs both come through here, so they agree."""
     try:
-        rgb = load_image(unit.path)
+        rgb = load_image(unit.path, len(unit.items))  # the pixel × phrases budget, checked from the header
     except ImageLoadError as exc:
         return [_line({"id": it.id, "image": unit.image, "phrase": it.phrase, "error": str(exc)}) for it in unit.items]
     res = seg.segment(rgb, [it.phrase for it in unit.items])

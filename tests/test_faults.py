@@ -4,6 +4,7 @@ real tmpfs), output paths that are files, and a kill in the middle of a batch jo
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -124,3 +125,79 @@ def test_batch_sigkill_then_rerun_is_identical(tmp_path):
     subprocess.run(cmd + ["-o", str(out)], env=env, check=True, capture_output=True)
     assert results.read_bytes() == (tmp_path / "ref" / "results.jsonl").read_bytes()
     assert not [q for q in out.rglob("*") if q.name.endswith(".tmp")]
+
+
+# ---- the service under slow clients ----------------------------------------------------------------
+
+
+class _Stub:
+    name = "stub"
+
+    def segment(self, image, texts):  # never reached by these tests
+        raise AssertionError
+
+
+def test_slow_body_gets_408():
+    """A body that stops arriving is answered 408 after body_timeout_s, not held open forever."""
+    import asyncio
+
+    from sspsam.serve.app import create_app
+
+    app = create_app(segmenter=_Stub(), ovss=None, body_timeout_s=0.3)
+    sent = []
+
+    async def main():
+        chunks = [{"type": "http.request", "body": b'{"image": "', "more_body": True}]
+
+        async def receive():
+            if chunks:
+                return chunks.pop()
+            await asyncio.sleep(30)  # the client went quiet
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+                 "path": "/v1/segment", "raw_path": b"/v1/segment", "query_string": b"", "root_path": "",
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", b"100000")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {}}
+        async with app.router.lifespan_context(app):
+            await asyncio.wait_for(app(scope, receive, send), 10)
+
+    asyncio.run(main())
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert start["status"] == 408 and json.loads(body)["error"]["code"] == "body_timeout"
+
+
+def test_slow_request_head_is_closed():
+    """A client that never finishes its request head is disconnected after header_timeout (slowloris)."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from sspsam.serve.app import create_app
+    from sspsam.serve.protocol import timed_h11
+
+    config = uvicorn.Config(create_app(segmenter=_Stub(), ovss=None), host="127.0.0.1", port=0, log_level="error",
+                            http=timed_h11(0.5), lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        slow.settimeout(10)
+        assert slow.recv(1) == b""  # closed by the server, well before our 10 s
+        ok = socket.create_connection(("127.0.0.1", port))  # a prompt client is served as usual
+        ok.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        ok.settimeout(10)
+        assert ok.recv(64).startswith(b"HTTP/1.1 200")
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -93,7 +93,7 @@ def _check_values(node, where: str, name: str) -> int:
     if isinstance(node, int):
         cap = _INT_CAPS.get(where.rsplit(".", 1)[-1], _INT_CAP)
         if not -1 <= node <= cap:
-            raise ConfigError(f"model config '{name}': '{where}' is {node}; expected a value between 0 and {cap:,}")
+            raise ConfigError(f"model config '{name}': '{where}' is {node}; expected a whole number from -1 to {cap:,}")
         return 0
     if isinstance(node, float):
         if node != node or node in (float("inf"), float("-inf")):

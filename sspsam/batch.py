@@ -143,7 +143,7 @@ def _read_manifest(path: Path, default_phrases: list[str] | None) -> list[tuple[
 def segment_unit(seg, unit: Unit, out_dir: Path, png: bool) -> list[str]:
     """The results.jsonl lines of one image. Local and Ray runs both come through here, so they agree."""
     try:
-        rgb = load_image(unit.path)
+        rgb = load_image(unit.path, len(unit.items))  # the pixel × phrases budget, checked from the header
     except ImageLoadError as exc:
         return [_line({"id": it.id, "image": unit.image, "phrase": it.phrase, "error": str(exc)}) for it in unit.items]
     res = seg.segment(rgb, [it.phrase for it in unit.items])
@@ -205,7 +205,7 @@ class _InOrderWriter:
     """Appends each unit's new lines in input order, fsyncing per unit, whatever order they finish in."""
 
     def __init__(self, path: Path, pending: list[Unit], done: set[str], advance: Callable[[int], None]):
-        self.fh = open(path, "ab")
+        self.fh = open(path, "ab", buffering=0)  # unbuffered: nothing is left in a buffer to land later
         self.order = [u.index for u in pending]
         self.units = {u.index: u for u in pending}
         self.done, self.advance = done, advance
@@ -219,15 +219,28 @@ class _InOrderWriter:
             idx = self.order[self.next]
             unit, lines = self.units[idx], self.buffer.pop(idx)
             new = [line for it, line in zip(unit.items, lines) if it.id not in self.done]
-            self.fh.write("".join(new).encode("utf-8"))
-            self.fh.flush()
-            os.fsync(self.fh.fileno())
+            start = os.fstat(self.fh.fileno()).st_size
+            try:
+                data = memoryview("".join(new).encode("utf-8"))
+                while data:
+                    data = data[self.fh.write(data):]
+                os.fsync(self.fh.fileno())
+            except OSError as exc:  # a full disk: cut the torn unit off so the file stays a valid prefix
+                try:
+                    os.truncate(self.fh.name, start)
+                except OSError:
+                    pass  # a rerun drops a torn last line anyway
+                raise BatchError(f"cannot write {self.fh.name}: {exc.strerror or exc}; the results so far are kept, "
+                                 "rerun the same command to finish") from None
             self.errors += sum(', "error": ' in line for line in new)  # quotes inside values are escaped
             self.advance(len(new))
             self.next += 1
 
     def close(self) -> None:
-        self.fh.close()
+        try:
+            self.fh.close()
+        except OSError:  # buffered bytes that a full disk refused; put() already reported it
+            pass
 
 
 class SegmentCallable:
@@ -276,6 +289,12 @@ def run_batch(
         if importlib.util.find_spec("ray") is None:  # before anything is written
             raise SSPSamError("--ray needs the batch extra (ray is not installed): pip install 'sspsam[batch]'")
     output.mkdir(parents=True, exist_ok=True)
+    if output.exists() and not output.is_dir():
+        raise BatchError(f"the output {output} is a file; give a folder (results.jsonl goes inside it)")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BatchError(f"cannot create the output folder {output}: {exc.strerror or exc}") from None
     units = collect_units(input, phrases, exclude=output)
     results = output / RESULTS
     done = finished_ids(results, units)

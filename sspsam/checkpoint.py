@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, OutputError
 
 FORMAT_VERSION = 1
 
@@ -115,8 +115,11 @@ _UMASK = _current_umask()
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call ``write(tmp_path)`` and move the result into place, so readers never see half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # a file where the folder should be, no permission, a read-only disk
+        raise _write_error(path, exc) from None
     os.close(fd)
     try:
         write(tmp)
@@ -124,10 +127,35 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)  # the previous file, if any, is untouched
+        if isinstance(exc, OSError) or (type(exc) is RuntimeError and _torch_write_failure(exc, path.parent)):
+            raise _write_error(path, exc) from None
         raise
     return path
+
+
+def _torch_write_failure(exc: RuntimeError, folder: Path) -> bool:
+    """torch.save reports a full disk as a RuntimeError from its C++ writer ("file write failed",
+    "basic_ios::clear: iostream error", "unexpected pos …"), not as an OSError."""
+    text = str(exc).lower()
+    if any(m in text for m in ("writ", "iostream", "inline_container", "unexpected pos")):
+        return True
+    try:
+        return os.statvfs(folder).f_bavail == 0
+    except OSError:
+        return False
+
+
+def _write_error(path: Path, exc: BaseException) -> OutputError:
+    reason = getattr(exc, "strerror", None)
+    if not reason:
+        try:
+            full = os.statvfs(path.parent).f_bavail == 0
+        except OSError:
+            full = False
+        reason = "No space left on device" if full else str(exc).splitlines()[0][:200]
+    return OutputError(f"cannot write {path}: {reason}; nothing was changed there")
 
 
 def save_checkpoint(path: str | os.PathLike, config: dict, state_dict: Mapping[str, torch.Tensor], **extra) -> Path:
@@ -141,6 +169,7 @@ def read_sspsam_checkpoint(path: str | os.PathLike, sam_image_encoder: bool = Tr
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model checkpoint not found: {path}")
+    _check_crc(path)
     obj = torch_load(path, "model checkpoint")
     if isinstance(obj, Mapping) and "sspsam" not in obj:
         from .ssp import official_checkpoint
@@ -159,6 +188,50 @@ def read_sspsam_checkpoint(path: str | os.PathLike, sam_image_encoder: bool = Tr
             f"{path} is not an sspsam model checkpoint (no 'sspsam'/'config' entries); "
             "nor an official SSP-SAM one; backbone files (SAM .pth, CLIP .pt) go through `sspsam weights import`"
         )
-    if obj["sspsam"] > FORMAT_VERSION:
-        raise CheckpointError(f"{path} was written by a newer sspsam (format {obj['sspsam']}); upgrade sspsam")
-    return dict(obj)
+    return validate_checkpoint(dict(obj), path)
+
+
+def _check_crc(path: Path) -> None:
+    """torch's zip records carry CRC-32s that torch.load never checks: a flipped bit in the weights
+    would load and give silently wrong masks. Checking them costs about 1 s per GB."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError):
+        return  # not a zip (a legacy pickle, or damage torch_load will name)
+    except Exception as exc:  # zlib errors on damaged compressed members
+        raise CheckpointError(f"model checkpoint {path} is corrupt ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if bad is not None:
+        raise CheckpointError(f"model checkpoint {path} is corrupt: record {bad.split('/', 1)[-1]} fails its CRC check; "
+                              "copy or download it again")
+
+
+def validate_checkpoint(ckpt: dict, path: str | os.PathLike) -> dict:
+    """The entries of an sspsam checkpoint, checked by type before any model is built from them."""
+    from .config import validate_config  # config imports nothing of ours: no cycle, but keep the import local
+    from .errors import ConfigError
+
+    version = ckpt["sspsam"]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path}: format version {version!r} is not a positive integer; the file is damaged or not sspsam's")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer sspsam (format {version}); upgrade sspsam")
+    if "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} has no 'state_dict' entry (the weights)")
+    sd = ckpt["state_dict"]
+    if not isinstance(sd, Mapping):
+        raise CheckpointError(f"{path}: 'state_dict' is a {type(sd).__name__}, not a mapping of names to tensors")
+    for k, v in sd.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{path}: 'state_dict' entry {str(k)[:80]!r} is a {type(v).__name__}, not a tensor")
+    external = ckpt.get("external_backbones", [])
+    if not isinstance(external, (list, tuple)) or not all(e in ("clip", "sam") for e in external):
+        raise CheckpointError(f"{path}: 'external_backbones' must list 'clip' and/or 'sam', got {external!r}"[:300])
+    try:
+        validate_config(ckpt["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    for part in external:
+        if not isinstance(ckpt["config"][part].get("weights"), str):
+            raise CheckpointError(f"{path}: backbone '{part}' is external but its config names no 'weights'")
+    return ckpt

@@ -91,8 +91,8 @@ def segment(
         from .imageio import load_image
         from .predictor import Segmenter, clean_phrases
 
-        rgb = load_image(image)
         phrases = clean_phrases(text)
+        rgb = load_image(image, len(phrases))
         dev = resolve_device(device)
         check_output_dir(output, create=False)
         with _offline(offline):

@@ -40,8 +40,8 @@ def ovss(
         from .imageio import load_image
         from .ovss.predictor import OVSS, clean_classes
 
-        rgb = load_image(image)
         names = clean_classes(classes)
+        rgb = load_image(image, len(names))
         if len(names) > 256:
             raise SSPSamError(f"{len(names)} classes do not fit an 8-bit label PNG; give at most 256")
         dev = resolve_device(device)

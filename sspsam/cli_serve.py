@@ -22,6 +22,10 @@ def serve(
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.001, help="Largest request body, MB (then 413)."),
     max_classes: int = typer.Option(256, "--max-classes", min=1, help="Most classes per /v1/ovss request."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's own log level (request logs are JSON lines)."),
+    cors_origin: list[str] = typer.Option([], "--cors-origin", help="Allow browser pages from this origin (repeatable); CORS is off without it."),
+    header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.1, help="Seconds a client may take to send its request head."),
+    body_timeout: float = typer.Option(30.0, "--body-timeout", min=0.1, help="Seconds a request body may pause between chunks (then 408)."),
+    max_connections: int = typer.Option(1000, "--max-connections", min=1, help="Open connections beyond which uvicorn answers 503."),
 ) -> None:
     """Serve POST /v1/segment, POST /v1/ovss, the web page at / and the API docs at /docs.
     One process, one inference thread that micro-batches; run several behind a proxy to scale out."""
@@ -47,6 +51,10 @@ def serve(
     except SSPSamError as exc:
         raise fail(exc) from None
     app = create_app(model=model, ovss_model=None, device=device, max_upload_mb=max_upload_mb, timeout_s=timeout_s,
-                     queue_size=queue_size, max_batch=max_batch, max_classes=max_classes, segmenter=seg, ovss=ovss)
+                     queue_size=queue_size, max_batch=max_batch, max_classes=max_classes, segmenter=seg, ovss=ovss,
+                     body_timeout_s=body_timeout, cors_origins=cors_origin or None)
     typer.echo(f"sspsam serving {seg.name}" + (f" and {ovss.name}" if ovss else "") + f" on http://{host}:{port}/", err=True)
-    uvicorn.run(app, host=host, port=port, access_log=False, log_level=log_level)
+    from .serve.protocol import timed_h11
+
+    uvicorn.run(app, host=host, port=port, access_log=False, log_level=log_level, http=timed_h11(header_timeout),
+                timeout_keep_alive=5, limit_concurrency=max_connections)

@@ -23,3 +23,11 @@ class CheckpointError(SSPSamError):
 
 class ConfigError(SSPSamError):
     """A model config is missing or malformed."""
+
+
+class ModelOutputError(SSPSamError):
+    """The model produced non-finite outputs (NaN/inf): its weights are damaged."""
+
+
+class OutputError(SSPSamError):
+    """An output could not be written (disk full, no permission, a file where a folder should be)."""

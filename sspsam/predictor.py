@@ -17,20 +17,29 @@ import torch.nn.functional as F
 
 from .checkpoint import load_into, read_sspsam_checkpoint
 from .config import build_model, list_configs, load_config
-from .errors import CheckpointError, TextError
+from .errors import CheckpointError, ModelOutputError, TextError
 from .imageio import ImageLike, load_image
 from .masks import encode_rle
 from .transforms import Letterbox, image_key, model_input, unletterbox_logits
 
 MAX_PHRASE_CHARS = 1000
+MAX_PHRASES = 256
+RES_MODELS = ("ssp-sam",)
 DEFAULT_MODEL = "shapes-demo"
 BUNDLED = {"shapes-demo": "assets/shapes-demo.pt"}
 
 
 def clean_phrases(text_or_texts: str | list[str]) -> list[str]:
-    texts = [text_or_texts] if isinstance(text_or_texts, str) else list(text_or_texts)
+    if isinstance(text_or_texts, str):
+        texts = [text_or_texts]
+    elif isinstance(text_or_texts, (list, tuple)):
+        texts = list(text_or_texts)
+    else:
+        raise TextError(f"phrases must be text or a list of texts, got {type(text_or_texts).__name__}")
     if not texts:
         raise TextError("no phrase given")
+    if len(texts) > MAX_PHRASES:
+        raise TextError(f"{len(texts)} phrases given; at most {MAX_PHRASES} at once")
     out = []
     for t in texts:
         if not isinstance(t, str):
@@ -126,16 +135,16 @@ class Segmenter:
         name = str(name_or_path)
         if name in BUNDLED:
             path = Path(str(resources.files("sspsam") / BUNDLED[name]))
-            return _build(cls, path, device, name)
+            return _build(cls, path, device, name, RES_MODELS)
         if name in list_configs() and load_config(name).get("model") == "zeroshot":  # training-free: CLIP + SAM from the cache
             from .zeroshot.res import ZeroShotSegmenter
 
             return ZeroShotSegmenter.from_pretrained(name, device)
         path = Path(name)
         if path.suffix or path.exists():
-            return _build(cls, path, device, path.stem)
+            return _build(cls, path, device, path.stem, RES_MODELS)
         if name in list_configs():
-            return _build(cls, variant_checkpoint(name), device, name)
+            return _build(cls, variant_checkpoint(name), device, name, RES_MODELS)
         from .ovss.predictor import BUNDLED as OVSS_BUNDLED
 
         if name in OVSS_BUNDLED:
@@ -148,9 +157,9 @@ class Segmenter:
 
     # ---- inference ------------------------------------------------------------------------
     @torch.inference_mode()
-    def set_image(self, image: ImageLike) -> np.ndarray:
+    def set_image(self, image: ImageLike, items: int = 1) -> np.ndarray:
         """Encode an image once; later ``segment`` calls on the same pixels reuse it."""
-        rgb = load_image(image)
+        rgb = load_image(image, items)
         key = image_key(rgb)
         if self._cache is None or self._cache.key != key:
             x, valid, box = model_input(rgb, self.model.image_size, self.device)
@@ -161,7 +170,7 @@ class Segmenter:
     @torch.inference_mode()
     def segment(self, image: ImageLike, text_or_texts: str | list[str], batch_size: int = 16) -> Segmentation:
         phrases = clean_phrases(text_or_texts)
-        rgb = self.set_image(image)
+        rgb = self.set_image(image, len(phrases))
         enc = self._cache
         masks, scores, no_target, nt_probs = [], [], [], []
         for i in range(0, len(phrases), batch_size):
@@ -183,6 +192,7 @@ class Segmenter:
 
     def _postprocess(self, out: dict, box: Letterbox):
         low = out["mask_logits"][:, 0].float()
+        check_finite(self.name, low, out["iou"], out.get("no_target_logit"))
         # The official GRES rule: fewer than N positive pixels at 512x512 means "no target".
         from .ssp.model import official_mask_logits
 
@@ -199,15 +209,23 @@ class Segmenter:
             prob = None
             no_target = area512 < self.no_target_min_pixels
             score = iou
-        full = unletterbox_logits(low, box) > self.mask_threshold
+        # one phrase at a time: full-size float logits for a whole chunk would be chunk × pixels × 4 bytes
+        full = torch.stack([unletterbox_logits(low[i : i + 1], box)[0] > self.mask_threshold for i in range(len(low))])
         # A mask that vanishes at the original size (tiny image, thin sliver) is no answer: never "found" and empty.
         no_target = no_target | ~full.flatten(1).any(1)
         full[no_target] = False
         return full.cpu().numpy(), score.cpu().numpy(), no_target.cpu().numpy(), prob
 
 
-def _model_from_checkpoint(path: Path, sam_image_encoder: bool = True):
-    return _model_and_meta(path, sam_image_encoder)[0]
+def check_finite(name: str, *tensors) -> None:
+    """NaN or inf out of a model means broken weights; say so rather than write "score": NaN."""
+    for t in tensors:
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise ModelOutputError(f"model '{name}' produced non-finite outputs (NaN or inf); its weights are damaged")
+
+
+def _model_from_checkpoint(path: Path, task: tuple[str, ...] | None = None, sam_image_encoder: bool = True):
+    return _model_and_meta(path, task, sam_image_encoder)[0]
 
 
 def variant_checkpoint(name: str) -> Path:
@@ -223,14 +241,24 @@ def variant_checkpoint(name: str) -> Path:
     return weights.ensure(name)
 
 
-def _build(cls, path: Path, device, name: str):
-    model, meta = _model_and_meta(path)
+def _build(cls, path: Path, device, name: str, task: tuple[str, ...] | None = None):
+    model, meta = _model_and_meta(path, task)
     return cls(model, device, name, meta)
 
 
-def _model_and_meta(path: Path, sam_image_encoder: bool = True):
-    """(model, the checkpoint's meta dict) — the meta says e.g. what data the model knows."""
+def _model_and_meta(path: Path, task: tuple[str, ...] | None = None, sam_image_encoder: bool = True):
+    """(model, the checkpoint's meta dict) — the meta says e.g. what data the model knows.
+
+    ``task``: the model types the caller can run; another type is refused before anything is built."""
     ckpt = read_sspsam_checkpoint(path, sam_image_encoder=sam_image_encoder)
+    kind = ckpt["config"].get("model", "ssp-sam")
+    if task is not None and kind not in task:
+        raise CheckpointError(
+            f"{path} holds a '{kind}' model, "
+            + ("not an OVSS model: it does referring segmentation (phrases); use `sspsam segment` / Segmenter"
+               if kind in RES_MODELS else
+               "not a referring model: it does open-vocabulary semantic segmentation (class names); use `sspsam ovss` / OVSS")
+        )
     sd = ckpt["state_dict"]
     external = ckpt.get("external_backbones", [])
     files = {}

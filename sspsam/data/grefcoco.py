@@ -14,7 +14,6 @@ target mask is the union of the targets' masks; a no-target sample has an all-ze
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 from . import DatasetLayoutError
@@ -69,8 +68,9 @@ class GRefCOCODataset(ReferringDataset):
                 raise DatasetLayoutError(f"{json_path} is not valid JSON ({exc})") from None
         elif pickle_path.is_file():
             refs_path = pickle_path
-            with open(pickle_path, "rb") as f:
-                refs = pickle.load(f)
+            from .safe_pickle import safe_load  # no code runs while reading: a downloaded pickle is untrusted
+
+            refs = safe_load(pickle_path.read_bytes(), str(pickle_path))
         else:
             found = ""
             if data_dir.is_dir():

@@ -18,7 +18,6 @@ The image folder may also be ``ROOT/images/train2014`` (ReLA/LAVT style) or give
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 from . import DatasetLayoutError
@@ -57,15 +56,13 @@ def load_instances(path: Path) -> dict:
 
 def load_refs_pickle(path: Path) -> list[dict]:
     """refs(*).p files were written by Python 2; plain ASCII strings load as str."""
+    from .safe_pickle import safe_load  # no code runs while reading: a downloaded pickle is untrusted
+
     try:
-        with open(path, "rb") as f:
-            try:
-                refs = pickle.load(f)
-            except UnicodeDecodeError:
-                f.seek(0)
-                refs = pickle.load(f, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError) as exc:
-        raise DatasetLayoutError(f"{path} is not a refs pickle ({exc})") from None
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise DatasetLayoutError(f"cannot read {path}: {exc.strerror or exc}") from None
+    refs = safe_load(data, str(path))
     if isinstance(refs, dict) and "refs" in refs:
         refs = refs["refs"]
     if not isinstance(refs, list):
@@ -144,7 +141,10 @@ class RefCOCODataset(ReferringDataset):
         self.categories = {c["id"]: c["name"] for c in instances["categories"]}
         self.refs = refs
 
-        available = sorted({r.get("split", "?") for r in refs})
+        for ref in refs:
+            if not isinstance(ref, dict):
+                raise DatasetLayoutError(f"{refs_path}: a ref is a {type(ref).__name__}, not a mapping")
+        available = sorted({str(r.get("split", "?")) for r in refs})
         for ref in refs:
             missing = [k for k in REF_KEYS if k not in ref]
             if missing:

@@ -29,7 +29,7 @@ from PIL import Image
 from ..config import list_configs, load_config
 from ..errors import CheckpointError, TextError
 from ..imageio import ImageLike, load_image
-from ..predictor import _build, domain_warnings, model_domain, variant_checkpoint
+from ..predictor import _build, check_finite, domain_warnings, model_domain, variant_checkpoint
 from ..transforms import Letterbox, image_key, letterbox_image, to_tensor
 
 MAX_CLASSES = 1000
@@ -150,7 +150,7 @@ class OVSS:
             if not path.is_file():
                 raise CheckpointError(f"bundled model '{name}' is not in this install ({path} missing); "
                                       "use 'zeroshot' or a checkpoint path")
-            return _build(cls, path, device, name)
+            return _build(cls, path, device, name, OVSS_MODELS)
         configs = list_configs()
         if name in configs and load_config(name).get("model") == "zeroshot":
             from ..zeroshot.pipeline import load_zeroshot
@@ -158,12 +158,12 @@ class OVSS:
             return cls(load_zeroshot(name), device, name)
         path = Path(name)
         if path.suffix or path.exists():
-            return _build(cls, path, device, path.stem)
+            return _build(cls, path, device, path.stem, OVSS_MODELS)
         if name in configs:
             kind = load_config(name).get("model")
             if kind not in OVSS_MODELS:
                 raise CheckpointError(f"'{name}' is a '{kind}' model, not an OVSS model; use `sspsam segment` for it")
-            return _build(cls, variant_checkpoint(name), device, name)
+            return _build(cls, variant_checkpoint(name), device, name, OVSS_MODELS)
         ovss = [c for c in configs if not c.endswith("-tiny") and load_config(c).get("model") in OVSS_MODELS]
         from ..predictor import BUNDLED as RES_BUNDLED
 
@@ -190,9 +190,9 @@ class OVSS:
         return self._classes[1]
 
     @torch.inference_mode()
-    def set_image(self, image: ImageLike, slide: bool | None = None) -> np.ndarray:
+    def set_image(self, image: ImageLike, slide: bool | None = None, items: int = 1) -> np.ndarray:
         """Encode an image's views once; later ``segment`` calls on the same pixels reuse them."""
-        rgb = load_image(image)
+        rgb = load_image(image, items)
         s = self.model.image_size
         h, w = rgb.shape[:2]
         do_slide = (max(h, w) > self.slide_above * s) if slide is None else bool(slide)
@@ -228,7 +228,9 @@ class OVSS:
         else:
             x, valid = view.features
             out = self.model(x, emb, valid_hw=valid) if self._forward_takes_valid else self.model(x, emb)
-        return out["logits"][0].float()
+        logits = out["logits"][0].float()
+        check_finite(self.name, logits)
+        return logits
 
     # ---- inference ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -237,7 +239,7 @@ class OVSS:
         if self.protocol == "sclip":
             return self._segment_sclip(image, classes)
         names = clean_classes(classes)
-        rgb = self.set_image(image, slide)
+        rgb = self.set_image(image, slide, items=len(names))
         canvas, q = self._canvas(names)
         labels, scores = self._finalise(canvas, q)
         h, w = self._image.orig_hw

@@ -31,8 +31,11 @@ Errors are JSON ``{"error": {"code", "message", "request_id"}}`` with these stat
 413    ``too_large`` (body over ``max_upload_mb``: refused from Content-Length before reading, or
        while streaming), ``image_too_large`` (over the pixel limit, ``SSPSAM_MAX_PIXELS``)
 415    ``unsupported_media_type`` (body neither multipart/form-data nor application/json)
+408    ``body_timeout`` (the body did not arrive within ``body_timeout_s``: a trickling client)
+413    ``image_too_large`` also when pixels × phrases (or classes) exceed ``SSPSAM_MAX_WORK``
 422    ``missing_field`` / ``invalid_field`` (empty phrase, too many phrases or classes, wrong type)
-500    ``internal_error`` (a bug or a model failure; the server logs the traceback and carries on)
+500    ``model_error`` (the model produced NaN/inf: damaged weights), ``internal_error`` (a bug; the
+       server logs the traceback and carries on)
 503    ``busy`` (queue full; ``Retry-After`` says when to retry), ``unavailable`` (no OVSS model)
 504    ``timeout`` (no answer within ``timeout_s``, counted from when the request was queued)
 =====  =========================================================================================
@@ -74,7 +77,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..errors import ImageLoadError, ImageTooLargeError, TextError
+from ..errors import ImageLoadError, ImageTooLargeError, ModelOutputError, TextError
 from ..imageio import load_image
 from ..masks import class_colours, encode_rle, label_overlay, label_png, segmentation_overlay
 from ..ovss.predictor import clean_classes
@@ -233,10 +236,7 @@ async def _read_payload(request: Request, text_fields: tuple[str, str]) -> _Payl
             texts = texts[0]
         flag = str(form.get("overlay", "")).strip().lower() in _TRUE
     elif ctype == "application/json":
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, "bad_request", f"the body is not valid JSON ({exc})") from None
+        body = _parse_json(await request.body())
         if not isinstance(body, dict):
             raise ApiError(422, "invalid_field", "the JSON body must be an object")
         b64 = body.get("image")
@@ -262,11 +262,48 @@ async def _read_payload(request: Request, text_fields: tuple[str, str]) -> _Payl
     return _Payload(data, texts, flag)
 
 
-def _decode_image(data: bytes) -> tuple[np.ndarray, str]:
+MAX_JSON_DEPTH = 32
+MAX_NUMBER_CHARS = 64
+
+
+def _big_number(text: str):
+    raise ValueError(f"a number of {len(text):,} characters (at most {MAX_NUMBER_CHARS})")
+
+
+def _no_constant(text: str):
+    raise ValueError(f"{text} is not JSON")
+
+
+def _parse_json(raw: bytes) -> Any:
+    """json.loads with the hostile cases named: deep nesting, giant numbers, NaN/Infinity, bad UTF-8."""
+    try:
+        body = json.loads(
+            raw,
+            parse_int=lambda t: int(t) if len(t) <= MAX_NUMBER_CHARS else _big_number(t),
+            parse_float=lambda t: float(t) if len(t) <= MAX_NUMBER_CHARS else _big_number(t),
+            parse_constant=_no_constant,
+        )
+    except RecursionError:
+        raise ApiError(400, "bad_request", f"the JSON body is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ApiError(400, "bad_request", f"the body is not valid JSON ({str(exc)[:200]})") from None
+    stack = [(body, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, "bad_request", f"the JSON body is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+    return body
+
+
+def _decode_image(data: bytes, items: int = 1, max_pixels: int | None = None) -> tuple[np.ndarray, str]:
     if not data:
         raise ApiError(400, "bad_image", "the image is empty (0 bytes)")
     try:
-        rgb = load_image(data)
+        rgb = load_image(data, items, max_pixels)
     except ImageTooLargeError as exc:
         raise ApiError(413, "image_too_large", str(exc)) from None
     except ImageLoadError as exc:
@@ -300,8 +337,8 @@ class _RequestMiddleware:
     before a byte of it is read.
     """
 
-    def __init__(self, app, max_body: int):
-        self.app, self.max_body = app, max_body
+    def __init__(self, app, max_body: int, body_timeout: float = 30.0):
+        self.app, self.max_body, self.body_timeout = app, max_body, body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -321,9 +358,18 @@ class _RequestMiddleware:
 
         received = 0
 
+        body_done = False
+
         async def limited_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # after the body only a disconnect can come; waiting for it is not a timeout
+                return await receive()
+            try:  # a client that trickles its body must not hold a connection (and its memory) forever
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except asyncio.TimeoutError:
+                raise ApiError(408, "body_timeout", f"the request body did not arrive within {self.body_timeout:g} s",
+                               {"Connection": "close"}) from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body:
@@ -467,6 +513,9 @@ def create_app(
     max_phrases: int = 64,
     segmenter=None,
     ovss=None,
+    body_timeout_s: float = 30.0,
+    cors_origins: list[str] | None = None,
+    max_pixels: int = 25_000_000,
 ) -> FastAPI:
     """The service. Models load once at start-up (lifespan), unless ready objects are passed in
     (``segmenter``/``ovss``: anything with the Segmenter / OVSS ``segment`` method, e.g. test stubs).
@@ -475,7 +524,8 @@ def create_app(
         raise ValueError("queue_size and max_batch must be >= 1, timeout_s and max_upload_mb > 0")
     _setup_logging()
     limits = {"max_upload_mb": max_upload_mb, "timeout_s": timeout_s, "queue_size": queue_size,
-              "max_batch": max_batch, "max_classes": max_classes, "max_phrases": max_phrases}
+              "max_batch": max_batch, "max_classes": max_classes, "max_phrases": max_phrases,
+              "max_pixels": max_pixels, "body_timeout_s": body_timeout_s}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -497,7 +547,11 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
-    app.add_middleware(_RequestMiddleware, max_body=int(max_upload_mb * 1e6))
+    app.add_middleware(_RequestMiddleware, max_body=int(max_upload_mb * 1e6), body_timeout=body_timeout_s)
+    if cors_origins:  # off unless asked for: a page on another origin must not drive this server by default
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"], allow_headers=["*"])
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(ApiError)
@@ -519,6 +573,13 @@ def create_app(
             raise ApiError(504, "timeout", f"no answer within {timeout_s:g} s; the server is overloaded or the image is huge") from None
         except TextError as exc:  # the model's own check of the phrases or classes
             raise ApiError(422, "invalid_field", str(exc)) from None
+        except ImageTooLargeError as exc:
+            raise ApiError(413, "image_too_large", str(exc)) from None
+        except ImageLoadError as exc:
+            raise ApiError(400, "bad_image", str(exc)) from None
+        except ModelOutputError as exc:  # broken weights: the operator's problem, said plainly, logged once per request
+            log.error(json.dumps({"request_id": request.state.request_id, "error": str(exc)}))
+            raise ApiError(500, "model_error", str(exc)) from None
 
     async def _parse(request: Request, fields: tuple[str, str], clean, limit: int, noun: str):
         """The body's image and texts, checked: 422 for bad texts before the image is decoded."""
@@ -529,7 +590,7 @@ def create_app(
             raise ApiError(422, "invalid_field", str(exc)) from None
         if len(items) > limit:
             raise ApiError(422, "invalid_field", f"{len(items)} {noun} given; at most {limit} per request")
-        rgb, key = await run_in_threadpool(_decode_image, payload.image)
+        rgb, key = await run_in_threadpool(_decode_image, payload.image, len(items), max_pixels)
         return payload, items, rgb, key
 
     @app.post("/v1/segment", summary="Segment what each phrase refers to",

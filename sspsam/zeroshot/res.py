@@ -96,9 +96,9 @@ class ZeroShotSegmenter:
 
     # ---- inference ------------------------------------------------------------------------
     @torch.inference_mode()
-    def set_image(self, image: ImageLike) -> np.ndarray:
+    def set_image(self, image: ImageLike, items: int = 1) -> np.ndarray:
         """Encode an image once (SAM embedding + dense CLIP); later phrases on the same pixels reuse it."""
-        rgb = load_image(image)
+        rgb = load_image(image, items)
         key = image_key(rgb)
         if self._cache is None or self._cache.key != key:
             x, valid, box = model_input(rgb, self.model.image_size, self.device)
@@ -108,7 +108,7 @@ class ZeroShotSegmenter:
     @torch.inference_mode()
     def segment(self, image: ImageLike, text_or_texts: str | list[str], batch_size: int = 16) -> Segmentation:
         phrases = clean_phrases(text_or_texts)
-        self.set_image(image)
+        self.set_image(image, len(phrases))
         enc = self._cache
         h, w = enc.box.orig_hw
         masks = np.zeros((len(phrases), h, w), dtype=bool)

@@ -288,7 +288,6 @@ def run_batch(
 
         if importlib.util.find_spec("ray") is None:  # before anything is written
             raise SSPSamError("--ray needs the batch extra (ray is not installed): pip install 'sspsam[batch]'")
-    output.mkdir(parents=True, exist_ok=True)
     if output.exists() and not output.is_dir():
         raise BatchError(f"the output {output} is a file; give a folder (results.jsonl goes inside it)")
     try:

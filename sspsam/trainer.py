@@ -200,7 +200,7 @@ def official_schedule(st, base_lrs: list[float], steps_per_epoch: int) -> list:
     step s runs in epoch s // steps_per_epoch at that epoch's lr (:func:`sspsam.recipe.official_lr`)."""
 
     def make(base: float):
-        return lambda s: st.lr(s // steps_per_epoch, base) / base
+        return lambda s: st.lr(s // steps_per_epoch, base) / base if base else 0.0
 
     return [make(b) for b in base_lrs]
 
@@ -441,9 +441,10 @@ def train(
         return DDP(forward, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
 
     decoder_frozen = None
+    decoder_always_frozen = any(f in ("sam", "sam.mask_decoder") for f in frozen)
     if st is not None:
         decoder_frozen = st.decoder_frozen(step // steps_per_epoch)
-        core.sam.mask_decoder.requires_grad_(not decoder_frozen and "sam.mask_decoder" not in frozen)
+        core.sam.mask_decoder.requires_grad_(not decoder_frozen and not decoder_always_frozen)
     model = wrap()
 
     autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
@@ -473,7 +474,7 @@ def train(
         while step < steps:
             if st is not None and st.decoder_frozen(step // steps_per_epoch) != decoder_frozen:
                 decoder_frozen = not decoder_frozen
-                core.sam.mask_decoder.requires_grad_(not decoder_frozen and "sam.mask_decoder" not in frozen)
+                core.sam.mask_decoder.requires_grad_(not decoder_frozen and not decoder_always_frozen)
                 trainable = [p for p in core.parameters() if p.requires_grad]
                 model = wrap()
             model.train()

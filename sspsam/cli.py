@@ -169,8 +169,11 @@ def train(
     config: str = typer.Argument(..., help="Variant name (e.g. ssp-sam-vitb) or a YAML config path."),
     data: Path = typer.Option(..., "--data", help="Data root in the refer / gRefCOCO layout."),
     out: Path = typer.Option(Path("runs/ssp-sam"), "-o", "--output", "--out", help="Run folder: last.pt (resumable), model.pt, log.jsonl."),
-    dataset: str = typer.Option("refcoco", "--dataset", help="refcoco | refcoco+ | refcocog | grefcoco | phrasecut."),
-    steps: int = typer.Option(1000, "--steps", help="Optimiser steps to reach (counting steps already done on --resume)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="refcoco | refcoco+ | refcocog | grefcoco | phrasecut | refcoco-merged (default: refcoco; official stage 1: refcoco-merged)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps to reach, counting steps done before --resume (default 1000; official recipe: the whole stage)."),
+    stage: Optional[int] = typer.Option(None, "--stage", help="Official recipe: 1 = box-only pretraining on merged RefCOCO/+/g, 2 = full training (default)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Official recipe: epochs of the stage (default 20 / 80, as the official configs)."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Initialise from a model.pt (official stage 2: stage 1's)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Samples per step per process (the paper: 8 per GPU)."),
     lr: float = typer.Option(1e-4, "--lr", help="Learning rate of the SSP encoder (paper 1e-4)."),
     decoder_lr: float = typer.Option(1e-5, "--decoder-lr", help="Learning rate of SAM's mask decoder (paper 1e-5)."),
@@ -186,12 +189,17 @@ def train(
     try:
         from .config import load_config
         from .device import resolve_device
+        from .recipe import is_official
         from .trainer import train as run_training
 
         dev = str(resolve_device(device))
-        res = run_training(load_config(config), data, out, dataset=dataset, steps=steps, batch_size=batch_size, lr=lr,
+        cfg = load_config(config)
+        if steps is None and not is_official(cfg):
+            steps = 1000
+        res = run_training(cfg, data, out, dataset=dataset, steps=steps, batch_size=batch_size, lr=lr,
                            decoder_lr=decoder_lr, resume=resume, ckpt_every=ckpt_every, precision=precision, device=dev,
-                           grad_accum=grad_accum, total_steps=total_steps, seed=seed, progress=True)
+                           grad_accum=grad_accum, total_steps=total_steps, seed=seed, progress=True,
+                           stage=stage, epochs=epochs, init=init)
     except SSPSamError as exc:
         _fail(exc)
     print(f"trained to step {res['step']}; model: {res['model']}")

@@ -1,5 +1,14 @@
 """SSP-SAM's training objective (official recipe): 4·dice + 4·focal on masks, 5·L1 + 2·GIoU on the
-auxiliary box, and (our GRES switch) a BCE on the no-target logit."""
+auxiliary box, and (our GRES switch) a BCE on the no-target logit.
+
+``loss.reduction: official`` (the paper configs) reduces as the official code does
+(``models/ssp_sam_224.py``: ``VGCriterion.loss_boxes``, ``SegCriterion``; ``losses/dice_sun.py``,
+``losses/binary_focal.py``): the box L1 is summed over the four coordinates and divided by the
+number of boxes — sspsam's older ``mean`` reduction (still the code default, so existing runs and
+checkpoints keep their loss scale) averages over coordinates too, which is 4x smaller; GIoU is the
+mean over boxes in both. ``loss.mask_size`` (official: 512) is the resolution the mask losses are
+computed at: the official decoder output is upsampled 256 → 1024 → 512 bilinearly and compared
+with the ground truth resized to 1024 and then to 512 by nearest neighbour."""
 
 from __future__ import annotations
 
@@ -43,10 +52,28 @@ def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return iou - (hull - union) / hull.clamp(min=1e-7)
 
 
+def box_losses(pred: torch.Tensor, target: torch.Tensor, weights: dict) -> dict[str, torch.Tensor]:
+    """Weighted L1 and GIoU of paired cxcywh boxes [N,4] (the official ``VGCriterion``, and alone the
+    whole stage-1 objective). ``official``: L1 summed over coordinates / N; ``mean``: / (4N)."""
+    target = target.to(pred.dtype)
+    l1 = F.l1_loss(pred, target, reduction="none")
+    l1 = l1.sum() / max(1, pred.shape[0]) if weights.get("reduction", "mean") == "official" else l1.mean()
+    giou = generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(target))
+    out = {"box_l1": weights.get("box_l1", 5.0) * l1, "box_giou": weights.get("box_giou", 2.0) * (1 - giou).mean()}
+    out["total"] = out["box_l1"] + out["box_giou"]
+    return out
+
+
 def ssp_loss(out: dict, mask: torch.Tensor, box: torch.Tensor, no_target: torch.Tensor, weights: dict) -> dict[str, torch.Tensor]:
     """out: model outputs; mask [T,S,S] bool (letterboxed GT); box [T,4] cxcywh in [0,1]; no_target [T] bool."""
+    if weights.get("reduction", "mean") not in ("mean", "official"):
+        raise ValueError(f"loss.reduction must be 'mean' or 'official', got {weights['reduction']!r}")
     logits = out["mask_logits"][:, 0]
     logits = F.interpolate(logits[:, None], size=mask.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    if weights.get("mask_size") and int(weights["mask_size"]) != mask.shape[-1]:
+        size = (int(weights["mask_size"]),) * 2
+        logits = F.interpolate(logits[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        mask = F.interpolate(mask[:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
     losses = {
         "dice": weights.get("dice", 4.0) * dice_loss(logits, mask),
         "focal": weights.get("focal", 4.0)
@@ -54,10 +81,8 @@ def ssp_loss(out: dict, mask: torch.Tensor, box: torch.Tensor, no_target: torch.
     }
     has = ~no_target
     if has.any() and "box" in out:
-        pb, gb = out["box"][has], box[has].to(out["box"].dtype)
-        losses["box_l1"] = weights.get("box_l1", 5.0) * F.l1_loss(pb, gb)
-        giou = generalized_box_iou(box_cxcywh_to_xyxy(pb), box_cxcywh_to_xyxy(gb))
-        losses["box_giou"] = weights.get("box_giou", 2.0) * (1 - giou).mean()
+        b = box_losses(out["box"][has], box[has], weights)
+        losses["box_l1"], losses["box_giou"] = b["box_l1"], b["box_giou"]
     if "no_target_logit" in out:
         losses["no_target"] = weights.get("no_target", 1.0) * F.binary_cross_entropy_with_logits(
             out["no_target_logit"], no_target.float()

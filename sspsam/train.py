@@ -37,7 +37,7 @@ def collate(samples: list[dict]) -> dict:
 
 def train_step(model, batch: dict, optimizer: torch.optim.Optimizer, loss_weights: dict, clip_grad: float | None = 0.1) -> dict:
     model.train()
-    tokens = model.clip.tokenize(batch["text"]).to(batch["image"].device)
+    tokens = model.tokenize(batch["text"]).to(batch["image"].device)
     out = model(batch["image"], tokens, batch.get("valid_hw"))
     losses = ssp_loss(out, batch["mask"], batch["box"], batch["no_target"], loss_weights)
     optimizer.zero_grad(set_to_none=True)

@@ -41,10 +41,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
-from .checkpoint import atomic_write, load_into, save_checkpoint, torch_load
+from . import recipe as official_recipe
+from .checkpoint import atomic_write, load_into, read_sspsam_checkpoint, save_checkpoint, torch_load
 from .config import build_model
-from .errors import CheckpointError
-from .losses import ssp_loss
+from .errors import CheckpointError, ConfigError
+from .losses import box_losses, ssp_loss
 from .train import param_groups
 
 log = logging.getLogger(__name__)
@@ -140,16 +141,40 @@ def _to_batch(samples: list[dict]) -> dict:
     return out
 
 
-def _dataset(name: str, data_root, image_size: int, tcfg: dict):
+def _dataset(name: str, data_root, image_size: int, tcfg: dict, official: bool = False):
+    """The training reader. sspsam's own augmentations (scale jitter 0.7–1, colour jitter 0.2) are
+    on by default for non-official recipes; under ``recipe: official`` they are off unless the
+    config names them (``scale_range``, ``colour_jitter``, ``flip``): the official pipeline has no
+    scale, colour or flip augmentation (see the recipe config)."""
     from .data import open_referring
 
-    return open_referring(
-        name, data_root, tcfg.get("split", "train"), image_size,
-        train=bool(tcfg.get("augment", True)),
-        flip=bool(tcfg.get("flip", False)),
-        scale_range=tuple(tcfg.get("scale_range", (0.7, 1.0))),
-        colour_jitter=float(tcfg.get("colour_jitter", 0.2)),
-    )
+    if official:
+        train = any(k in tcfg for k in ("scale_range", "colour_jitter")) or bool(tcfg.get("flip", False))
+        kwargs = dict(train=train, flip=bool(tcfg.get("flip", False)),
+                      scale_range=tuple(tcfg.get("scale_range", (1.0, 1.0))),
+                      colour_jitter=float(tcfg.get("colour_jitter", 0.0)))
+    else:
+        kwargs = dict(train=bool(tcfg.get("augment", True)), flip=bool(tcfg.get("flip", False)),
+                      scale_range=tuple(tcfg.get("scale_range", (0.7, 1.0))),
+                      colour_jitter=float(tcfg.get("colour_jitter", 0.2)))
+    if name == "refcoco-merged":
+        from .data.merged import MergedRefCOCODataset
+
+        return MergedRefCOCODataset(data_root, tcfg.get("split", "train"), image_size, **kwargs)
+    return open_referring(name, data_root, tcfg.get("split", "train"), image_size, **kwargs)
+
+
+class BoxPretraining(torch.nn.Module):
+    """Stage 1 of the official recipe: CLIP + the SSP encoder up to the auxiliary box, no SAM (the
+    official model returns before SAM when ``is_pretrain``). A module so DDP can wrap it."""
+
+    def __init__(self, core) -> None:
+        super().__init__()
+        self.core = core
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, valid_hw=None) -> dict:
+        patches, _ = self.core.clip.encode_image(images)
+        return self.core.ssp_encoder(patches, self.core.encode_text(tokens))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,6 +193,16 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float = 0
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
     return factor
+
+
+def official_schedule(st, base_lrs: list[float], steps_per_epoch: int) -> list:
+    """LambdaLR factors, one per parameter group, for the official per-epoch schedule: optimizer
+    step s runs in epoch s // steps_per_epoch at that epoch's lr (:func:`sspsam.recipe.official_lr`)."""
+
+    def make(base: float):
+        return lambda s: st.lr(s // steps_per_epoch, base) / base if base else 0.0
+
+    return [make(b) for b in base_lrs]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,8 +296,8 @@ def train(
     data_root: str | Path,
     out_dir: str | Path,
     *,
-    dataset: str = "refcoco",
-    steps: int,
+    dataset: str | None = None,
+    steps: int | None = None,
     batch_size: int,
     lr: float,
     decoder_lr: float,
@@ -280,18 +315,40 @@ def train(
     load_backbones: bool = True,
     tensorboard: bool = True,
     progress: bool = False,
+    stage: int | None = None,
+    epochs: int | None = None,
+    init: str | Path | None = None,
 ) -> dict:
     """Train for ``steps`` optimizer steps (each of ``grad_accum`` micro-batches of ``batch_size``
     per process). Returns ``{"step", "module" (the trained nn.Module of this rank), "losses" (this
-    call's per-step dicts), "last", "model", "log", "seconds"}``."""
+    call's per-step dicts), "last", "model", "log", "seconds"}``.
+
+    With ``train.recipe: official`` the run is by epochs (``epochs``, default the stage's) of
+    ``stage`` 1 (box-only pretraining on the merged set) or 2 (full; default), the schedule is the
+    official per-epoch cosine (:mod:`sspsam.recipe`) and ``steps`` defaults to the whole stage;
+    ``init`` (a stage-1 ``model.pt``) initialises the weights, as the official
+    ``--resume_from_pretrain`` does (non-strict: keys that match)."""
+    official = official_recipe.is_official(cfg)
+    if stage is not None and not official:
+        raise ConfigError("--stage needs a config with train.recipe: official")
+    if epochs is not None and not official:
+        raise ConfigError("--epochs needs a config with train.recipe: official (other recipes count --steps)")
+    st = official_recipe.stage(cfg, int(stage or 2)) if official else None
+    if st is not None and epochs is not None:
+        import dataclasses
+
+        st = dataclasses.replace(st, epochs=int(epochs))
+    if steps is None and not official:
+        raise ValueError("steps is required (the number of optimizer steps to reach)")
+    dataset = dataset or (st.dataset if st is not None else None) or "refcoco"
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-    if steps < 1 or batch_size < 1 or grad_accum < 1 or ckpt_every < 1 or log_every < 1:
+    if (steps is not None and steps < 1) or batch_size < 1 or grad_accum < 1 or ckpt_every < 1 or log_every < 1:
         raise ValueError("steps, batch_size, grad_accum, ckpt_every and log_every must be >= 1")
     out_dir = Path(out_dir)
     tcfg = dict(cfg.get("train") or {})
     frozen = list(tcfg.get("freeze") or [])
-    total_steps = int(total_steps or tcfg.get("total_steps") or steps)
+    total_steps = int(total_steps or tcfg.get("total_steps") or steps or 1)
     if warmup_steps is None:
         warmup_steps = int(tcfg.get("warmup_steps", max(1, round(0.05 * total_steps))))
     clip_grad = float(tcfg.get("clip_grad", 0.1)) if clip_grad is None else clip_grad
@@ -319,16 +376,17 @@ def train(
                 from .weights import require
 
                 getattr(model, part).load_checkpoint(require(name))
+    if init is not None:
+        load_into(model, read_sspsam_checkpoint(init)["state_dict"], what=f"--init checkpoint {init}", strict=False)
     if frozen:
         model.freeze(frozen)
     model.to(dev)
     core = model
     groups = param_groups(model, lr, decoder_lr, weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_steps))
 
     # ---- data --------------------------------------------------------------------------------
-    ds = _dataset(dataset, data_root, core.image_size, tcfg)
+    ds = _dataset(dataset, data_root, core.image_size, tcfg, official)
     if len(ds) // world < batch_size:
         raise ValueError(f"the {dataset} training split has {len(ds)} samples: too few for batch_size {batch_size} x {world} processes")
     seed_everything(seed + rank)  # per-rank augmentation / dropout streams
@@ -336,6 +394,15 @@ def train(
     sampler = ResumableSampler(len(ds), sampler_gen, rank, world)
     loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=0, drop_last=True,
                         collate_fn=_to_batch, generator=torch.Generator().manual_seed(seed))
+    if st is None:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_steps))
+        steps_per_epoch = 0
+    else:
+        # one optimizer step = grad_accum micro-batches; the lr of a step is its epoch's lr
+        steps_per_epoch = max(1, len(loader) // grad_accum)
+        total_steps = st.epochs * steps_per_epoch
+        steps = total_steps if steps is None else steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, official_schedule(st, [g["lr"] for g in groups], steps_per_epoch))
 
     step, epoch, consumed = 0, 0, 0
     if state is not None:
@@ -362,10 +429,23 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
         log_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
 
-    if world > 1:
+    box_only = st is not None and st.box_only
+    forward = BoxPretraining(core) if box_only else core
+
+    def wrap():
+        # DDP fixes its parameter set when built: rebuilt whenever the decoder freezes/thaws (as the official train.py)
+        if world == 1:
+            return forward
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(core, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
+        return DDP(forward, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
+
+    decoder_frozen = None
+    decoder_always_frozen = any(f in ("sam", "sam.mask_decoder") for f in frozen)
+    if st is not None:
+        decoder_frozen = st.decoder_frozen(step // steps_per_epoch)
+        core.sam.mask_decoder.requires_grad_(not decoder_frozen and not decoder_always_frozen)
+    model = wrap()
 
     autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
     trainable = [p for p in core.parameters() if p.requires_grad]
@@ -392,6 +472,11 @@ def train(
     bar = _progress_bar(steps, step) if (progress and is_main) else None
     try:
         while step < steps:
+            if st is not None and st.decoder_frozen(step // steps_per_epoch) != decoder_frozen:
+                decoder_frozen = not decoder_frozen
+                core.sam.mask_decoder.requires_grad_(not decoder_frozen and not decoder_always_frozen)
+                trainable = [p for p in core.parameters() if p.requires_grad]
+                model = wrap()
             model.train()
             for name in frozen:
                 core.get_submodule(name).eval()
@@ -408,14 +493,19 @@ def train(
                         it, epoch, consumed = None, epoch + 1, 0
                 consumed += 1
                 batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
-                tokens = core.clip.tokenize(batch["text"]).to(dev)
+                tokens = core.tokenize(batch["text"]).to(dev)
                 sync = micro == grad_accum - 1 or world == 1
                 ctx = contextlib.nullcontext() if sync else model.no_sync()
                 with ctx:
                     with autocast():
                         out = model(batch["image"], tokens, batch.get("valid_hw"))
                     out = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
-                    losses = ssp_loss(out, batch["mask"], batch["box"], batch["no_target"], loss_weights)
+                    if box_only:
+                        has = ~batch["no_target"]
+                        losses = (box_losses(out["box"][has], batch["box"][has], loss_weights) if has.any()
+                                  else {"total": out["box"].sum() * 0})
+                    else:
+                        losses = ssp_loss(out, batch["mask"], batch["box"], batch["no_target"], loss_weights)
                     (losses["total"] / grad_accum).backward()
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / grad_accum
@@ -426,6 +516,8 @@ def train(
             scheduler.step()
             step += 1
             rec = {"step": step, "lr": lrs[0], "decoder_lr": lrs[1], **sums}
+            if st is not None:
+                rec["epoch"] = (step - 1) // steps_per_epoch
             history.append(rec)
             if log_fh is not None and (step % log_every == 0 or step == steps):
                 log_fh.write(json.dumps(rec) + "\n")

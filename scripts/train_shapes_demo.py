@@ -15,8 +15,9 @@ Rerun (CPU, 2 threads; resumable — the state file is rewritten atomically ever
         --state runs/shapes-demo.state.pt --out sspsam/assets/shapes-demo.pt --eval 200
 
 `examples/shapes.png` is ``make_scene(np.random.default_rng(12), width=256, height=192,
-n_objects=(4, 4), radius=(0.12, 0.2), background="plain", palette=(red, green, blue, yellow,
-purple))`` — a blue circle, a red square, a green triangle and a purple circle — and
+n_objects=(4, 4), radius=(0.12, 0.2), background="plain", palette=(red, green, blue, yellow))``
+— a blue circle, a red square, a red triangle and a yellow circle; the colours are the bundled
+OVSS demo's classes, so the README's `sspsam ovss` line works on it too — and
 `examples/shapes_blue_circle.png` is its blue circle's mask (255 inside); both are rewritten,
 bit for bit, by ``python scripts/train_shapes_demo.py --example``.
 """
@@ -58,7 +59,7 @@ def example_scene():
     """The README's example: a fixed scene with a blue circle among shapes of other colours."""
     return make_scene(np.random.default_rng(EXAMPLE_SEED), width=EXAMPLE_SIZE[0], height=EXAMPLE_SIZE[1],
                       n_objects=(4, 4), radius=(0.12, 0.2), background="plain",
-                      palette=("red", "green", "blue", "yellow", "purple"))
+                      palette=("red", "green", "blue", "yellow"))
 
 
 def sample_scene(rng: random.Random, size: int, phrases: int) -> list[dict]:

@@ -1,0 +1,101 @@
+"""The bundled demo models are right on their own domain (issue 9): the README's main job, then
+every phrase family on scenes the models never saw."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sspsam.data.semseg import SemSegDataset, generate_semseg
+from sspsam.data.shapes import FAMILIES
+from sspsam.data.shapes_eval import HELDOUT_SEED0, evaluate, format_table
+from sspsam.ovss.evaluate import evaluate_ovss
+from sspsam.ovss.predictor import OVSS
+from sspsam.predictor import Segmenter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+def test_readme_main_job_finds_the_blue_circle(tmp_path):
+    """`sspsam segment examples/shapes.png "the blue circle" -o DIR`, as a user runs it."""
+    exe = shutil.which("sspsam")
+    cmd = [exe] if exe else [sys.executable, "-m", "sspsam.cli"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*cmd, "segment", "examples/shapes.png", "the blue circle", "-o", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "no matching object" not in proc.stdout
+    masks = sorted(tmp_path.glob("*mask*.png"))
+    assert len(masks) == 1, proc.stdout
+    pred = np.asarray(Image.open(masks[0]).convert("L")) > 127
+    known = np.asarray(Image.open(ROOT / "examples/shapes_blue_circle.png")) > 127
+    assert pred.shape == known.shape
+    assert _iou(pred, known) >= 0.9
+
+
+def test_example_mask_is_the_generators():
+    """The known answer is the generator's own mask of the example scene, not a hand drawing."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from train_shapes_demo import example_scene
+    finally:
+        sys.path.pop(0)
+    scene = example_scene()
+    assert np.array_equal(scene.render(), np.asarray(Image.open(ROOT / "examples/shapes.png").convert("RGB")))
+    (blue,) = [i for i, o in enumerate(scene.objects) if (o.colour, o.shape) == ("blue", "circle")]
+    known = np.asarray(Image.open(ROOT / "examples/shapes_blue_circle.png")) > 127
+    assert np.array_equal(scene.mask(blue), known)
+
+
+@pytest.fixture(scope="module")
+def shapes_demo_result():
+    torch.set_num_threads(1)
+    return evaluate(Segmenter.from_pretrained("shapes-demo"), n_scenes=200, seed0=HELDOUT_SEED0 + 7_000_000)
+
+
+def test_shapes_demo_every_family_on_held_out_scenes(shapes_demo_result):
+    r = shapes_demo_result
+    print(format_table(r))
+    assert set(r["families"]) == set(FAMILIES) and all(row["n"] >= 50 for row in r["families"].values())
+    assert r["mIoU"] >= 0.85
+    assert r["no_target_acc"] >= 0.9
+    for family, row in r["families"].items():
+        assert row["score"] >= 0.75, (family, row)
+
+
+def test_shapes_demo_meta_says_what_it_knows():
+    from sspsam.checkpoint import read_sspsam_checkpoint
+
+    meta = read_sspsam_checkpoint(ROOT / "sspsam/assets/shapes-demo.pt")["meta"]
+    assert meta["domain"] == "generated-shapes"
+    assert "the blue circle" in meta["example_phrases"] and len(meta["example_phrases"]) >= 4
+    seg = Segmenter.from_pretrained("shapes-demo")
+    scene_free = [p for p in meta["example_phrases"] if "purple" in p]
+    assert scene_free, "an absent-object example (nothing is purple in examples/shapes.png)"
+    res = seg.segment(np.asarray(Image.open(ROOT / "examples/shapes.png").convert("RGB")), scene_free)
+    assert res.no_target.all() and not res.masks.any()
+
+
+def test_ovss_demo_on_held_out_scenes(tmp_path):
+    from sspsam.checkpoint import read_sspsam_checkpoint
+
+    torch.set_num_threads(1)
+    meta = read_sspsam_checkpoint(ROOT / "sspsam/assets/ovss-shapes-demo.pt")["meta"]
+    classes = meta["example_classes"]
+    assert meta["domain"] == "generated-shapes" and classes[0] == "background"
+    generate_semseg(tmp_path, n=100, size=128, seed=987_654, splits=("val",), classes=tuple(classes))
+    ovss = OVSS.from_pretrained("ovss-shapes-demo")
+    res = evaluate_ovss(ovss.model, SemSegDataset(tmp_path, "val"), classes=classes)
+    assert res["mIoU"] >= 0.85, res["per_class"]

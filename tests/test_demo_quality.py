@@ -68,7 +68,7 @@ def shapes_demo_result():
 def test_shapes_demo_every_family_on_held_out_scenes(shapes_demo_result):
     r = shapes_demo_result
     print(format_table(r))
-    assert set(r["families"]) == set(FAMILIES) and all(row["n"] >= 50 for row in r["families"].values())
+    assert set(r["families"]) == set(FAMILIES) and all(row["n"] >= 30 for row in r["families"].values())
     assert r["mIoU"] >= 0.85
     assert r["no_target_acc"] >= 0.9
     for family, row in r["families"].items():

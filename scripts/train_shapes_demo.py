@@ -29,6 +29,7 @@ bit for bit, by ``python scripts/train_shapes_demo.py --example``.
 from __future__ import annotations
 
 import argparse
+import datetime
 import math
 import os
 import random
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from sspsam.checkpoint import atomic_write, save_checkpoint
@@ -83,15 +85,34 @@ def sample_scene(rng: random.Random, size: int, phrases: int) -> list[dict]:
     return out
 
 
-def train_step(model, scenes: list[list[dict]], opt, loss_cfg: dict) -> dict:
+def alignment_loss(model, patches: torch.Tensor, sentence: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Dense phrase–patch alignment: the cosine of the sentence embedding with each CLIP patch,
+    as a logit, against the share of that patch the referent covers.
+
+    SSP-SAM relies on CLIP's pretrained image–text alignment (its Visual Attention Adapter starts
+    from the sentence–patch similarity map). The demo's CLIP is random, and without that
+    alignment the tiny model learnt positions but not one colour word in 1000 steps: the phrase
+    never told the visual side what to look for. This loss supplies the alignment directly.
+    Training only; the model and its inference are unchanged."""
+    g = model.clip.grid_size
+    share = F.adaptive_avg_pool2d(mask.float()[:, None], g).flatten(1)  # [T, g*g], row-major like the patches
+    cos = torch.einsum("tnc,tc->tn", F.normalize(patches, dim=-1), F.normalize(sentence, dim=-1))
+    return F.binary_cross_entropy_with_logits(10.0 * cos, share)
+
+
+def train_step(model, scenes: list[list[dict]], opt, loss_cfg: dict, align_weight: float = 0.0) -> dict:
     flat = [s for group in scenes for s in group]
     batch = collate(flat)
     index = torch.tensor([i for i, group in enumerate(scenes) for _ in group])
     first = [group[0] for group in scenes]
     model.train()
     feats = model.encode_image(torch.stack([s["image"] for s in first]), torch.stack([s["valid_hw"] for s in first]))
-    out = model.decode(feats, model.encode_text(model.clip.tokenize(batch["text"])), index)
+    text = model.encode_text(model.clip.tokenize(batch["text"]))
+    out = model.decode(feats, text, index)
     losses = ssp_loss(out, batch["mask"], batch["box"], batch["no_target"], loss_cfg)
+    if align_weight:
+        losses["align"] = align_weight * alignment_loss(model, feats.clip_patches[index], text.sentence, batch["mask"])
+        losses["total"] = losses["total"] + losses["align"]
     opt.zero_grad(set_to_none=True)
     losses["total"].backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -116,6 +137,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--state", default="runs/shapes-demo.state.pt", help="resumable training state")
     ap.add_argument("--out", default="sspsam/assets/shapes-demo.pt")
+    ap.add_argument("--align", type=float, default=2.0, help="weight of the phrase–patch alignment loss")
+    ap.add_argument("--align-from", type=int, default=0, help="first step with the alignment loss")
+    ap.add_argument("--deadline", help="UTC HH:MM: stop there even if --steps is not reached (then save and evaluate)")
     ap.add_argument("--eval", type=int, default=200, help="held-out scenes to evaluate at the end (0: none)")
     ap.add_argument("--example", action="store_true", help="only (re)write examples/shapes.png and its mask")
     args = ap.parse_args()
@@ -145,16 +169,21 @@ def main() -> None:
         torch.set_rng_state(st["torch_rng"])
         print(f"resumed at step {step} ({elapsed / 60:.1f} min)", flush=True)
     t0 = time.time() - elapsed
-    while step < args.steps:
+    stop_at = float("inf")
+    if args.deadline:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        hh, mm = map(int, args.deadline.split(":"))
+        stop_at = now.replace(hour=hh, minute=mm, second=0, microsecond=0).timestamp()
+    while step < args.steps and time.time() < stop_at:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr)
         scenes = [sample_scene(rng, model.image_size, args.phrases) for _ in range(args.batch)]
-        losses = train_step(model, scenes, opt, cfg["loss"])
+        losses = train_step(model, scenes, opt, cfg["loss"], args.align if step >= args.align_from else 0.0)
         step += 1
         if step % 25 == 0:
             print(f"step {step} {time.time() - t0:.0f}s lr={opt.param_groups[0]['lr']:.2e} "
                   + " ".join(f"{k}={v:.3f}" for k, v in losses.items()), flush=True)
-        if step % 200 == 0 or step == args.steps:
+        if step % 200 == 0 or step == args.steps or time.time() >= stop_at:
             st = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": time.time() - t0,
                   "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}
             state_path.parent.mkdir(parents=True, exist_ok=True)

@@ -47,12 +47,7 @@ def test_readme_main_job_finds_the_blue_circle(tmp_path):
 
 def test_example_mask_is_the_generators():
     """The known answer is the generator's own mask of the example scene, not a hand drawing."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from train_shapes_demo import example_scene
-    finally:
-        sys.path.pop(0)
-    scene = example_scene()
+    scene = _example_scene()
     assert np.array_equal(scene.render(), np.asarray(Image.open(ROOT / "examples/shapes.png").convert("RGB")))
     (blue,) = [i for i, o in enumerate(scene.objects) if (o.colour, o.shape) == ("blue", "circle")]
     known = np.asarray(Image.open(ROOT / "examples/shapes_blue_circle.png")) > 127
@@ -76,16 +71,34 @@ def test_shapes_demo_every_family_on_held_out_scenes(shapes_demo_result):
 
 
 def test_shapes_demo_meta_says_what_it_knows():
+    """The example phrases the CLI/web page suggest are answered right on examples/shapes.png,
+    an absent object among them."""
     from sspsam.checkpoint import read_sspsam_checkpoint
+    from sspsam.data.shapes import all_expressions
+    from sspsam.data.shapes_eval import target_mask
 
     meta = read_sspsam_checkpoint(ROOT / "sspsam/assets/shapes-demo.pt")["meta"]
-    assert meta["domain"] == "generated-shapes"
-    assert "the blue circle" in meta["example_phrases"] and len(meta["example_phrases"]) >= 4
-    seg = Segmenter.from_pretrained("shapes-demo")
-    scene_free = [p for p in meta["example_phrases"] if "purple" in p]
-    assert scene_free, "an absent-object example (nothing is purple in examples/shapes.png)"
-    res = seg.segment(np.asarray(Image.open(ROOT / "examples/shapes.png").convert("RGB")), scene_free)
-    assert res.no_target.all() and not res.masks.any()
+    assert meta["domain"] == "generated-shapes" and len(meta["example_phrases"]) >= 4
+    scene = _example_scene()
+    truth = {e.text: e for e in all_expressions(scene)}
+    phrases = meta["example_phrases"]
+    assert all(p in truth for p in phrases), "every example phrase is a generator phrase true of the example"
+    assert any(truth[p].no_target for p in phrases)
+    res = Segmenter.from_pretrained("shapes-demo").segment(scene.render(), phrases)
+    for p, mask, none in zip(phrases, res.masks, res.no_target):
+        if truth[p].no_target:
+            assert none and not mask.any(), p
+        else:
+            assert not none and _iou(mask, target_mask(scene, truth[p])) >= 0.75, p
+
+
+def _example_scene():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from train_shapes_demo import example_scene
+    finally:
+        sys.path.pop(0)
+    return example_scene()
 
 
 def test_ovss_demo_on_held_out_scenes(tmp_path):

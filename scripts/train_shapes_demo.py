@@ -64,8 +64,8 @@ OVERRIDES = {
 # none: they are drawn more often. Absent objects too, so that "the C S" is not a no-target cue.
 FAMILY_WEIGHTS = {"colour": 2.0, "shape": 1.5, "colour-shape": 2.0, "position": 1.0, "relation": 1.0,
                   "size": 0.5, "multi": 1.0, "absent": 1.5}
-EXAMPLE_PHRASES = ["the blue circle", "the red shape", "the square on the left", "all circles",
-                   "the circle left of the red square", "the purple triangle"]
+EXAMPLE_PHRASES = ["the blue circle", "the yellow shape", "the triangle", "the yellow circle on the right",
+                   "the blue circle left of the red square", "the purple triangle"]
 EXAMPLE_SEED = 12
 EXAMPLE_SIZE = (256, 192)
 

@@ -277,6 +277,38 @@ class Expression:
     def no_target(self) -> bool:
         return not self.targets
 
+    @property
+    def family(self) -> str:
+        """The phrase family (see :data:`FAMILIES`): what a model must understand to answer it."""
+        return TEMPLATE_FAMILY.get(self.template, "absent" if self.no_target else "other")
+
+
+# Phrase families, as the demo model is evaluated on them. A template belongs to the family of
+# the hardest thing it asks: "the blue circle on the left" needs position, "the circle left of
+# the red square" a relation between two objects.
+FAMILIES: tuple[str, ...] = ("colour", "shape", "colour-shape", "position", "relation", "size", "multi", "absent")
+TEMPLATE_FAMILY: dict[str, str] = {
+    "colour": "colour",
+    "shape": "shape",
+    "colour-shape": "colour-shape",
+    "colour-shape-position": "position",
+    "group-position": "position",
+    "position": "position",
+    "relation": "relation",
+    "relation-shape": "relation",
+    "comparative-size": "size",
+    "all-colour": "multi",
+    "count-shape": "multi",
+    "all-shape": "multi",
+    "colour-shapes": "multi",
+    "count-colour": "multi",
+    "conjunction": "multi",
+    "absent-colour": "absent",
+    "absent-colour-only": "absent",
+    "absent-shape": "absent",
+    "absent-pair": "absent",
+}
+
 
 def _left_of(a: ShapeObject, b: ShapeObject) -> bool:
     return a.extent[2] < b.extent[0]
@@ -451,3 +483,70 @@ def raw_form(sentence: str, rng: np.random.Generator | None = None) -> str:
     if rng is None or rng.random() < 0.5:
         text += "."
     return text
+
+
+# ----------------------------------------------------------------------------------------------
+# every phrase family at once (the demo model's training and evaluation draw from here)
+
+
+def position_expressions(scene: Scene) -> list[Expression]:
+    """'the shape on the left', 'the top shape': an object apart from ALL others on one side."""
+    out = []
+    for o in scene.objects:
+        others = [b for b in scene.objects if b.index != o.index]
+        if all(_left_of(o, b) for b in others):
+            out.append(Expression("the shape on the left", (o.index,), "single", "position"))
+        if all(_left_of(b, o) for b in others):
+            out.append(Expression("the shape on the right", (o.index,), "single", "position"))
+        if all(_above(o, b) for b in others):
+            out.append(Expression("the top shape", (o.index,), "single", "position"))
+        if all(_above(b, o) for b in others):
+            out.append(Expression("the bottom shape", (o.index,), "single", "position"))
+    return out
+
+
+def relation_expressions(scene: Scene) -> list[Expression]:
+    """'the circle left of the red square': the shape word alone is ambiguous, the relation to a
+    uniquely named object is what picks the referent out."""
+    out = []
+    relations = (("left of", _left_of), ("right of", lambda a, b: _left_of(b, a)),
+                 ("above", _above), ("below", lambda a, b: _above(b, a)))
+    for b in scene.objects:
+        if len(scene.select(b.colour, b.shape)) != 1:
+            continue
+        for shape in SHAPES:
+            group = [o for o in scene.objects if o.shape == shape and o.index != b.index]
+            if len(scene.select(shape=shape)) < 2:
+                continue  # the shape word alone already says which one
+            for word, test in relations:
+                hits = [o for o in group if test(o, b)]
+                if len(hits) == 1:
+                    out.append(Expression(f"the {shape} {word} the {b.colour} {b.shape}", (hits[0].index,), "single", "relation-shape"))
+    return out
+
+
+def all_expressions(scene: Scene) -> list[Expression]:
+    """Every true phrase the generator makes for ``scene``, each tagged with its ``family``;
+    a text appears once (the first template that made it wins)."""
+    exprs = [e for es in single_target_expressions(scene).values() for e in es]
+    exprs += position_expressions(scene) + relation_expressions(scene)
+    exprs += multi_target_expressions(scene)
+    for colour in COLOURS:  # 'the two red shapes'
+        idx = scene.select(colour=colour)
+        if len(idx) in NUMBER_WORDS:
+            exprs.append(Expression(f"the {NUMBER_WORDS[len(idx)]} {colour} shapes", tuple(idx), "multi", "count-colour"))
+    exprs += no_target_expressions(scene)
+    seen: set[str] = set()
+    out = []
+    for e in exprs:
+        if e.text not in seen:
+            seen.add(e.text)
+            out.append(e)
+    return out
+
+
+def expressions_by_family(scene: Scene) -> dict[str, list[Expression]]:
+    out: dict[str, list[Expression]] = {f: [] for f in FAMILIES}
+    for e in all_expressions(scene):
+        out.setdefault(e.family, []).append(e)
+    return out

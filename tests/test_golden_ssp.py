@@ -175,6 +175,8 @@ def test_fidelity_table_takes_the_clip_rows(monkeypatch, capsys):
         {"fixture": "sclip", "quantity": "seg_pred", "max_abs_diff": None, "tolerance": 1e-3, "mask_disagreement": 0.0},
     ]
     monkeypatch.setitem(sys.modules, "sspsam.tools.fidelity_clip", fake)
+    # once the real module was imported, `from . import fidelity_clip` finds it on the package
+    monkeypatch.setattr(sys.modules["sspsam.tools"], "fidelity_clip", fake, raising=False)
     monkeypatch.setattr(fidelity, "CHECKS", {})
     assert fidelity.main([]) == 0
     out = capsys.readouterr().out

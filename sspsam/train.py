@@ -39,7 +39,8 @@ def train_step(model, batch: dict, optimizer: torch.optim.Optimizer, loss_weight
     model.train()
     tokens = model.tokenize(batch["text"]).to(batch["image"].device)
     out = model(batch["image"], tokens, batch.get("valid_hw"))
-    losses = ssp_loss(out, batch["mask"], batch["box"], batch["no_target"], loss_weights)
+    box = model.box_target(batch["box"], batch.get("valid_hw"))  # the box head's frame
+    losses = ssp_loss(out, batch["mask"], box, batch["no_target"], loss_weights)
     optimizer.zero_grad(set_to_none=True)
     losses["total"].backward()
     if clip_grad:

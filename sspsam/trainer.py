@@ -500,12 +500,13 @@ def train(
                     with autocast():
                         out = model(batch["image"], tokens, batch.get("valid_hw"))
                     out = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
+                    box = core.box_target(batch["box"], batch.get("valid_hw"))  # the box head's frame
                     if box_only:
                         has = ~batch["no_target"]
-                        losses = (box_losses(out["box"][has], batch["box"][has], loss_weights) if has.any()
+                        losses = (box_losses(out["box"][has], box[has], loss_weights) if has.any()
                                   else {"total": out["box"].sum() * 0})
                     else:
-                        losses = ssp_loss(out, batch["mask"], batch["box"], batch["no_target"], loss_weights)
+                        losses = ssp_loss(out, batch["mask"], box, batch["no_target"], loss_weights)
                     (losses["total"] / grad_accum).backward()
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / grad_accum

@@ -185,3 +185,25 @@ def test_fidelity_table_takes_the_clip_rows(monkeypatch, capsys):
                             "mask_disagreement": 0.01}]
     assert fidelity.main([]) == 1
     assert "NO" in capsys.readouterr().out
+
+
+def test_box_targets_move_into_the_official_box_frame():
+    """The official box head predicts in the centred CLIP canvas: a box given in SAM's letterbox
+    (what the datasets carry) must land where the official code puts it. Known answer first, then
+    the fixture: its predicted boxes, mapped to original pixels by the official post-processing,
+    come back to the predicted canvas boxes."""
+    from sspsam.ssp.official_inputs import letterbox_box_to_clip
+
+    # 100×200 image: SAM 1024 letterbox 512×1024 (top-left); CLIP 224 canvas 112×224 at top 56
+    full = torch.tensor([[0.5, 0.25, 1.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
+    got = letterbox_box_to_clip(full, torch.tensor([[512, 1024], [512, 1024]]), 1024, 224)
+    assert torch.allclose(got, torch.tensor([[0.5, 0.5, 1.0, 0.5], [0.0, 0.0, 0.0, 0.0]]))
+
+    inp, out = golden.arrays("ssp_sam_224", "inputs"), golden.arrays("ssp_sam_224", "outputs")
+    rows, hw = [], []
+    for (x0, y0, x1, y1), (h, w) in zip(out["post_boxes_xyxy_orig"], inp["ori_size"]):
+        m = max(h, w)  # SAM's letterbox scales by 1024 / max(h, w), top-left aligned
+        rows.append([(x0 + x1) / 2 / m, (y0 + y1) / 2 / m, (x1 - x0) / m, (y1 - y0) / m])
+        hw.append([round(h * 1024 / m), round(w * 1024 / m)])
+    got = letterbox_box_to_clip(torch.tensor(rows), torch.tensor(hw), 1024, 224)
+    np.testing.assert_allclose(got.numpy(), out["pred_boxes"][:, 0], atol=3e-3)

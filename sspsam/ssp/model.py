@@ -13,7 +13,7 @@ from ..backbones.sam import SAMBackbone
 from ..errors import ConfigError
 from .encoder import SemanticSpatialPromptEncoder
 from .no_target_head import NoTargetHead
-from .official_inputs import clip_input, clip_input_from_letterbox, format_phrase
+from .official_inputs import clip_input, clip_input_from_letterbox, format_phrase, letterbox_box_to_clip
 
 
 @dataclass
@@ -88,6 +88,13 @@ class SSPSAM(nn.Module):
         if self.clip_geometry != "centered":
             return None
         return torch.stack([clip_input(rgb, self.clip.image_size) for rgb in rgbs]).to(device)
+
+    def box_target(self, box: torch.Tensor, valid_hw: torch.Tensor | None) -> torch.Tensor:
+        """Dataset boxes (SAM letterbox frame) → the frame the box head predicts in: the letterbox
+        itself, or the centred CLIP canvas for the official geometry."""
+        if self.clip_geometry != "centered":
+            return box
+        return letterbox_box_to_clip(box, valid_hw, self.image_size, self.clip.image_size)
 
     def tokenize(self, phrases: list[str]) -> torch.Tensor:
         if self.phrase_format == "official":

@@ -63,3 +63,24 @@ def clip_input_from_letterbox(images: torch.Tensor, valid_hw: torch.Tensor | Non
         x = F.interpolate(images[i : i + 1, :, :h, :w], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
         out[i, :, top : top + nh, left : left + nw] = _normalise(x[0].clamp(0, 255) / 255)
     return out
+
+
+def letterbox_box_to_clip(box: torch.Tensor, valid_hw: torch.Tensor | None, sam_size: int, clip_size: int) -> torch.Tensor:
+    """Box targets (cx, cy, w, h), normalised to SAM's ``sam_size``² letterbox → the same boxes
+    normalised to the centred CLIP canvas of :func:`centered_geometry`.
+
+    The official box head predicts in the padded CLIP image (its targets are the GT box moved by
+    the same resize-and-centre as the image), while sspsam's datasets give boxes in SAM's
+    top-left letterbox; without this the auxiliary box loss of the official head would pull its
+    box towards the wrong place. All-zero rows (no target) stay zero.
+    """
+    b = box.shape[0]
+    hw = valid_hw.tolist() if valid_hw is not None else [[sam_size, sam_size]] * b
+    geo = [centered_geometry((int(h), int(w)), clip_size) for h, w in hw]
+    t = lambda rows: torch.tensor(rows, dtype=box.dtype, device=box.device)  # noqa: E731
+    sx = t([sam_size / w * nw / clip_size for (h, w), (nh, nw, top, left) in zip(hw, geo)])
+    sy = t([sam_size / h * nh / clip_size for (h, w), (nh, nw, top, left) in zip(hw, geo)])
+    ox = t([left / clip_size for nh, nw, top, left in geo])
+    oy = t([top / clip_size for nh, nw, top, left in geo])
+    out = torch.stack([box[:, 0] * sx + ox, box[:, 1] * sy + oy, box[:, 2] * sx, box[:, 3] * sy], dim=1)
+    return torch.where((box == 0).all(dim=1, keepdim=True), box, out)

@@ -199,16 +199,21 @@ class Segmenter:
         sq = official_mask_logits(low[:, None], self.model.image_size)[:, 0]
         sh, sw = (round(v * 512 / box.size) for v in box.scaled_hw)
         area512 = (sq[:, :sh, :sw] > self.mask_threshold).sum((1, 2))
-        iou = out["iou"].float().clamp(0, 1)
+        # The score is the mask's own confidence (its mean foreground probability), not SAM's IoU head:
+        # SSP-SAM's recipe never trains that head (the official code ignores it), so its output says
+        # nothing about these masks (a from-scratch model answers 0.00 for a right mask).
+        fg = low > self.mask_threshold
+        p = low.sigmoid()
+        conf = torch.where(fg.any(dim=(1, 2)), (p * fg).sum((1, 2)) / fg.sum((1, 2)).clamp(min=1), p.amax(dim=(1, 2)))
         if "no_target_logit" in out:
             prob = out["no_target_logit"].float().sigmoid()
             no_target = prob > self.no_target_prob
-            score = iou * (1 - prob)
+            score = conf * (1 - prob)
             prob = prob.cpu().numpy()
         else:
             prob = None
             no_target = area512 < self.no_target_min_pixels
-            score = iou
+            score = conf
         # one phrase at a time: full-size float logits for a whole chunk would be chunk × pixels × 4 bytes
         full = torch.stack([unletterbox_logits(low[i : i + 1], box)[0] > self.mask_threshold for i in range(len(low))])
         # A mask that vanishes at the original size (tiny image, thin sliver) is no answer: never "found" and empty.

@@ -75,6 +75,16 @@ def _submit(driver, text: str) -> None:
     assert driver.execute_script("return document.body.dataset.state") == "done", status
 
 
+def _scene_and_a_found_phrase(client, tmp_path):
+    """The demo scene saved for upload, the first phrase the API finds in it, and that mask."""
+    rgb, png = scene_png(5)
+    path = tmp_path / "scene.png"
+    path.write_bytes(png)
+    phrase = next(p for p, m in zip(PHRASES, _api_masks(client, png, PHRASES)) if m.any())
+    (want,) = _api_masks(client, png, [phrase])
+    return rgb, png, path, phrase, want
+
+
 def _api_masks(client, png: bytes, phrases: list[str]) -> list[np.ndarray]:
     r = client.post("/v1/segment", files={"image": ("scene.png", png, "image/png")}, data={"phrases": phrases})
     assert r.status_code == 200, r.text
@@ -193,11 +203,7 @@ def test_keyboard_only_upload_result_error_and_recovery(site, browser, tmp_path)
     from selenium.webdriver.support.ui import WebDriverWait
 
     url, client = site
-    rgb, png = scene_png(5)
-    path = tmp_path / "scene.png"
-    path.write_bytes(png)
-    phrase = next(p for p, m in zip(PHRASES, _api_masks(client, png, PHRASES)) if m.any())
-    (want,) = _api_masks(client, png, [phrase])
+    rgb, png, path, phrase, want = _scene_and_a_found_phrase(client, tmp_path)
 
     browser.get(url + "/")
     # the page suggests what the loaded model knows, as /v1/models lists it
@@ -264,11 +270,7 @@ def test_warnings_shown_and_a_new_upload_clears_everything(site, browser, tmp_pa
     from selenium.webdriver.support.ui import WebDriverWait
 
     url, client = site
-    rgb, png = scene_png(5)
-    path = tmp_path / "scene.png"
-    path.write_bytes(png)
-    phrase = next(p for p, m in zip(PHRASES, _api_masks(client, png, PHRASES)) if m.any())
-    (want,) = _api_masks(client, png, [phrase])
+    rgb, png, path, phrase, want = _scene_and_a_found_phrase(client, tmp_path)
     browser.get(url + "/")
     # the server adds "warnings" for images far from a demo model's domain; this wrapper makes every
     # answer carry one, and adds a result flagged as found whose mask is empty: the page must not

@@ -14,12 +14,7 @@ from sspsam.trainer import train
 KW = dict(batch_size=2, lr=1e-3, decoder_lr=1e-4, seed=3407, log_every=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

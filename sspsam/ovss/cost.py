@@ -140,16 +140,22 @@ def csa_attention(attn: torch.nn.MultiheadAttention, x: torch.Tensor) -> torch.T
     return attn.out_proj(out.transpose(1, 2).reshape(b, n, c))
 
 
+def _before_last_block(clip: CLIPBackbone, x: torch.Tensor, interp: str) -> tuple[torch.Tensor, torch.nn.Module]:
+    """Tokens after every vision block but the last, and that last block: the training-free modes
+    differ only in how they replace it."""
+    blocks = clip.model.visual.transformer.resblocks
+    x = clip.embed_patches(x, interp)
+    for blk in blocks[:-1]:
+        x = blk(x)
+    return x, blocks[-1]
+
+
 def sclip_tokens(clip: CLIPBackbone, x: torch.Tensor, csa: bool = True) -> torch.Tensor:
     """Normalised input [B,3,H,W] (any multiple of the patch size) → ``ln_post(x) @ proj`` of every
     token [B, 1+g*g, E], class token first: SCLIP's ``encode_image(x, return_all=True, csa=csa)``.
     ``csa=False`` runs a standard last block (token 0 is then CLIP's own image embedding)."""
     vis = clip.model.visual
-    x = clip.embed_patches(x, "sclip")
-    blocks = vis.transformer.resblocks
-    for blk in blocks[:-1]:
-        x = blk(x)
-    last = blocks[-1]
+    x, last = _before_last_block(clip, x, "sclip")
     if csa:
         x = x + last.ls_1(csa_attention(last.attn, last.ln_1(x)))
         x = x + last.ls_2(last.mlp(last.ln_2(x)))
@@ -164,11 +170,7 @@ def _last_block_dense(clip: CLIPBackbone, images: torch.Tensor, mode: str, size:
     if mode == "sclip":
         return sclip_tokens(clip, x)[:, 1:]
     vis = clip.model.visual
-    x = clip.embed_patches(x, "bicubic")
-    blocks = vis.transformer.resblocks
-    for blk in blocks[:-1]:
-        x = blk(x)
-    last = blocks[-1]
+    x, last = _before_last_block(clip, x, "bicubic")
     if mode == "csa-no-ffn":
         x = x + last.ls_1(csa_attention(last.attn, last.ln_1(x)))
     else:  # maskclip: the value embedding alone keeps each patch's own semantics

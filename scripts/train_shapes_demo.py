@@ -147,6 +147,8 @@ def main() -> None:
     ap.add_argument("--align-from", type=int, default=0, help="first step with the alignment loss")
     ap.add_argument("--deadline", help="UTC HH:MM: stop there even if --steps is not reached (then save and evaluate)")
     ap.add_argument("--eval", type=int, default=200, help="held-out scenes to evaluate at the end (0: none)")
+    ap.add_argument("--family-weights", default="", help="how often each phrase family is drawn, e.g. 'shape=2.5,size=1.5' "
+                    "(the rest as in FAMILY_WEIGHTS)")
     ap.add_argument("--example", action="store_true", help="only (re)write examples/shapes.png and its mask")
     args = ap.parse_args()
     if args.example:
@@ -158,6 +160,11 @@ def main() -> None:
         atomic_write("examples/shapes_blue_circle.png", lambda t: mask.save(t, format="PNG"))
         print([(o.colour, o.shape) for o in scene.objects])
         return
+    for item in filter(None, args.family_weights.split(",")):
+        fam, _, w = item.partition("=")
+        if fam not in FAMILY_WEIGHTS:
+            ap.error(f"--family-weights: unknown family {fam!r} (one of {', '.join(FAMILY_WEIGHTS)})")
+        FAMILY_WEIGHTS[fam] = float(w)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)

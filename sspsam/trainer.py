@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
+from . import feature_cache as fc
 from . import recipe as official_recipe
 from .checkpoint import atomic_write, load_into, read_sspsam_checkpoint, save_checkpoint, torch_load
 from .config import build_model
@@ -128,7 +129,8 @@ class ResumableSampler(Sampler[int]):
 
 
 def _to_batch(samples: list[dict]) -> dict:
-    """Dataset samples → the tensors ssp_loss needs (valid_hw only when every sample has one)."""
+    """Dataset samples → the tensors ssp_loss needs (valid_hw only when every sample has one;
+    ``sam_embed`` when the samples come from a feature cache)."""
     out = {
         "image": torch.stack([s["image"] for s in samples]),
         "mask": torch.stack([torch.as_tensor(s["mask"]).bool() for s in samples]),
@@ -138,7 +140,24 @@ def _to_batch(samples: list[dict]) -> dict:
     }
     if all("valid_hw" in s for s in samples):
         out["valid_hw"] = torch.stack([torch.as_tensor(s["valid_hw"]) for s in samples])
+    if "sam_embed" in samples[0]:
+        out["sam_embed"] = torch.stack([s["sam_embed"] for s in samples])
     return out
+
+
+class CachedSamples(torch.utils.data.Dataset):
+    """The training reader plus each sample's cached SAM image embedding (``sam_embed``)."""
+
+    def __init__(self, dataset, cache, sample_rows) -> None:
+        self.dataset, self.cache, self.sample_rows = dataset, cache, sample_rows
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        sample = self.dataset[i]
+        sample["sam_embed"] = torch.from_numpy(self.cache[int(self.sample_rows[i])])
+        return sample
 
 
 def _dataset(name: str, data_root, image_size: int, tcfg: dict, official: bool = False):
@@ -175,6 +194,90 @@ class BoxPretraining(torch.nn.Module):
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, valid_hw=None) -> dict:
         patches, _ = self.core.clip.encode_image(images)
         return self.core.ssp_encoder(patches, self.core.encode_text(tokens))
+
+
+def build_training_model(cfg: dict, seed: int, load_backbones: bool = True, init=None):
+    """The model as :func:`train` builds it before training (seeded init, backbone weights, ``init``,
+    frozen parts): :func:`build_feature_cache` must see the same SAM image-encoder weights."""
+    seed_everything(seed)
+    model = build_model(cfg)
+    if load_backbones:
+        for part in ("clip", "sam"):
+            name = (cfg.get(part) or {}).get("weights")
+            if name:
+                from .weights import require
+
+                getattr(model, part).load_checkpoint(require(name))
+    if init is not None:
+        load_into(model, read_sspsam_checkpoint(init)["state_dict"], what=f"--init checkpoint {init}", strict=False)
+    frozen = list((cfg.get("train") or {}).get("freeze") or [])
+    if frozen:
+        model.freeze(frozen)
+    return model
+
+
+def _check_cacheable(cfg: dict, model, ds, stage) -> None:
+    """``--cached-features`` is exact only when the cached tower is frozen and every epoch feeds it
+    the same image; otherwise refuse, in one line."""
+    if stage is not None and stage.box_only:
+        raise ConfigError("--cached-features: official stage 1 never runs SAM's image encoder, so there is nothing to cache")
+    encoder = model.sam.image_encoder
+    if encoder is not None and any(p.requires_grad for p in encoder.parameters()):
+        raise ConfigError(f"--cached-features needs SAM's image encoder frozen, but config '{cfg.get('name')}' trains it "
+                          "(add sam.image_encoder to train.freeze)")
+    if getattr(ds, "train", False):
+        raise ConfigError("--cached-features needs training without image augmentation (scale/colour jitter, flips change "
+                          "the image each epoch): set train.augment: false, or use the official recipe without "
+                          "scale_range/colour_jitter/flip")
+
+
+def _cache_identity(cfg: dict, model, index, dataset: str, split: str, image_size: int) -> dict:
+    ds_id = {"name": dataset, "split": split, "image_size": int(image_size), "images": len(index.keys)}
+    ds_id["fingerprint"] = index.fingerprint(ds_id)
+    return {"model": cfg.get("model", "ssp-sam"), "config": cfg.get("name", "?"), "sam_config_hash": fc.sam_config_hash(cfg),
+            "encoder_hash": fc.encoder_hash(model.sam.image_encoder) if model.sam.image_encoder is not None else None, "dataset": ds_id, "views": ["plain"]}
+
+
+def build_feature_cache(
+    cfg: dict,
+    data_root: str | Path,
+    out_dir: str | Path,
+    *,
+    dataset: str | None = None,
+    seed: int = 3407,
+    init: str | Path | None = None,
+    load_backbones: bool = True,
+    batch_size: int = 8,
+    shard_size: int = 64,
+    dtype: str = "float16",
+    device: str = "cpu",
+    progress=None,
+) -> dict:
+    """SAM image embeddings of every distinct image of the training split, for
+    ``train(..., cached_features=out_dir)`` with the same config, data, dataset, seed and init."""
+    official = official_recipe.is_official(cfg)
+    dataset = dataset or (official_recipe.stage(cfg, 2).dataset if official else None) or "refcoco"
+    tcfg = dict(cfg.get("train") or {})
+    model = build_training_model(cfg, seed, load_backbones, init)
+    ds = _dataset(dataset, data_root, model.image_size, tcfg, official)
+    _check_cacheable(cfg, model, ds, None)
+    index = fc.image_index(ds, data_root)
+    identity = _cache_identity(cfg, model, index, dataset, tcfg.get("split", "train"), model.image_size)
+    dev = torch.device(device)
+    sam = model.sam.to(dev).eval()
+    with torch.no_grad():
+        probe = ds[index.first_sample[0]]
+        shape = tuple(sam.encode_image(probe["image"][None].to(dev), probe["valid_hw"][None].to(dev)).shape[1:])
+
+    def encode(rows: list[int]):
+        samples = [ds[index.first_sample[r]] for r in rows]
+        images = torch.stack([s["image"] for s in samples]).to(dev)
+        valid = torch.stack([torch.as_tensor(s["valid_hw"]) for s in samples]).to(dev)
+        with torch.no_grad():
+            return sam.encode_image(images, valid).float().cpu().numpy()
+
+    identity.update(dtype=dtype, shape=list(shape), shard_size=int(shard_size), rows=len(index.keys))
+    return fc.write_cache(out_dir, identity, encode, batch_size=batch_size, progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,6 +421,7 @@ def train(
     stage: int | None = None,
     epochs: int | None = None,
     init: str | Path | None = None,
+    cached_features: str | Path | None = None,
 ) -> dict:
     """Train for ``steps`` optimizer steps (each of ``grad_accum`` micro-batches of ``batch_size``
     per process). Returns ``{"step", "module" (the trained nn.Module of this rank), "losses" (this
@@ -327,7 +431,12 @@ def train(
     ``stage`` 1 (box-only pretraining on the merged set) or 2 (full; default), the schedule is the
     official per-epoch cosine (:mod:`sspsam.recipe`) and ``steps`` defaults to the whole stage;
     ``init`` (a stage-1 ``model.pt``) initialises the weights, as the official
-    ``--resume_from_pretrain`` does (non-strict: keys that match)."""
+    ``--resume_from_pretrain`` does (non-strict: keys that match).
+
+    ``cached_features``: a folder written by :func:`build_feature_cache` (``sspsam cache-features``)
+    with the same config, data, seed and init; SAM's image encoder is then not run, its embeddings
+    are read from the cache (CLIP still runs). Refused unless the encoder is frozen and the images
+    are not augmented (see :mod:`sspsam.feature_cache`)."""
     official = official_recipe.is_official(cfg)
     if stage is not None and not official:
         raise ConfigError("--stage needs a config with train.recipe: official")
@@ -367,19 +476,7 @@ def train(
     state = read_train_state(last_path) if resume else None  # fail before any work
 
     # ---- model (same seed on every rank: identical init) -------------------------------------
-    seed_everything(seed)
-    model = build_model(cfg)
-    if load_backbones:
-        for part in ("clip", "sam"):
-            name = (cfg.get(part) or {}).get("weights")
-            if name:
-                from .weights import require
-
-                getattr(model, part).load_checkpoint(require(name))
-    if init is not None:
-        load_into(model, read_sspsam_checkpoint(init)["state_dict"], what=f"--init checkpoint {init}", strict=False)
-    if frozen:
-        model.freeze(frozen)
+    model = build_training_model(cfg, seed, load_backbones, init)
     model.to(dev)
     core = model
     groups = param_groups(model, lr, decoder_lr, weight_decay)
@@ -387,6 +484,15 @@ def train(
 
     # ---- data --------------------------------------------------------------------------------
     ds = _dataset(dataset, data_root, core.image_size, tcfg, official)
+    if cached_features is not None:
+        _check_cacheable(cfg, core, ds, st if (st is not None and st.box_only) else None)
+        cache = fc.FeatureCache(cached_features)
+        index = fc.image_index(ds, data_root)
+        want = _cache_identity(cfg, core, index, dataset, tcfg.get("split", "train"), core.image_size)
+        # a model built without SAM's image encoder (sam.image_encoder: false) cannot be checked against its weights
+        keys = ("model", "sam_config_hash", "dataset", "views") + (("encoder_hash",) if want["encoder_hash"] else ())
+        cache.check(**{k: want[k] for k in keys})
+        ds = CachedSamples(ds, cache, index.sample_rows)
     if len(ds) // world < batch_size:
         raise ValueError(f"the {dataset} training split has {len(ds)} samples: too few for batch_size {batch_size} x {world} processes")
     seed_everything(seed + rank)  # per-rank augmentation / dropout streams
@@ -496,8 +602,9 @@ def train(
                 tokens = core.tokenize(batch["text"]).to(dev)
                 sync = micro == grad_accum - 1 or world == 1
                 ctx = contextlib.nullcontext() if sync else model.no_sync()
+                feed = fc.sam_embeddings(core.sam, batch["sam_embed"]) if "sam_embed" in batch else contextlib.nullcontext()
                 with ctx:
-                    with autocast():
+                    with autocast(), feed:
                         out = model(batch["image"], tokens, batch.get("valid_hw"))
                     out = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
                     box = core.box_target(batch["box"], batch.get("valid_hw"))  # the box head's frame

@@ -1,4 +1,4 @@
-"""`sspsam` command line: segment, ovss, evaluate, train, serve, batch, weights, models.
+"""`sspsam` command line: segment, ovss, evaluate, train, cache-features, serve, batch, weights, models.
 
 Only typer and click load at start-up: torch, numpy and the model code are imported inside the
 command that needs them, so `sspsam --help` answers at once. Every error is one `error: …` line
@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from . import __version__, cli_batch, cli_ovss, cli_serve, cli_weights
+from . import __version__, cli_batch, cli_cache, cli_ovss, cli_serve, cli_weights
 from .cli_common import Group, check_input_file, check_output_dir, fail, output_stem, say_warning
 from .errors import SSPSamError, TextError
 
@@ -162,6 +162,7 @@ class _offline:
 app.command("ovss")(cli_ovss.ovss)
 app.command("batch")(cli_batch.batch)
 app.command("serve")(cli_serve.serve)
+app.command("cache-features")(cli_cache.cache_features)
 
 
 @app.command()
@@ -184,6 +185,7 @@ def train(
     grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimiser step."),
     total_steps: Optional[int] = typer.Option(None, "--total-steps", help="Length of the LR schedule (default: --steps); keep it fixed across resumes."),
     seed: int = typer.Option(3407, "--seed", help="Seed (the official recipe: 3407)."),
+    cached_features: Optional[Path] = typer.Option(None, "--cached-features", help="Read SAM's image embeddings from a folder `sspsam cache-features` wrote (same config, data, dataset, seed, init) instead of running the encoder."),
 ) -> None:
     """Train SSP-SAM (backbones frozen as in the paper). Multi-GPU: torchrun --nproc_per_node N -m sspsam.cli train ..."""
     try:
@@ -199,7 +201,7 @@ def train(
         res = run_training(cfg, data, out, dataset=dataset, steps=steps, batch_size=batch_size, lr=lr,
                            decoder_lr=decoder_lr, resume=resume, ckpt_every=ckpt_every, precision=precision, device=dev,
                            grad_accum=grad_accum, total_steps=total_steps, seed=seed, progress=True,
-                           stage=stage, epochs=epochs, init=init)
+                           stage=stage, epochs=epochs, init=init, cached_features=cached_features)
     except SSPSamError as exc:
         _fail(exc)
     print(f"trained to step {res['step']}; model: {res['model']}")

@@ -46,6 +46,7 @@ from .errors import SSPSamError
 FORMAT = "sspsam-feature-cache"
 VERSION = 1
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 DTYPES = ("float16", "float32")
 TOWER = "sam.image_encoder"
 # the keys that make two caches the same cache (``complete`` and bookkeeping are not among them)
@@ -188,29 +189,59 @@ def write_cache(
         if diff:
             raise FeatureCacheError(f"{directory} holds a feature cache for something else ({', '.join(diff)} differ): "
                                     "delete it or choose another folder")
-    elif directory.is_dir() and any(directory.iterdir()):
+    elif directory.is_dir() and any(p.name != LOCK for p in directory.iterdir()):
         raise FeatureCacheError(f"{directory} is not empty and holds no feature cache: choose an empty or new folder")
     n, size, shape, dtype = int(manifest["rows"]), int(manifest["shard_size"]), tuple(manifest["shape"]), manifest["dtype"]
     n_shards = max(1, -(-n // size))
     manifest["shards"] = n_shards
     manifest["complete"] = False
-    _write_manifest(directory, manifest)
-    written = kept = 0
-    done_rows = 0
-    for k in range(n_shards):
-        lo, hi = k * size, min(n, (k + 1) * size)
-        path = directory / shard_name(k)
-        if path.is_file() and _shard_ok(path, hi - lo, shape, dtype):
-            kept += 1
-        else:
-            _write_shard(path, lo, hi, shape, dtype, encode, batch_size)
-            written += 1
-        done_rows = hi
-        if progress is not None:
-            progress(done_rows, n)
-    manifest["complete"] = True
-    _write_manifest(directory, manifest)
+    directory.mkdir(parents=True, exist_ok=True)
+    with _writer_lock(directory):
+        # a killed run leaves the temporary file of the shard it was writing (atomic_write cleans up
+        # only when Python survives); nobody else writes here while we hold the lock
+        for stale in directory.glob(".shard-*.npy.*.tmp"):
+            stale.unlink(missing_ok=True)
+        _write_manifest(directory, manifest)
+        written = kept = 0
+        for k in range(n_shards):
+            lo, hi = k * size, min(n, (k + 1) * size)
+            path = directory / shard_name(k)
+            if path.is_file() and _shard_ok(path, hi - lo, shape, dtype):
+                kept += 1
+            else:
+                _write_shard(path, lo, hi, shape, dtype, encode, batch_size)
+                written += 1
+            if progress is not None:
+                progress(hi, n)
+        manifest["complete"] = True
+        _write_manifest(directory, manifest)
     return {**manifest, "written": written, "kept": kept}
+
+
+class _writer_lock:
+    """One writer per cache folder: a second `cache-features` into the same folder would delete
+    the first one's temporary files. ``flock`` is released by the kernel when a run is killed."""
+
+    def __init__(self, directory: Path):
+        self.path = directory / LOCK
+
+    def __enter__(self):
+        self.fh = open(self.path, "a+")
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no lock, one writer is the user's job
+            return self
+        try:
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.fh.close()
+            raise FeatureCacheError(f"another `sspsam cache-features` is writing to {self.path.parent}: wait for it "
+                                    "or choose another folder") from None
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+        return False
 
 
 def _write_shard(path: Path, lo: int, hi: int, shape, dtype: str, encode, batch_size: int) -> None:

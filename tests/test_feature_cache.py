@@ -15,6 +15,9 @@ from sspsam.config import load_config
 from sspsam.errors import ConfigError
 from sspsam.feature_cache import FeatureCache, FeatureCacheError
 from sspsam.trainer import build_feature_cache, train
+from typer.testing import CliRunner
+
+from sspsam.cli import app
 
 KW = dict(batch_size=2, lr=1e-3, decoder_lr=1e-4, seed=3407, log_every=1, tensorboard=False)
 STEPS = 6
@@ -31,10 +34,23 @@ def data_root(tmp_path_factory):
     return root
 
 
+TINY_FROZEN = """base: ssp-sam-tiny
+train: {freeze: [clip, sam.image_encoder], warmup_steps: 2, augment: false}
+"""
+
+
 @pytest.fixture(scope="module")
-def cfg():
-    c = load_config("ssp-sam-tiny")
-    c["train"] = {"freeze": ["clip", "sam.image_encoder"], "warmup_steps": 2, "augment": False}
+def cfg_path(tmp_path_factory):
+    """The tiny config with the cached tower frozen and no augmentation, as a file the CLI can take."""
+    path = tmp_path_factory.mktemp("cfg") / "tiny-frozen.yaml"
+    path.write_text(TINY_FROZEN)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cfg(cfg_path):
+    c = load_config(cfg_path)
+    assert c["train"] == {"freeze": ["clip", "sam.image_encoder"], "warmup_steps": 2, "augment": False}
     return c
 
 
@@ -112,30 +128,117 @@ def test_fp16_cache_loss_difference(cfg, data_root, uncached, tmp_path, capsys):
     assert gap < 1e-5
 
 
-def test_interrupted_build_resumes_byte_identical(cfg, data_root, cache32, tmp_path, monkeypatch):
+KILLED_RUN = """
+import os, signal, sys
+import torch
+torch.set_num_threads(1)
+from sspsam import feature_cache as fc
+from sspsam.cli import app
+
+real = fc._write_shard
+shards = []
+
+def write_shard(path, lo, hi, shape, dtype, encode, batch_size):
+    shards.append(path.name)
+    def dying(rows):
+        if len(shards) == 2:  # the second shard's temporary file is open and unfilled
+            os.kill(os.getpid(), signal.SIGKILL)
+        return encode(rows)
+    return real(path, lo, hi, shape, dtype, dying, batch_size)
+
+fc._write_shard = write_shard
+app(sys.argv[1:], prog_name="sspsam")
+"""
+
+
+def test_killed_build_resumes_to_identical_shards(cfg_path, data_root, cache32, tmp_path):
+    """A `cache-features` run killed by SIGKILL in the middle of a shard (no Python clean-up runs)
+    leaves its finished shards and a stray temporary file; running the same command again keeps
+    the finished shards, writes the rest, and ends with the same bytes as an uninterrupted build."""
+    import os
+    import subprocess
+    import sys
+
     ref, _ = cache32
     out = tmp_path / "resume"
-    real = fc._write_shard
-    calls = []
-
-    def dies_on_second(path, *a, **k):
-        calls.append(path.name)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # as a killed run: the shard being written never lands
-        return real(path, *a, **k)
-
-    monkeypatch.setattr(fc, "_write_shard", dies_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        build_feature_cache(cfg, data_root, out, seed=KW["seed"], dtype="float32", shard_size=4, batch_size=2)
-    monkeypatch.setattr(fc, "_write_shard", real)
+    args = ["cache-features", str(cfg_path), "--data", str(data_root), "-o", str(out), "--dtype", "fp32",
+            "--shard-size", "4", "--batch-size", "2", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, *args], env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
     assert (out / "shard-00000.npy").is_file() and not (out / "shard-00001.npy").exists()
-    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert [p.name for p in out.glob(".shard-00001.npy.*.tmp")]  # the kill left half a shard behind
     with pytest.raises(FeatureCacheError, match=r"incomplete \(1/2 shards\)"):
         FeatureCache(out)
-    info = build_feature_cache(cfg, data_root, out, seed=KW["seed"], dtype="float32", shard_size=4, batch_size=2)
-    assert (info["kept"], info["written"]) == (1, 1)
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "2 shards" in res.output and "(1 written, 1 kept" in res.output
+    assert not list(out.glob("*.tmp"))
     for name in ("shard-00000.npy", "shard-00001.npy"):
         assert (out / name).read_bytes() == (ref / name).read_bytes()
+    assert FeatureCache(out).manifest["encoder_hash"] == FeatureCache(ref).manifest["encoder_hash"]
+
+
+def test_cli_cache_then_train(cfg_path, data_root, uncached, tmp_path):
+    """`sspsam cache-features` then `sspsam train --cached-features`: the CLI's run logs the same
+    losses as the uncached API run with the same settings (fp32 cache: exact)."""
+    import json
+
+    cache = tmp_path / "cache"
+    res = CliRunner().invoke(app, ["cache-features", str(cfg_path), "--data", str(data_root), "-o", str(cache),
+                                   "--dtype", "fp32", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "6 images, 1 shards" in res.output
+    run = tmp_path / "run"
+    res = CliRunner().invoke(app, ["train", str(cfg_path), "--data", str(data_root), "-o", str(run), "--steps", "2",
+                                   "--batch-size", "2", "--lr", "1e-3", "--decoder-lr", "1e-4", "--device", "cpu",
+                                   "--cached-features", str(cache)])
+    assert res.exit_code == 0, res.output
+    logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    logged = [r for r in logged if "total" in r]
+    assert [r["step"] for r in logged] == [1, 2]
+    for a, b in zip(uncached["losses"], logged):
+        assert b["total"] == pytest.approx(a["total"], abs=1e-5, rel=0)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dtype", "int8"], "--dtype must be fp16 or fp32"),
+    (["--shard-size", "0"], "must be >= 1"),
+    (["--data", "/nonexistent/sspsam-data"], "is not a folder"),
+    (["--config", "ssp-sam-tiny"], "needs SAM's image encoder frozen"),
+    (["--config", "no-such-variant"], "no model config"),
+    (["--init", "/nonexistent/model.pt"], "--init checkpoint not found"),
+    (["-o", "FILE"], "exists and is not a folder"),
+    (["-o", "OTHER"], "not empty and holds no feature cache"),
+])
+def test_cli_cache_bad_input(cfg_path, data_root, tmp_path, extra, message):
+    config = str(cfg_path)
+    if extra[0] == "--config":
+        config, extra = extra[1], []
+    out = tmp_path / "c"
+    if extra[:2] == ["-o", "FILE"]:
+        out.write_text("x")
+        extra = []
+    elif extra[:2] == ["-o", "OTHER"]:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        extra = []
+    res = CliRunner().invoke(app, ["cache-features", config, "--data", str(data_root), "-o", str(out), "--device", "cpu", *extra])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.output
+
+
+def test_cli_train_refuses_mismatched_cache(cfg_path, data_root, cache32, tmp_path):
+    out, _ = cache32
+    base = ["train", str(cfg_path), "--data", str(data_root), "-o", str(tmp_path / "r"), "--steps", "1",
+            "--batch-size", "2", "--device", "cpu", "--cached-features"]
+    for extra, message in (([str(out), "--seed", "1"], "other SAM image-encoder weights"),
+                           ([str(tmp_path / "none")], "no feature cache")):
+        res = CliRunner().invoke(app, base + extra)
+        assert res.exit_code == 2, res.output
+        lines = res.output.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], res.output
 
 
 def test_refusals_are_one_line(cfg, data_root, cache32, tmp_path):

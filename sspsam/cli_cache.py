@@ -1,5 +1,6 @@
 """`sspsam cache-features`: run SAM's frozen image encoder once over a training set, for
-`sspsam train --cached-features DIR` (the official SSP-SAM code trains on cached embeddings too).
+`sspsam train --cached-features DIR` (the official SSP-SAM code trains on cached embeddings too)
+or, for a SAM-MI config, `python -m sspsam.ovss.train ... --cached-features DIR`.
 
 Registered by ``sspsam/cli.py`` as ``app.command("cache-features")(cli_cache.cache_features)``.
 torch and the model code load inside the command, so `sspsam --help` stays instant. The cache
@@ -21,11 +22,11 @@ DTYPES = {"fp16": "float16", "float16": "float16", "fp32": "float32", "float32":
 
 def cache_features(
     config: str = typer.Argument(..., help="Variant name (e.g. ssp-sam-vitb) or a YAML config path: the one you will train."),
-    data: Path = typer.Option(..., "--data", help="Data root in the refer / gRefCOCO layout (as for `sspsam train`)."),
+    data: Path = typer.Option(..., "--data", help="Data root in the refer / gRefCOCO layout (as for `sspsam train`); SAM-MI: the semseg folder."),
     out: Path = typer.Option(..., "-o", "--output", "--out", help="Cache folder (new, empty, or a cache this same command started: it is finished)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="As `sspsam train --dataset` (default: refcoco; official recipe: stage 2's)."),
     init: Optional[Path] = typer.Option(None, "--init", help="The --init model.pt training will use (its SAM weights are the ones cached)."),
-    seed: int = typer.Option(3407, "--seed", help="The --seed training will use (random-init weights depend on it)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="The --seed training will use (random-init weights depend on it; default: the trainer's, 3407 for SSP-SAM, 0 for SAM-MI)."),
     dtype: str = typer.Option("fp16", "--dtype", help="fp16 (half the disk; losses differ from uncached training by the rounding) | fp32 (exactly the uncached losses)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per encoder forward."),
     shard_size: int = typer.Option(64, "--shard-size", help="Images per shard file (a killed run redoes at most one shard)."),
@@ -51,20 +52,34 @@ def cache_features(
         from .config import load_config
 
         cfg = load_config(config)
+        kind = cfg.get("model", "ssp-sam")
+        ovss = kind in ("sam-mi", "escnet")
+        if kind not in ("ssp-sam", "sam-mi", "escnet"):
+            raise SSPSamError(f"config '{cfg.get('name')}' is a {kind} model, which is not trained: nothing to cache")
+        if ovss and (dataset is not None or init is not None):
+            raise SSPSamError(f"--dataset and --init are for SSP-SAM; a {kind} model trains on the semseg folder --data")
         from .device import resolve_device
-        from .trainer import build_feature_cache
 
         dev = str(resolve_device(device))
 
         def progress(done: int, total: int) -> None:
-            print(f"{done}/{total} images", flush=True)
+            print(f"{done}/{total} rows", flush=True)
 
-        info = build_feature_cache(cfg, data, out, dataset=dataset, seed=seed, init=init, batch_size=batch_size,
-                                   shard_size=shard_size, dtype=DTYPES[dtype.lower()], device=dev, progress=progress)
+        common = dict(batch_size=batch_size, shard_size=shard_size, dtype=DTYPES[dtype.lower()], device=dev, progress=progress)
+        if ovss:  # trained by `python -m sspsam.ovss.train ... --cached-features OUT` (its --seed default: 0)
+            from .ovss.train import build_ovss_feature_cache
+
+            info = build_ovss_feature_cache(cfg, data, out, seed=0 if seed is None else seed, **common)
+        else:
+            from .trainer import build_feature_cache
+
+            info = build_feature_cache(cfg, data, out, dataset=dataset, seed=3407 if seed is None else seed, init=init, **common)
     except SSPSamError as exc:
         raise fail(exc)
     except OSError as exc:  # disk full, permission denied on the cache folder
         raise fail(exc)
     shape = "x".join(str(s) for s in info["shape"])
-    print(f"cache {out}: {info['rows']} images, {info['shards']} shards of {shape} {info['dtype']} "
+    views = len(info["views"])
+    what = f"{info['rows']} images" if views == 1 else f"{info['rows'] // views} images x {views} views ({', '.join(info['views'])})"
+    print(f"cache {out}: {what}, {info['shards']} shards of {shape} {info['dtype']} "
           f"({info['written']} written, {info['kept']} kept from an earlier run)")

@@ -283,3 +283,71 @@ def test_cli_does_not_import_torch():
 
     code = "import sys, sspsam.cli, sspsam.cli_cache; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+# ----------------------------------------------------------------------------------------------
+# SAM-MI (OVSS trainer): SAM frozen, random flip served by a mirrored view in the cache
+
+SAM_MI_FROZEN = """base: sam-mi-tiny
+train: {freeze: [sam]}
+"""
+
+
+@pytest.fixture(scope="module")
+def semseg(tmp_path_factory):
+    from sspsam.data.semseg import generate_semseg
+
+    root = tmp_path_factory.mktemp("semseg")
+    generate_semseg(root, n=4, size=96, seed=0, splits=("train",))
+    cfg = root.parent / "sam-mi-frozen.yaml"
+    cfg.write_text(SAM_MI_FROZEN)
+    return root, cfg
+
+
+def test_sam_mi_cached_loss_curve_equals_uncached(semseg, tmp_path, monkeypatch):
+    """fp32 cache: the per-step losses of SAM-MI training equal the uncached run's to 1e-5, with the
+    trainer's random flips drawn as before (both views of the cache are read)."""
+    from sspsam.backbones.sam import SAMBackbone
+    from sspsam.ovss.train import build_ovss_feature_cache, train_ovss
+
+    root, cfg = semseg
+    kw = dict(steps=4, batch_size=2, seed=0, log_every=0, warmup=2, log=lambda m: None)
+    plain = train_ovss(cfg, root, tmp_path / "plain", **kw)
+    cache = tmp_path / "cache"
+    info = build_ovss_feature_cache(cfg, root, cache, dtype="float32", shard_size=4, batch_size=2)
+    assert info["rows"] == 8 and info["views"] == ["plain", "hflip"]
+    rows = FeatureCache(cache)
+    np.testing.assert_array_equal(rows[1].shape, rows[0].shape)
+    assert np.abs(rows[1] - rows[0]).max() > 1e-3  # the mirrored view is another embedding
+    used = []
+    real = fc.FeatureCache.__getitem__
+    monkeypatch.setattr(fc.FeatureCache, "__getitem__", lambda self, r: used.append(int(r)) or real(self, r))
+
+    def never(*a, **k):
+        raise AssertionError("the cached path ran SAM's image encoder")
+
+    monkeypatch.setattr(SAMBackbone, "encode_image", never)
+    cached = train_ovss(cfg, root, tmp_path / "cached", cached_features=cache, **kw)
+    assert {r % 2 for r in used} == {0, 1}  # both views were trained on
+    assert len(plain["losses"]) == len(cached["losses"]) == 4
+    for a, b in zip(plain["losses"], cached["losses"]):
+        assert b == pytest.approx(a, abs=1e-5, rel=0)
+
+
+def test_sam_mi_cache_refusals(semseg, tmp_path):
+    from sspsam.ovss.train import build_ovss_feature_cache, train_ovss
+
+    root, cfg = semseg
+    cache = tmp_path / "cache"
+    res = CliRunner().invoke(app, ["cache-features", str(cfg), "--data", str(root), "-o", str(cache), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "4 images x 2 views (plain, hflip)" in res.output and "float16" in res.output
+    kw = dict(steps=1, batch_size=2, log_every=0, log=lambda m: None, cached_features=cache)
+    with pytest.raises(FeatureCacheError, match="other SAM image-encoder weights") as e:
+        train_ovss(cfg, root, tmp_path / "r", seed=1, **kw)  # another seed: other random SAM weights
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="nothing to cache"):
+        build_ovss_feature_cache("escnet-tiny", root, tmp_path / "e")
+    res = CliRunner().invoke(app, ["cache-features", "sam-mi-tiny", "--data", str(root), "-o", str(tmp_path / "t")])
+    assert res.exit_code == 2 and "needs SAM's image encoder frozen" in res.output
+    assert len(res.output.strip().splitlines()) == 1

@@ -15,6 +15,12 @@ Two learning rates, as ESC-Net trains CLIP and the SAM block 100× slower than t
 ``param_groups(lr, backbone_lr, weight_decay)`` method (ESC-Net) defines its own groups. Checkpoints are
 written atomically with :func:`sspsam.checkpoint.save_checkpoint`, so
 ``sspsam.predictor._model_from_checkpoint`` rebuilds the model from the file alone.
+
+``cached_features`` (SAM-MI only): SAM's image embeddings from a folder written by
+:func:`build_ovss_feature_cache` (``sspsam cache-features sam-mi-…``), for configs that freeze SAM's
+image encoder (``sam-mi-vitb`` freezes all of SAM). The random horizontal flip stays: the cache holds
+each image twice, plain and mirrored, and a step reads the view it drew. ESC-Net has nothing to
+cache: it never runs SAM's image encoder (its SAM block works on CLIP features, and CLIP trains).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import feature_cache as fc
 from ..checkpoint import read_sspsam_checkpoint, save_checkpoint
 from ..config import build_model, load_config
 from ..data.semseg import SemSegDataset
@@ -105,6 +112,7 @@ def train_ovss(
     time_limit: float | None = None,
     warmup: int = 20,
     log=print,
+    cached_features: str | Path | None = None,
 ) -> dict:
     """Train, write ``out_dir/model.pt`` (and ``out_dir/last.pt`` with the optimizer every
     ``save_every`` steps; ``resume=True`` continues from it). Returns a summary with the model."""
@@ -122,11 +130,17 @@ def train_ovss(
     grad_clip = float(tcfg.get("grad_clip", 1.0))
     if steps < 1 or batch_size < 1:
         raise ConfigError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    model.freeze(tcfg.get("freeze", []))
+    model = build_ovss_training_model(cfg, seed)
     data = SemSegDataset(data_root, "train", model.image_size)
     classes, ignore = data.classes, data.ignore_index
+    cache = cache_rows = None
+    if cached_features is not None:
+        _check_cacheable(cfg, model)
+        cache = fc.FeatureCache(cached_features)
+        index = fc.image_index(data, data_root)
+        want = _cache_identity(cfg, model, index, data_root)
+        cache.check(**{k: want[k] for k in ("model", "sam_config_hash", "encoder_hash", "dataset", "views")})
+        cache_rows = index.sample_rows
     opt = torch.optim.AdamW(param_groups(model, lr, backbone_lr, float(tcfg.get("weight_decay", 1e-4))))
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]
@@ -143,6 +157,7 @@ def train_ovss(
     gen = torch.Generator().manual_seed(seed + step)
     model.train()
     t0, order, pos, loss_v = time.perf_counter(), torch.randperm(len(data), generator=gen), 0, float("nan")
+    curve: list[float] = []
 
     def save(path: Path, with_optimizer: bool) -> None:
         extra = {"optimizer": opt.state_dict(), "step": step} if with_optimizer else {"step": step}
@@ -168,7 +183,12 @@ def train_ovss(
         scale = lr_scale(schedule, step, steps, warmup)
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * scale
-        out = model(images, class_emb)
+        if cache is None:
+            out = model(images, class_emb)
+        else:  # row = image x 2 + view (0 plain, 1 mirrored): the view this step drew
+            emb = torch.stack([torch.from_numpy(cache[int(cache_rows[i]) * 2 + int(f)]) for i, f in zip(idx, flip)])
+            with fc.sam_embeddings(model.sam, emb):
+                out = model(images, class_emb)
         loss = criterion(out["logits"], labels, ignore)
         if out.get("aux_logits") and aux_weight:
             loss = loss + aux_weight * aux_loss(out["aux_logits"], labels, ignore)
@@ -178,6 +198,7 @@ def train_ovss(
         opt.step()
         step += 1
         loss_v = loss.item()
+        curve.append(loss_v)
         if log_every and step % log_every == 0:
             log(f"step {step} loss {loss_v:.4f} {time.perf_counter() - t0:.0f}s")
         if save_every and step % save_every == 0:
@@ -186,7 +207,71 @@ def train_ovss(
     path = out_dir / "model.pt"
     save(path, False)
     return {"checkpoint": str(path), "steps": step, "loss": loss_v, "seconds": time.perf_counter() - t0,
-            "classes": classes, "model": model}
+            "classes": classes, "model": model, "losses": curve}
+
+
+def build_ovss_training_model(cfg: dict, seed: int):
+    """The model as :func:`train_ovss` builds it (seeded init, frozen parts): the cache must be
+    built from the same SAM image-encoder weights."""
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    model.freeze((cfg.get("train") or {}).get("freeze", []))
+    return model
+
+
+VIEWS = ["plain", "hflip"]
+
+
+def _check_cacheable(cfg: dict, model) -> None:
+    kind = cfg.get("model")
+    if kind != "sam-mi":
+        raise ConfigError(f"--cached-features: {kind} never runs SAM's image encoder (ESC-Net's SAM block "
+                          "works on CLIP features, which train), so there is nothing to cache")
+    if any(p.requires_grad for p in model.sam.image_encoder.parameters()):
+        raise ConfigError(f"--cached-features needs SAM's image encoder frozen, but config '{cfg.get('name')}' trains it "
+                          "(add sam or sam.image_encoder to train.freeze)")
+
+
+def _cache_identity(cfg: dict, model, index, data_root) -> dict:
+    ds_id = {"name": "semseg", "split": "train", "image_size": int(model.image_size), "images": len(index.keys)}
+    ds_id["fingerprint"] = index.fingerprint(ds_id)
+    return {"model": cfg.get("model"), "config": cfg.get("name", "?"), "sam_config_hash": fc.sam_config_hash(cfg),
+            "encoder_hash": fc.encoder_hash(model.sam.image_encoder), "dataset": ds_id, "views": VIEWS}
+
+
+def build_ovss_feature_cache(
+    cfg: dict | str | Path,
+    data_root: str | Path,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    batch_size: int = 8,
+    shard_size: int = 64,
+    dtype: str = "float16",
+    device: str = "cpu",
+    progress=None,
+) -> dict:
+    """SAM image embeddings of every training image, plain and mirrored (rows ``2 i`` and ``2 i + 1``),
+    for ``train_ovss(..., cached_features=out_dir)`` with the same config, data and seed."""
+    cfg = load_config(cfg) if not isinstance(cfg, dict) else cfg
+    model = build_ovss_training_model(cfg, seed)
+    _check_cacheable(cfg, model)
+    data = SemSegDataset(data_root, "train", model.image_size)
+    index = fc.image_index(data, data_root)
+    identity = _cache_identity(cfg, model, index, data_root)
+    dev = torch.device(device)
+    sam = model.sam.to(dev).eval()
+
+    def encode(rows: list[int]):
+        images = torch.stack([data[index.first_sample[r // 2]]["image"] for r in rows])
+        mirrored = torch.tensor([r % 2 == 1 for r in rows])
+        images[mirrored] = images[mirrored].flip(-1)  # as train_ovss flips the batch before the model
+        with torch.no_grad():  # SAM-MI's forward passes no valid_hw in training
+            return sam.encode_image(images.to(dev)).float().cpu().numpy()
+
+    shape = encode([0]).shape[1:]
+    identity.update(dtype=dtype, shape=list(shape), shard_size=int(shard_size), rows=2 * len(index.keys))
+    return fc.write_cache(out_dir, identity, encode, batch_size=batch_size, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,9 +285,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--cached-features", help="SAM-MI: a folder from `sspsam cache-features` (same config, data, seed)")
     a = p.parse_args(argv)
-    res = train_ovss(a.config, a.data_root, a.out_dir, a.steps, a.batch_size, a.lr, a.seed, resume=a.resume, save_every=a.save_every)
-    print(json.dumps({k: v for k, v in res.items() if k != "model"}))
+    from ..errors import SSPSamError
+
+    try:
+        res = train_ovss(a.config, a.data_root, a.out_dir, a.steps, a.batch_size, a.lr, a.seed, resume=a.resume,
+                         save_every=a.save_every, cached_features=a.cached_features)
+    except SSPSamError as exc:
+        from ..cli_common import one_line
+
+        p.exit(2, f"error: {one_line(exc)}\n")
+    print(json.dumps({k: v for k, v in res.items() if k not in ("model", "losses")}))
     return 0
 
 

@@ -162,7 +162,6 @@ class _offline:
 app.command("ovss")(cli_ovss.ovss)
 app.command("batch")(cli_batch.batch)
 app.command("serve")(cli_serve.serve)
-app.command("cache-features")(cli_cache.cache_features)
 
 
 @app.command()
@@ -205,6 +204,9 @@ def train(
     except SSPSamError as exc:
         _fail(exc)
     print(f"trained to step {res['step']}; model: {res['model']}")
+
+
+app.command("cache-features")(cli_cache.cache_features)
 
 
 @app.command()

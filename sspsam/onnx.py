@@ -261,6 +261,9 @@ def export_onnx(model, out_dir: str | os.PathLike, name: str | None = None, meta
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
     """A new folder: one rename. An existing one (a re-export): each file replaced, manifest last."""
     if not out_dir.exists():
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; an output folder gets the usual permissions
         try:
             os.replace(tmp, out_dir)
             return

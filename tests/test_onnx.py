@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sspsam.cli import app
-from sspsam.config import build_model
+from sspsam.config import build_model, load_config
 from sspsam.errors import CheckpointError
 from sspsam.onnx import MANIFEST, OnnxSegmenter, PackFreeLinguisticAdapter, export_onnx
 from sspsam.predictor import Segmenter
@@ -35,10 +35,15 @@ def exports(tmp_path_factory):
     torch.manual_seed(0)
     tiny = build_model("ssp-sam-tiny").eval()
     export_onnx(tiny, root / "tiny", name="ssp-sam-tiny")
+    cfg = load_config("ssp-sam-tiny")  # the official head: unpacked bi-GRU, centred CLIP input, phrase format
+    cfg["ssp"] = {**cfg["ssp"], "head": "official"}
+    official = build_model(cfg).eval()
+    export_onnx(official, root / "official", name="ssp-sam-tiny-official")
     result = runner.invoke(app, ["export", "onnx", "shapes-demo", "-o", str(root / "demo")])
     assert result.exit_code == 0, result.output
     yield {
         "ssp-sam-tiny": (Segmenter(tiny, device="cpu"), OnnxSegmenter.from_dir(root / "tiny"), root / "tiny"),
+        "tiny-official": (Segmenter(official, device="cpu"), OnnxSegmenter.from_dir(root / "official"), root / "official"),
         "shapes-demo": (Segmenter.from_pretrained("shapes-demo", device="cpu"), OnnxSegmenter.from_dir(root / "demo"),
                         root / "demo"),
     }
@@ -49,7 +54,7 @@ def _scene() -> np.ndarray:
     return np.asarray(Image.open(ROOT / "examples/shapes.png").convert("RGB"))
 
 
-@pytest.mark.parametrize("name", ["ssp-sam-tiny", "shapes-demo"])
+@pytest.mark.parametrize("name", ["ssp-sam-tiny", "tiny-official", "shapes-demo"])
 @pytest.mark.parametrize("n_phrases", [1, 3])
 def test_onnx_runtime_matches_pytorch(exports, name, n_phrases):
     torch_seg, onnx_seg, _ = exports[name]
@@ -60,8 +65,9 @@ def test_onnx_runtime_matches_pytorch(exports, name, n_phrases):
     images = torch.rand(1, 3, s, s, generator=torch.Generator().manual_seed(1)) * 255
     valid = torch.tensor([[s, s * 5 // 8]])
     with torch.inference_mode():
-        ref_feats = model.encode_image(images, valid)
-        got_feats = graphs.encode_image(images, valid)
+        clip_x = model.clip_input([_scene()])  # None for the letterbox geometry
+        ref_feats = model.encode_image(images, valid, clip_images=clip_x)
+        got_feats = graphs.encode_image(images, valid, clip_images=clip_x)
         for key in ("sam", "clip_patches", "clip_global"):
             assert (getattr(ref_feats, key) - getattr(got_feats, key)).abs().max() <= TOL, key
         tokens = model.tokenize(phrases)

@@ -145,3 +145,19 @@ def test_cli_bad_model_is_one_line_exit_2(tmp_path, model, needle):
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_export_over_an_older_export_replaces_every_file(exports, tmp_path):
+    """Exporting into a folder that already holds graphs (a stale, damaged one here) leaves a
+    loadable export whose manifest matches every file; nothing else in the folder is touched."""
+    torch_seg, _, _ = exports["ssp-sam-tiny"]
+    folder = tmp_path / "again"
+    folder.mkdir()
+    (folder / "text_prompt_decoder.onnx").write_bytes(b"stale")
+    (folder / "notes.txt").write_text("mine")
+    export_onnx(torch_seg.model, folder, name="ssp-sam-tiny")
+    again = OnnxSegmenter.from_dir(folder)  # verify=True: every sha256 checked
+    res = again.segment(_scene(), PHRASES[3])
+    assert np.array_equal(res.masks, torch_seg.segment(_scene(), PHRASES[3]).masks)
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert not list(tmp_path.glob(".*.tmp"))

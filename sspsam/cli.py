@@ -1,4 +1,5 @@
-"""`sspsam` command line: segment, ovss, evaluate, train, cache-features, serve, batch, weights, models.
+"""`sspsam` command line: segment, ovss, evaluate, train, cache-features, serve, batch, weights, models,
+export.
 
 Only typer and click load at start-up: torch, numpy and the model code are imported inside the
 command that needs them, so `sspsam --help` answers at once. Every error is one `error: …` line
@@ -14,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from . import __version__, cli_batch, cli_cache, cli_ovss, cli_serve, cli_weights
+from . import __version__, cli_batch, cli_cache, cli_export, cli_ovss, cli_serve, cli_weights
 from .cli_common import Group, check_input_file, check_output_dir, fail, output_stem, say_warning
 from .errors import SSPSamError, TextError
 
@@ -320,6 +321,7 @@ def models() -> None:
 
 
 app.add_typer(cli_weights.app, name="weights", help="List, fetch, import and verify checkpoint files (offline-friendly).")
+app.add_typer(cli_export.app, name="export", help="Export a model to ONNX (`sspsam export onnx MODEL -o DIR`).")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -1,0 +1,156 @@
+"""Per-stage latency, PyTorch fp32 against ONNX Runtime, for the same model in the same process.
+
+Examples::
+
+    python benchmarks/onnx_latency.py                       # shapes-demo + ssp-sam-mobile (random weights, real size)
+    python benchmarks/onnx_latency.py --models shapes-demo --repeats 20 --threads 2
+
+Stages (one image of --size pixels, --phrases phrases):
+
+* ``sam_image``   SAM image encoder (the ``sam_image_encoder.onnx`` graph)
+* ``clip_image``  CLIP image tower (``clip_image_encoder.onnx``)
+* ``decode``      CLIP text tower + SSP prompt encoder + SAM mask decoder (``text_prompt_decoder.onnx``)
+* ``segment``     the whole ``segment(image, phrases)`` call, pre/post-processing included
+
+The two runtimes alternate repeat by repeat (torch, ORT, torch, ORT, …), so both see the same
+load on a shared machine; read the ratios, which hold better than the absolute figures there.
+Each model is exported to a temporary folder first (not timed). Also printed: the max abs diff
+of the mask logits and the share of equal mask pixels (ORT against torch) on the timed input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+try:
+    import sspsam  # noqa: F401
+except ImportError:  # running from a checkout without an install
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PHRASES = ["the man on the left", "red car behind the tree", "small dog next to the bench",
+           "woman holding an umbrella", "the second bottle from the right"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["shapes-demo", "ssp-sam-mobile"],
+                   help="bundled model or config name (configs get random weights)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per runtime and stage")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--phrases", type=int, default=3)
+    p.add_argument("--size", type=int, default=480, help="square test image side (pixels)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads = onnxruntime intra-op threads")
+    return p.parse_args(argv)
+
+
+def _load(name: str):
+    from sspsam.config import build_model, list_configs
+    from sspsam.predictor import Segmenter
+
+    if name in list_configs():
+        torch.manual_seed(0)
+        return Segmenter(build_model(name).eval(), device="cpu", name=name)
+    return Segmenter.from_pretrained(name, device="cpu")
+
+
+def _interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
+    """Median ms of each function, calls alternating between them."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench(name: str, args) -> list[tuple]:
+    import onnxruntime as ort
+
+    from sspsam.onnx import OnnxSegmenter, export_onnx
+    from sspsam.transforms import model_input
+
+    seg = _load(name)
+    m = seg.model
+    folder = Path(tempfile.mkdtemp(prefix="sspsam-onnx-bench-"))
+    t0 = time.perf_counter()
+    export_onnx(m, folder / "export", name=name)
+    export_s = time.perf_counter() - t0
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = args.threads
+    opts.inter_op_num_threads = 1
+    onnx_seg = OnnxSegmenter.from_dir(folder / "export", providers=["CPUExecutionProvider"], session_options=opts)
+    g = onnx_seg.graphs
+    rng = np.random.default_rng(0)
+    rgb = (rng.random((args.size, args.size, 3)) * 255).astype(np.uint8)
+    phrases = (PHRASES * 10)[: args.phrases]
+    x, valid, _ = model_input(rgb, m.image_size)
+    clip_x = m.clip_input([rgb]) if m.clip_geometry == "centered" else x
+    normalized = m.clip_geometry == "centered"
+    tokens = m.tokenize(phrases)
+    with torch.inference_mode():
+        feats = m.encode_image(x, valid, clip_images=clip_x if normalized else None)
+        index = torch.zeros(len(phrases), dtype=torch.long)
+        ref = m.decode(feats, m.encode_text(tokens), index)["mask_logits"]
+        got = g.decode(feats, tokens)["mask_logits"]
+        diff = float((ref - got).abs().max())
+        agree = float(((ref > 0) == (got > 0)).float().mean())
+        a, b = seg.segment(rgb, phrases), onnx_seg.segment(rgb, phrases)
+        mask_agree = float((a.masks == b.masks).mean())
+        stages = {
+            "sam_image": (lambda: m.sam.encode_image(x, valid), lambda: g._run("sam_image", images=x, valid_hw=valid)),
+            "clip_image": (lambda: m.encode_clip(clip_x, normalized), lambda: g._run("clip_image", clip_images=clip_x)),
+            "decode": (lambda: m.decode(feats, m.encode_text(tokens), index), lambda: g.decode(feats, tokens)),
+        }
+
+        def fresh(s):  # a new image every call, so set_image's cache never answers
+            def run():
+                s._cache = None
+                s.segment(rgb, phrases)
+            return run
+
+        stages["segment"] = (fresh(seg), fresh(onnx_seg.segmenter))
+        rows = []
+        for stage, (pt, ox) in stages.items():
+            med = _interleaved({"torch": pt, "ort": ox}, args.repeats, args.warmup)
+            rows.append((name, stage, med["torch"], med["ort"], med["torch"] / med["ort"]))
+    print(f"{name}: exported in {export_s:.1f} s; mask logits max abs diff {diff:.2e}, low-res binary agreement "
+          f"{100 * agree:.4f} %, segment() mask pixels equal {100 * mask_agree:.4f} %", flush=True)
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    print(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    print(f"torch {torch.__version__}, threads {args.threads}, repeats {args.repeats} (interleaved), "
+          f"{args.phrases} phrases, {args.size}x{args.size} image, CPU")
+    rows = []
+    for name in args.models:
+        rows += bench(name, args)
+    print("\n| model | stage | PyTorch fp32 ms | ONNX Runtime ms | torch / ORT |")
+    print("|---|---|---:|---:|---:|")
+    for name, stage, pt, ox, ratio in rows:
+        print(f"| {name} | {stage} | {pt:.1f} | {ox:.1f} | {ratio:.2f}x |")
+    print(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -21,7 +21,10 @@ of the model showed what was missing: steps 1–800 ``--batch 8 --phrases 4``, o
 objects up-weighted, no alignment loss (it learnt objectness and positions); 800–1000 the
 current family weights, 6×6 phrases; 1000–2200 ``--align 2``; from 2200 ``--align 5`` (colour
 and shape words start to bind only around step 3000); the cosine schedule's length was
-raised at resumes (2000 → 2900 → 3500 → 4700 → 6500) and the run stopped at a ``--deadline``.
+raised at resumes (2000 → 2900 → 3500 → 4700 → 6500) and the run stopped at a ``--deadline``
+(step 5815); from step 6400 ``--lr 8e-4 --steps 16000 --family-weights colour=1,shape=2.5,
+colour-shape=1.5,relation=1.5,size=1.5,multi=2,absent=1.5`` and from step 8400 ``--threads 1
+--steps 12000`` (a shorter cosine tail to fit the session), to step 12000.
 Its ``meta`` holds the step count, minutes and held-out scores.
 
 `examples/shapes.png` is ``make_scene(np.random.default_rng(12), width=256, height=192,

@@ -79,7 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     p.add_argument("--phrases", type=int, default=None, help="T for the batched stages (default 4; --quick 2)")
     p.add_argument("--classes", type=int, default=10, help="K classes for the training-free path")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for the stage table (default: sspsam.runtime.default_threads(), as the CLI)")
     p.add_argument("--no-ab", action="store_true", help="stage table only, no before/after comparisons")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -332,7 +333,7 @@ def bench_model(name: str, kind: str, args, bench: Bench, peak: dict[int, float]
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    runtime.set_threads(args.threads)
+    runtime.set_threads(runtime.default_threads() if args.threads is None else args.threads)
     device = torch.device(args.device)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     up0 = uptime()
@@ -376,23 +377,22 @@ def main(argv=None) -> int:
             print(f"| {name} | {stage} | {lb} | {la} | {mb:.1f} | {ma:.1f} | {mb / ma:.2f} | {diff:.1e} |")
     if peak:
         print()
-        print(f"Goal 2 (first phrase <= 1500 ms, each further <= 150 ms on 2 cores): floor = FLOPs / matmul peak "
-              f"at {nthreads} thread(s) ({peak[nthreads]:.1f} GFLOP/s)")
+        two = 2 * peak[1]  # both cores at the measured 1-thread rate: a quiet 2-core machine's matmul rate
+        print(f"Goal 2 (first phrase <= 1500 ms, each further <= 150 ms on 2 cores): floor = FLOPs / matmul rate; "
+              f"1 core {peak[1]:.1f} GFLOP/s measured, 2 cores taken as 2 x that = {two:.1f} GFLOP/s")
         print()
-        print("| model | path | stages | measured ms | GFLOP | floor ms | measured / floor |")
-        print("|---|---|---|---:|---:|---:|---:|")
+        print("| model | path | stages | measured ms | GFLOP | floor ms, 1 core | floor ms, 2 cores | measured / 1-core floor |")
+        print("|---|---|---|---:|---:|---:|---:|---:|")
         by = {(r[0], r[1]): r for r in rows}
+        t = args.phrases
         for name in args.variants:
-            for path, parts in (("first phrase", ["sam_encoder", "clip_image", "clip_text_1", "decode_1"]),
-                                ("further phrase", ["clip_text_1", "decode_1"]),
-                                (f"further phrase, batched (decode_{args.phrases}+text_{args.phrases})/{args.phrases}",
-                                 [f"clip_text_{args.phrases}", f"decode_{args.phrases}"])):
-                ms = sum(by[(name, p)][2] for p in parts)
-                gf = sum(by[(name, p)][3] for p in parts)
-                if path.startswith("further phrase, batched"):
-                    ms, gf = ms / args.phrases, gf / args.phrases
-                floor = gf / peak[nthreads] * 1e3
-                print(f"| {name} | {path} | {' + '.join(parts)} | {ms:.0f} | {gf:.1f} | {floor:.0f} | {ms / floor:.1f} |")
+            for path, parts, per in (("first phrase", ["sam_encoder", "clip_image", "clip_text_1", "decode_1"], 1),
+                                     ("further phrase", ["clip_text_1", "decode_1"], 1),
+                                     (f"further phrase, {t} batched, per phrase", [f"clip_text_{t}", f"decode_{t}"], t)):
+                ms = sum(by[(name, p)][2] for p in parts) / per
+                gf = sum(by[(name, p)][3] for p in parts) / per
+                f1, f2 = gf / peak[1] * 1e3, gf / two * 1e3
+                print(f"| {name} | {path} | {' + '.join(parts)} | {ms:.0f} | {gf:.1f} | {f1:.0f} | {f2:.0f} | {ms / f1:.1f} |")
     return 0
 
 

@@ -52,6 +52,23 @@ def set_threads(n: int | None) -> int:
     return torch.get_num_threads()
 
 
+def default_threads() -> int:
+    """Threads for a run nobody chose a count for: the cores not already kept busy by other work.
+
+    Measured (``benchmarks/latency.py``, 2 cores): with the other core busy, 2 threads ran every
+    stage slower than 1 (each op waits for the slower thread); on a quiet machine 2 win. The
+    1-minute load average stands in for "busy". An ``OMP_NUM_THREADS`` the user set wins.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = available_cores()
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average (Windows)
+        return cores
+    return max(1, min(cores, int(cores - busy + 0.5)))
+
+
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -82,4 +99,4 @@ def quantize(model: nn.Module, mode: str | None) -> nn.Module:
         return quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
-__all__ = ["FAST", "fast_paths", "set_threads", "available_cores", "quantize", "QUANTIZE_MODES"]
+__all__ = ["FAST", "fast_paths", "set_threads", "default_threads", "available_cores", "quantize", "QUANTIZE_MODES"]

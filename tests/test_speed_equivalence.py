@@ -203,3 +203,34 @@ def test_quantize_rejects_unknown_mode():
 
     with pytest.raises(ConfigError, match="--quantize"):
         runtime.quantize(torch.nn.Linear(2, 2), "int4")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--quantize", "int4"], "--quantize must be none or int8"),
+])
+@pytest.mark.parametrize("command", [["segment", "examples/shapes.png", "the blue circle"], ["ovss", "examples/shapes.png"]])
+def test_cli_speed_options_bad_values_are_one_line_errors(tmp_path, command, args, message):
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from sspsam.cli import app
+
+    image = Path(__file__).resolve().parents[1] / command[1]
+    res = CliRunner().invoke(app, [command[0], str(image), *command[2:], "-o", str(tmp_path / "o"), *args])
+    assert res.exit_code == 2
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), res.stderr
+    assert res.stdout == ""
+
+
+def test_default_threads_leaves_busy_cores_alone(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runtime, "available_cores", lambda: 2)
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (1.8, 1.0, 1.0))
+    assert runtime.default_threads() == 1  # the other core is busy: 1 thread (measured faster than 2)
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert runtime.default_threads() == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert runtime.default_threads() == torch.get_num_threads()

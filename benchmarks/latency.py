@@ -12,7 +12,7 @@ What it prints, all from one process:
 
 1. ``uptime`` (the load the figures were taken under) and the machine's matmul peak: a plain fp32
    [1024x1024]@[1024x1024] matmul at 1 thread and at ``--threads``, timed like the stages.
-2. Per stage: median ms, FLOPs (``torch.utils.flop_counter.FlopCounterMode``, counted once on
+2. Per stage: median ms, peak memory, FLOPs (``torch.utils.flop_counter.FlopCounterMode``, counted once on
    the reference path so attention is counted as its matmuls), achieved GFLOP/s and its ratio
    to the matmul peak at the same thread count.
 3. Before/after for every speed setting, interleaved (A B B A ...) so load changes hit both
@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import resource
 import statistics
 import subprocess
 import sys
@@ -143,6 +144,15 @@ class Bench:
                     self.sync()
                     times[k].append((time.perf_counter() - t0) * 1e3)
         return {k: statistics.median(v) for k, v in times.items()}
+
+
+def peak_mb(device: torch.device) -> float:
+    """CUDA: torch.cuda.max_memory_allocated since the stage's reset. CPU: the process peak RSS so
+    far (ru_maxrss only grows, so a stage's figure includes earlier stages; one model per run for a clean one)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
 def count_flops(fn) -> int:
@@ -277,9 +287,12 @@ def bench_model(name: str, kind: str, args, bench: Bench, peak: dict[int, float]
             with autocast:
                 fn(m)
 
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         ms = bench.interleaved({"x": run})["x"]
         gflops = flops / (ms / 1e3) / 1e9
-        rows.append((name, stage, ms, flops / 1e9, gflops, gflops / peak[nthreads] if device.type == "cpu" else float("nan")))
+        rows.append((name, stage, ms, flops / 1e9, gflops, gflops / peak[nthreads] if device.type == "cpu" else float("nan"),
+                     peak_mb(device)))
         log(f"  {name:<18} {stage:<14} {ms:10.1f} ms  {flops / 1e9:8.2f} GFLOP  {gflops:6.1f} GFLOP/s")
 
     ab = []
@@ -363,10 +376,13 @@ def main(argv=None) -> int:
         print("fp32 matmul peak (1024x1024 @ 1024x1024): "
               + ", ".join(f"{t} thread{'s' * (t > 1)} {g:.1f} GFLOP/s" for t, g in peak.items()))
     print()
-    print("| model | stage | median ms | GFLOP | GFLOP/s | of matmul peak |")
-    print("|---|---|---:|---:|---:|---:|")
-    for name, stage, ms, gf, gfs, frac in rows:
-        print(f"| {name} | {stage} | {ms:.1f} | {gf:.2f} | {gfs:.1f} | {frac:.0%} |")
+    print("| model | stage | median ms | GFLOP | GFLOP/s | of matmul peak | peak mem MB |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for name, stage, ms, gf, gfs, frac, mem in rows:
+        print(f"| {name} | {stage} | {ms:.1f} | {gf:.2f} | {gfs:.1f} | {frac:.0%} | {mem:.0f} |")
+    print()
+    print("peak mem: " + ("torch.cuda.max_memory_allocated per stage" if device.type == "cuda"
+                          else "process peak RSS so far (ru_maxrss), cumulative across stages and models"))
     if ab:
         print()
         print("Before/after, interleaved in this run (ratio > 1: the second is faster; max|diff| of the stage output)")

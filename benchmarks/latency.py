@@ -16,7 +16,8 @@ What it prints, all from one process:
    the reference path so attention is counted as its matmuls), achieved GFLOP/s and its ratio
    to the matmul peak at the same thread count.
 3. Before/after for every speed setting, interleaved (A B B A ...) so load changes hit both
-   sides alike: SDPA attention, BatchNorm folding and channels-last (``sspsam.runtime.FAST``),
+   sides alike: SDPA attention, BatchNorm folding and channels-last (``sspsam.runtime.FAST``;
+   ``exact`` = all three at once),
    1 vs 2 threads, bf16 autocast and dynamic int8 Linear layers (with the max abs change of the
    stage output: the speed of int8/bf16 is not free).
 4. Goal-2 arithmetic for the ``ssp-sam-*`` variants: first phrase on a new image
@@ -63,6 +64,7 @@ PHRASES = [
     "the second bottle from the right",
 ]
 OFF = {k: False for k in runtime.FAST}
+AB_SETTINGS = ["exact", *runtime.FAST, "threads", "bf16", "int8"]  # exact: every exact rewrite at once
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -83,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads for the stage table (default: sspsam.runtime.default_threads(), as the CLI)")
     p.add_argument("--no-ab", action="store_true", help="stage table only, no before/after comparisons")
+    p.add_argument("--ab", nargs="+", default=AB_SETTINGS, choices=AB_SETTINGS,
+                   help="which before/after comparisons to run (default: all)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.variants is None:
@@ -221,6 +225,7 @@ def ssp_stages(m, images: torch.Tensor, t: int, device) -> tuple[dict, dict]:
         f"decode_{t}": lambda mm: mm.decode(feats, text, idx),
     }
     touches = {  # which settings change which stage (the others would measure noise)
+        "exact": ["sam_encoder", "sam_decoder_1", "decode_1"],
         "sdpa": ["sam_encoder", "sam_decoder_1", "decode_1"],
         "fold_bn": ["sam_encoder"] if m.sam.encoder_name == "tiny_vit" else [],
         "channels_last": ["sam_encoder"] if m.sam.encoder_name == "tiny_vit" else [],
@@ -255,6 +260,7 @@ def zeroshot_stages(m, images: torch.Tensor, k: int, device) -> tuple[dict, dict
         "classes_grid": classes("grid"),
     }
     touches = {
+        "exact": ["sam_encoder", "classes_tspp"],
         "sdpa": ["sam_encoder", "classes_tspp"],
         "fold_bn": ["sam_encoder"] if m.sam.encoder_name == "tiny_vit" else [],
         "channels_last": ["sam_encoder"] if m.sam.encoder_name == "tiny_vit" else [],
@@ -301,11 +307,13 @@ def bench_model(name: str, kind: str, args, bench: Bench, peak: dict[int, float]
     q8 = None
     ab_bench = Bench(device, 0, bench.repeats)  # the max|diff| run below warms both sides up
     for opt, names in touches.items():
+        if opt not in args.ab:
+            continue
         for stage in names:
             fn = stages[stage]
-            if opt in runtime.FAST:
+            if opt in runtime.FAST or opt == "exact":
                 def before(fn=fn, opt=opt):
-                    with runtime.fast_paths(**{opt: False}):
+                    with runtime.fast_paths(**(OFF if opt == "exact" else {opt: False})):
                         return fn(m)
                 after = lambda fn=fn: fn(m)  # noqa: E731
                 labels = (f"{opt} off", f"{opt} on")

@@ -41,7 +41,7 @@ def _vit_attention_sdpa(self, x: torch.Tensor) -> torch.Tensor:
     q, k, v = self.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # [B,nH,N,C]
     mask = None
     if self.use_rel_pos:
-        get_rel_pos = segment_anything_modeling().image_encoder.get_rel_pos
+        get_rel_pos = self._get_rel_pos  # bound once per class: the import helper is slow per call
         rq = q.reshape(b, heads, h, w, -1)
         rel_h = torch.einsum("bnhwc,hkc->bnhwk", rq, get_rel_pos(h, h, self.rel_pos_h))
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", rq, get_rel_pos(w, w, self.rel_pos_w))
@@ -79,7 +79,9 @@ def _use_sdpa(root: nn.Module) -> None:
             def forward(self, *args, _impl=impl, _base=base, **kwargs):
                 return (_impl if runtime.FAST["sdpa"] else _base.forward)(self, *args, **kwargs)
 
-            _SDPA_CLASSES[base] = type(base.__name__, (base,), {"forward": forward, "__module__": __name__})
+            attrs = {"forward": forward, "__module__": __name__,
+                     "_get_rel_pos": staticmethod(modeling.image_encoder.get_rel_pos)}
+            _SDPA_CLASSES[base] = type(base.__name__, (base,), attrs)
         module.__class__ = _SDPA_CLASSES[base]
 
 

@@ -28,8 +28,8 @@ SSP-SAM stages (one image, ``--phrases`` T phrases): ``sam_encoder``, ``clip_ima
 ``clip_text_1`` / ``clip_text_T``, ``ssp_encoder_1``, ``sam_decoder_1``, ``decode_1`` / ``decode_T``
 (SSP encoder + SAM decoder on cached image features). Training-free (``--zeroshot``, ``--classes``
 K random class embeddings; the 80-template class text is cached per class list and not timed):
-``sam_encoder``, ``clip_dense`` (SCLIP dense features), ``classes_tspp`` / ``classes_grid``
-(everything after the encoders for TSPP points / SAM's 32x32 grid).
+``sam_encoder``, ``clip_dense`` (SCLIP dense features), ``classes_tspp`` (everything after the encoders, TSPP points; ``--grid`` adds ``classes_grid``,
+SAM's 32x32 grid, minutes per run on a CPU).
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--classes", type=int, default=10, help="K classes for the training-free path")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads for the stage table (default: sspsam.runtime.default_threads(), as the CLI)")
+    p.add_argument("--grid", action="store_true", help="also time the training-free path on SAM's 32x32 grid (slow)")
     p.add_argument("--no-ab", action="store_true", help="stage table only, no before/after comparisons")
     p.add_argument("--ab", nargs="+", default=AB_SETTINGS, choices=AB_SETTINGS,
                    help="which before/after comparisons to run (default: all)")
@@ -236,7 +237,7 @@ def ssp_stages(m, images: torch.Tensor, t: int, device) -> tuple[dict, dict]:
     return stages, touches
 
 
-def zeroshot_stages(m, images: torch.Tensor, k: int, device) -> tuple[dict, dict]:
+def zeroshot_stages(m, images: torch.Tensor, k: int, device, grid: bool = False) -> tuple[dict, dict]:
     from sspsam.ovss import cost as cost_ops
 
     g = torch.Generator().manual_seed(0)
@@ -257,8 +258,9 @@ def zeroshot_stages(m, images: torch.Tensor, k: int, device) -> tuple[dict, dict
         "sam_encoder": lambda mm: mm.sam.encode_image(images),
         "clip_dense": lambda mm: cost_ops.dense_features(mm.clip, images, mm.cfg["dense_mode"], mm.cfg["clip_size"]),
         "classes_tspp": classes("tspp"),
-        "classes_grid": classes("grid"),
     }
+    if grid:  # 1024 prompts: minutes per run on a CPU; benchmarks/ovss_latency.py compares it with TSPP
+        stages["classes_grid"] = classes("grid")
     touches = {
         "exact": ["sam_encoder", "classes_tspp"],
         "sdpa": ["sam_encoder", "classes_tspp"],
@@ -281,7 +283,7 @@ def bench_model(name: str, kind: str, args, bench: Bench, peak: dict[int, float]
     if kind == "ssp":
         stages, touches = ssp_stages(m, images, args.phrases, device)
     else:
-        stages, touches = zeroshot_stages(m, images, args.classes, device)
+        stages, touches = zeroshot_stages(m, images, args.classes, device, args.grid)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else contextlib.nullcontext())
     nthreads = torch.get_num_threads()
 

@@ -16,7 +16,19 @@ from typing import Optional
 import typer
 
 from . import __version__, cli_batch, cli_cache, cli_export, cli_ovss, cli_serve, cli_weights
-from .cli_common import Group, check_input_file, check_output_dir, fail, output_stem, say_warning
+from .cli_common import (
+    QUANTIZE_HELP,
+    THREADS_HELP,
+    Group,
+    apply_quantize,
+    apply_threads,
+    check_input_file,
+    check_output_dir,
+    check_speed_options,
+    fail,
+    output_stem,
+    say_warning,
+)
 from .errors import SSPSamError, TextError
 
 DEVICE_HELP = "torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps."
@@ -78,6 +90,8 @@ def segment(
     model: str = typer.Option("shapes-demo", "--model", "-m", help="Bundled model name, variant name, 'zeroshot' or a checkpoint path (see `sspsam models`)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     offline: bool = typer.Option(False, "--offline", help="Never download missing weights (also: SSPSAM_OFFLINE=1)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    quantize: str = typer.Option("none", "--quantize", help=QUANTIZE_HELP),
 ) -> None:
     """Segment what each phrase refers to.
 
@@ -88,6 +102,7 @@ def segment(
     try:  # cheap checks first: a bad image or phrase should not wait for a model to load
         check_input_file(image)
         _check_phrases(text)
+        check_speed_options(threads, quantize)
         from .device import resolve_device
         from .imageio import load_image
         from .predictor import Segmenter, clean_phrases
@@ -96,8 +111,10 @@ def segment(
         rgb = load_image(image, len(phrases))
         dev = resolve_device(device)
         check_output_dir(output, create=False)
+        apply_threads(threads)
         with _offline(offline):
             seg = Segmenter.from_pretrained(model, device=str(dev))
+        apply_quantize(seg, quantize)
         res = seg.segment(rgb, phrases)
     except SSPSamError as exc:
         _fail(exc)

@@ -104,6 +104,35 @@ def check_output_dir(output: Path, create: bool = True) -> Path:
     return output
 
 
+THREADS_HELP = ("CPU threads for torch (default: measured best here, see benchmarks/latency.py: 1 when other work "
+                "keeps a core busy, else all cores).")
+QUANTIZE_HELP = "none | int8: dynamic int8 Linear layers on CPU (opt-in; faster text/decoder, masks agree >= 99 % on the demo)."
+
+
+def check_speed_options(threads: int | None, quantize: str) -> None:
+    """Cheap checks of --threads / --quantize before anything loads."""
+    if threads is not None and threads < 1:
+        raise SSPSamError(f"--threads must be >= 1, got {threads}")
+    if quantize not in ("none", "int8"):
+        raise SSPSamError(f"--quantize must be none or int8, got {quantize!r}")
+
+
+def apply_threads(threads: int | None) -> None:
+    from . import runtime
+
+    runtime.set_threads(runtime.default_threads() if threads is None else threads)
+
+
+def apply_quantize(predictor, quantize: str) -> None:
+    """Quantize the loaded predictor's model in place (after loading: the checkpoint holds fp32 weights)."""
+    if quantize != "none":
+        from . import runtime
+
+        if predictor.device.type != "cpu":
+            raise SSPSamError(f"--quantize int8 runs on CPU only; the model is on {predictor.device} (add --device cpu)")
+        runtime.quantize(predictor.model, quantize)
+
+
 class Group(typer.core.TyperGroup):
     """The top-level command group: every error, ours or click's usage errors, becomes one
     `error: …` line on stderr and exit code 2 — never a traceback, a box or two messages."""

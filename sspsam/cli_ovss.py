@@ -11,7 +11,18 @@ from typing import Optional
 
 import typer
 
-from .cli_common import check_input_file, check_output_dir, fail, output_stem, say_warning
+from .cli_common import (
+    QUANTIZE_HELP,
+    THREADS_HELP,
+    apply_quantize,
+    apply_threads,
+    check_input_file,
+    check_output_dir,
+    check_speed_options,
+    fail,
+    output_stem,
+    say_warning,
+)
 from .errors import SSPSamError
 
 
@@ -27,6 +38,8 @@ def ovss(
     device: str = typer.Option("auto", "--device", help="torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps."),
     offline: bool = typer.Option(False, "--offline", help="Never download missing weights (also: SSPSAM_OFFLINE=1)."),
     slide: Optional[bool] = typer.Option(None, "--slide/--no-slide", help="Sliding-window inference; default: automatic for large images."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    quantize: str = typer.Option("none", "--quantize", help=QUANTIZE_HELP),
 ) -> None:
     """Label every pixel with one class.
 
@@ -35,6 +48,7 @@ def ovss(
     """
     try:  # cheap checks first: a bad image or class list should not wait for a model to load
         check_input_file(image)
+        check_speed_options(threads, quantize)
         from .cli import _offline
         from .device import resolve_device
         from .imageio import load_image
@@ -46,8 +60,10 @@ def ovss(
             raise SSPSamError(f"{len(names)} classes do not fit an 8-bit label PNG; give at most 256")
         dev = resolve_device(device)
         check_output_dir(output, create=False)
+        apply_threads(threads)
         with _offline(offline):
             seg = OVSS.from_pretrained(model, device=str(dev))
+        apply_quantize(seg, quantize)
         res = seg.segment(rgb, names, slide=slide)
     except SSPSamError as exc:
         _fail(exc)

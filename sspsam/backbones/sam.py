@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import load_into, read_state_dict
+from .. import runtime
 from ..errors import ConfigError
 from ._imports import segment_anything_modeling
 
@@ -26,6 +27,62 @@ VIT_ENCODERS = {
 }
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def _vit_attention_sdpa(self, x: torch.Tensor) -> torch.Tensor:
+    """segment_anything's ViT ``Attention.forward`` through ``F.scaled_dot_product_attention``.
+
+    The decomposed relative-position term is the same sum as ``add_decomposed_rel_pos``, passed as
+    a 4-D additive mask, so SDPA's fused CPU/GPU kernels run instead of three separate
+    [heads, N, N] passes (matmul, bias add, softmax) in Python.
+    """
+    b, h, w, _ = x.shape
+    heads = self.num_heads
+    q, k, v = self.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # [B,nH,N,C]
+    mask = None
+    if self.use_rel_pos:
+        get_rel_pos = self._get_rel_pos  # bound once per class: the import helper is slow per call
+        rq = q.reshape(b, heads, h, w, -1)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", rq, get_rel_pos(h, h, self.rel_pos_h))
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", rq, get_rel_pos(w, w, self.rel_pos_w))
+        mask = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, heads, h * w, h * w)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale = head_dim**-0.5, as SAM's
+    return self.proj(out.view(b, heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1))
+
+
+def _decoder_attention_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """segment_anything's two-way-transformer ``Attention.forward`` through SDPA (same scale 1/sqrt(d))."""
+    q = self._separate_heads(self.q_proj(q), self.num_heads)
+    k = self._separate_heads(self.k_proj(k), self.num_heads)
+    v = self._separate_heads(self.v_proj(v), self.num_heads)
+    return self.out_proj(self._recombine_heads(F.scaled_dot_product_attention(q, k, v)))
+
+
+_SDPA_CLASSES: dict[type, type] = {}
+
+
+def _use_sdpa(root: nn.Module) -> None:
+    """Give segment_anything's attention modules an SDPA forward (``runtime.FAST["sdpa"]``).
+
+    Each instance's class is swapped for a subclass, so parameter names, checkpoints and the
+    package itself are untouched; with the switch off the subclass calls the original forward.
+    """
+    modeling = segment_anything_modeling()
+    fast = {modeling.image_encoder.Attention: _vit_attention_sdpa, modeling.transformer.Attention: _decoder_attention_sdpa}
+    for module in root.modules():
+        base = type(module)
+        if base not in fast:
+            continue
+        if base not in _SDPA_CLASSES:
+            impl = fast[base]
+
+            def forward(self, *args, _impl=impl, _base=base, **kwargs):
+                return (_impl if runtime.FAST["sdpa"] else _base.forward)(self, *args, **kwargs)
+
+            attrs = {"forward": forward, "__module__": __name__,
+                     "_get_rel_pos": staticmethod(modeling.image_encoder.get_rel_pos)}
+            _SDPA_CLASSES[base] = type(base.__name__, (base,), attrs)
+        module.__class__ = _SDPA_CLASSES[base]
 
 
 class SAMBackbone(nn.Module):
@@ -83,6 +140,7 @@ class SAMBackbone(nn.Module):
             iou_head_depth=3,
             iou_head_hidden_dim=256,
         )
+        _use_sdpa(self)
         self.encoder_name = encoder
         self.img_size = img_size
         self.grid = grid

@@ -64,25 +64,28 @@ def mask_pool(masks: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
 
 def connected_groups(link: torch.Tensor, ok: torch.Tensor | None = None) -> torch.Tensor:
     """Transitive closure of a pairwise link [N,N] (read above the diagonal) → a group id per item
-    [N], groups numbered in the order of their first item; −1 where ``ok`` [N] is False."""
+    [N], groups numbered in the order of their first item; −1 where ``ok`` [N] is False.
+
+    ``scipy.sparse.csgraph.connected_components`` on the linked pairs (C, no per-item Python loop).
+    """
+    import numpy as np
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     n = link.shape[0]
     ok = torch.ones(n, dtype=torch.bool, device=link.device) if ok is None else ok
-    link = link & ok[:, None] & ok[None]
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j in link.triu(1).nonzero().tolist():
-        parent[find(j)] = find(i)
-    roots: dict[int, int] = {}
     group = torch.full((n,), -1, dtype=torch.long, device=link.device)
-    for i in range(n):
-        if ok[i]:
-            group[i] = roots.setdefault(find(i), len(roots))
+    if n == 0:
+        return group
+    i, j = (link & ok[:, None] & ok[None]).triu(1).nonzero(as_tuple=True)
+    graph = coo_matrix((np.ones(i.numel(), dtype=np.int8), (i.cpu().numpy(), j.cpu().numpy())), shape=(n, n))
+    labels = connected_components(graph, directed=False)[1]
+    okn = ok.cpu().numpy()
+    # renumber in the order of each group's first ok item
+    _, first, inv = np.unique(labels[okn], return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    group[ok] = torch.from_numpy(rank[inv.reshape(-1)]).to(link.device)
     return group
 
 
@@ -122,8 +125,11 @@ def shallow_mask_aggregation(
     n_groups = int(group.max()) + 1 if n else 0
     if n_groups == 0:
         return masks.new_zeros((0, *masks.shape[1:])), group
-    merged = torch.stack([masks[group == g].float().amax(0) for g in range(n_groups)])
-    return merged, group
+    member = group >= 0
+    src = masks[member].float().flatten(1)
+    index = group[member][:, None].expand_as(src)
+    merged = src.new_zeros((n_groups, src.shape[1])).scatter_reduce(0, index, src, "amax", include_self=False)
+    return merged.view(n_groups, *masks.shape[1:]), group
 
 
 class LowFrequencyInjection(nn.Module):

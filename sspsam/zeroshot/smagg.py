@@ -49,23 +49,27 @@ class ShallowMaskAggregation:
         if not idx:
             h, w = masks.shape[-2:]
             return Aggregated(masks.new_zeros((0, h, w)), scores.new_zeros(0), groups.new_zeros(0), [])
-        flat = masks[idx].flatten(1).float()
-        area = flat.sum(1)
-        inter = flat @ flat.T
-        union = area[:, None] + area[None, :] - inter
-        iou = inter / union.clamp(min=1)
-        contain = inter / torch.minimum(area[:, None], area[None, :]).clamp(min=1)
-        same = groups[idx][:, None] == groups[idx][None, :]
-        link = same & ((iou >= self.iou_thr) | (contain >= self.contain_thr))
+        sel = torch.tensor(idx, dtype=torch.long, device=masks.device)
+        flat = masks[sel].flatten(1)
+        g_in = groups[sel]
+        # Pairwise overlaps only within a group (masks of different classes never merge): one
+        # [n_c, hw] @ [hw, n_c] product per class instead of [n, hw] @ [hw, n] — grid mode has ~1000 masks.
+        link = torch.zeros(len(idx), len(idx), dtype=torch.bool, device=masks.device)
+        for g in g_in.unique().tolist():
+            rows = (g_in == g).nonzero().flatten()
+            f = flat[rows].float()
+            area = f.sum(1)
+            inter = f @ f.T
+            iou = inter / (area[:, None] + area[None, :] - inter).clamp(min=1)
+            contain = inter / torch.minimum(area[:, None], area[None, :]).clamp(min=1)
+            link[rows[:, None], rows[None, :]] = (iou >= self.iou_thr) | (contain >= self.contain_thr)
 
-        clusters: dict[int, list[int]] = {}
-        for a, g in enumerate(connected_groups(link).tolist()):
-            clusters.setdefault(g, []).append(a)
-        out_m, out_s, out_g, members = [], [], [], []
-        for local in clusters.values():
-            src = [idx[a] for a in local]
-            out_m.append(masks[src].any(0))
-            out_s.append(scores[src].max())
-            out_g.append(groups[src[0]])
-            members.append(src)
-        return Aggregated(torch.stack(out_m), torch.stack(out_s), torch.stack(out_g), members)
+        cluster = connected_groups(link)  # numbered in the order of each cluster's first mask
+        n_out = int(cluster.max()) + 1
+        merged = torch.zeros((n_out, flat.shape[1]), dtype=torch.int32, device=masks.device)
+        merged.index_add_(0, cluster, flat.int())
+        best = scores.new_full((n_out,), float("-inf")).scatter_reduce(0, cluster, scores[sel], "amax")
+        order = cluster.argsort(stable=True)
+        first = order[torch.cat([order.new_zeros(1), cluster[order].bincount(minlength=n_out).cumsum(0)[:-1]])]
+        members = [m.tolist() for m in sel[order].split(cluster.bincount(minlength=n_out).tolist())]
+        return Aggregated((merged > 0).view(n_out, *masks.shape[1:]), best, g_in[first], members)

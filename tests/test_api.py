@@ -1,0 +1,155 @@
+"""The Python API practitioners expect (issue 11): instances and boxes, batches, tensor inputs,
+devices, half precision. Known answers come from the shapes generator, whose masks are exact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sspsam.data.shapes import make_scene
+from sspsam.masks import boxes_xyxy, decode_rle, split_instances
+from sspsam.predictor import Instances, Segmentation, Segmenter, coco_results
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _same_colour_scene():
+    """The first generated scene with exactly two objects of one colour: (scene, their indices)."""
+    for seed in range(100):
+        scene = make_scene(np.random.default_rng(seed), width=160, height=120, n_objects=(3, 4), radius=(0.12, 0.2))
+        for colour in {o.colour for o in scene.objects}:
+            idx = scene.select(colour=colour)
+            if len(idx) == 2:
+                return scene, idx
+    raise AssertionError("no scene with two same-colour objects")
+
+
+def _generator_box(obj) -> np.ndarray:
+    return np.array(obj.extent, np.float32)  # polygon extents = pixel edges
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return Segmenter.from_pretrained("shapes-demo", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def example():
+    """The README's example scene and its blue circle (the demo model answers it right)."""
+    from sspsam.data.shapes import make_scene as ms
+
+    scene = ms(np.random.default_rng(12), width=256, height=192, n_objects=(4, 4), radius=(0.12, 0.2),
+               background="plain", palette=("red", "green", "blue", "yellow"))
+    (blue,) = [o for o in scene.objects if (o.colour, o.shape) == ("blue", "circle")]
+    return scene, blue
+
+
+# ---- 1. instances and boxes --------------------------------------------------------------------
+
+
+def test_two_same_colour_objects_are_two_instances_with_the_generators_boxes():
+    scene, idx = _same_colour_scene()
+    union = scene.mask(idx[0]) | scene.mask(idx[1])
+    parts = split_instances(union)
+    assert parts.shape == (2, scene.height, scene.width)
+    assert np.array_equal(parts[0] | parts[1], union) and not (parts[0] & parts[1]).any()
+    boxes = boxes_xyxy(parts)
+    want = sorted((_generator_box(scene.objects[i]) for i in idx), key=lambda b: tuple(b))
+    got = sorted(boxes, key=lambda b: tuple(b))
+    for g, w in zip(got, want):
+        assert np.abs(g - w).max() <= 2, (g, w)
+    # each instance is exactly one generator mask (the shapes do not touch)
+    assert {frozenset(np.flatnonzero(p)) for p in parts} == {frozenset(np.flatnonzero(scene.mask(i))) for i in idx}
+
+
+def test_segmentation_json_has_coco_boxes_per_instance():
+    scene, idx = _same_colour_scene()
+    union = scene.mask(idx[0]) | scene.mask(idx[1])
+    res = Segmentation(["the two shapes", "nothing"], np.stack([union, np.zeros_like(union)]),
+                       np.array([0.9, 0.1], np.float32), np.array([False, True]))
+    assert [len(i) for i in res.instances] == [2, 0]
+    out = json.loads(json.dumps(res.to_json()))
+    first, none = out["results"]
+    assert none["bbox"] is None and none["instances"] == []
+    assert len(first["instances"]) == 2
+    for inst in first["instances"]:
+        x, y, w, h = inst["bbox"]
+        assert [x, y, x + w, y + h] == inst["bbox_xyxy"]
+        m = decode_rle(inst["rle"])
+        ys, xs = np.nonzero(m)
+        assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == inst["bbox_xyxy"] and inst["area"] == m.sum()
+    x, y, w, h = first["bbox"]  # the union's box encloses both
+    ys, xs = np.nonzero(union)
+    assert [x, y, x + w, y + h] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    coco = coco_results([res, res], image_ids=[7, 8])
+    assert [c["image_id"] for c in coco] == [7, 7, 8, 8] and all(c["category_id"] == 0 for c in coco)
+
+
+def test_specks_below_the_minimum_area_are_not_instances():
+    m = np.zeros((50, 50), bool)
+    m[5:25, 5:25] = True
+    m[40, 40] = True  # one stray pixel
+    m[30:33, 30:32] = True  # 6 px
+    assert len(split_instances(m, min_area=1)) == 3
+    assert len(split_instances(m, min_area=5)) == 2
+    assert len(split_instances(m, min_area=10_000)) == 1  # a found mask always keeps its largest part
+    # diagonal neighbours are one object (8-connectivity)
+    d = np.eye(6, dtype=bool)
+    assert len(split_instances(d)) == 1
+    assert split_instances(np.zeros((4, 4), bool)).shape == (0, 4, 4)
+
+
+def test_demo_model_box_matches_the_generator(demo, example):
+    scene, blue = example
+    res = demo.segment(scene.render(), ["the blue circle", "the purple triangle"])
+    inst = res.instances[0]
+    assert isinstance(inst, Instances) and len(inst) == 1
+    assert np.abs(inst.boxes[0] - _generator_box(blue)).max() <= 2, (inst.boxes[0], blue.extent)
+    assert inst.masks.dtype == bool and inst.masks.shape == (1, scene.height, scene.width)
+    assert inst.boxes.dtype == np.float32 and 0 < inst.scores[0] <= 1
+    assert res.no_target[1] and len(res.instances[1]) == 0
+
+
+def test_cli_json_and_printout_have_boxes(tmp_path, example):
+    from typer.testing import CliRunner
+
+    from sspsam.cli import app
+
+    scene, blue = example
+    img = tmp_path / "scene.png"
+    Image.fromarray(scene.render()).save(img)
+    r = CliRunner().invoke(app, ["segment", str(img), "the blue circle", "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert "1 object (boxes x0,y0,x1,y1:" in r.stdout
+    (res,) = json.loads((tmp_path / "out" / "scene.segment.json").read_text())["results"]
+    (inst,) = res["instances"]
+    x, y, w, h = inst["bbox"]
+    assert np.abs(np.array([x, y, x + w, y + h]) - _generator_box(blue)).max() <= 2
+
+
+def test_http_api_returns_instances(example, demo):
+    from starlette.testclient import TestClient
+
+    from sspsam.serve import create_app
+
+    scene, blue = example
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(scene.render()).save(buf, format="PNG")
+    app = create_app(segmenter=demo, ovss_model=None)
+    with TestClient(app) as client:
+        r = client.post("/v1/segment", files={"image": ("s.png", buf.getvalue(), "image/png")},
+                        data={"phrases": ["the blue circle", "the purple triangle"]})
+    assert r.status_code == 200, r.text
+    found, absent = r.json()["results"]
+    (inst,) = found["instances"]
+    assert np.abs(np.array(inst["bbox_xyxy"]) - _generator_box(blue)).max() <= 2
+    assert absent["instances"] == [] and absent["bbox"] is None
+    schema = app.openapi()["components"]["schemas"]
+    assert "instances" in schema["SegmentResult"]["properties"]

@@ -153,3 +153,65 @@ def test_http_api_returns_instances(example, demo):
     assert absent["instances"] == [] and absent["bbox"] is None
     schema = app.openapi()["components"]["schemas"]
     assert "instances" in schema["SegmentResult"]["properties"]
+
+
+# ---- 2. batches ----------------------------------------------------------------------------------
+
+
+def _scenes(n: int = 4) -> list[np.ndarray]:
+    return [make_scene(seed).render() for seed in range(20, 20 + n)]  # mixed sizes and orientations
+
+
+def test_a_batch_of_four_gives_the_masks_of_four_single_calls(demo):
+    from sspsam.errors import TextError
+
+    images = _scenes()
+    phrases = ["the red circle", "the blue square", "the green triangle"]
+    singles = [demo.segment(im, phrases) for im in images]
+    for batch in (demo.segment(images, phrases, image_batch_size=4), demo.segment(images, phrases, image_batch_size=3)):
+        assert len(batch) == 4
+        for one, many in zip(singles, batch):
+            assert many.phrases == phrases and np.array_equal(one.masks, many.masks)
+            assert np.array_equal(one.no_target, many.no_target)
+            np.testing.assert_allclose(one.scores, many.scores, atol=1e-4)
+            for a, b in zip(one.instances, many.instances):
+                assert np.array_equal(a.boxes, b.boxes) and np.array_equal(a.masks, b.masks)
+    per_image = [["the red circle"], ["the blue square", "the red circle"], ["the triangle"], ["the yellow shape"]]
+    mixed = demo.segment(images, per_image)
+    for im, p, res in zip(images, per_image, mixed):
+        assert res.phrases == p and np.array_equal(res.masks, demo.segment(im, p).masks)
+    with pytest.raises(TextError, match="4 images but 2 phrase lists"):
+        demo.segment(images, [["a"], ["b"]])
+    assert demo.segment([], phrases) == []
+
+
+def test_a_4d_tensor_is_a_batch(demo):
+    images = [make_scene(seed, width=96, height=80).render() for seed in (1, 2)]
+    t = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # [B, C, H, W] uint8
+    batch = demo.segment(t, "the red circle")
+    assert len(batch) == 2
+    for im, res in zip(images, batch):
+        assert np.array_equal(res.masks, demo.segment(im, "the red circle").masks)
+
+
+@pytest.fixture(scope="module")
+def ovss():
+    from sspsam.ovss.predictor import OVSS
+
+    return OVSS.from_pretrained("ovss-shapes-demo", device="cpu")
+
+
+def test_ovss_batch_of_four_gives_the_labels_of_four_single_calls(ovss):
+    images = _scenes()
+    images[1] = make_scene(5, width=400, height=150).render()  # long side > 1.5 × input: sliding windows
+    classes = ["red", "green", "blue", "background"]
+    singles = [ovss.segment(im, classes) for im in images]
+    batch = ovss.segment(images, classes, image_batch_size=3)
+    assert len(batch) == 4
+    for one, many in zip(singles, batch):
+        assert many.classes == classes and np.array_equal(one.labels, many.labels)
+        np.testing.assert_allclose(one.scores, many.scores, atol=1e-4)
+        assert one.shares == many.shares
+    per_image = [["red", "background"], classes, ["blue", "background"], ["red", "background"]]
+    for im, c, res in zip(images, per_image, ovss.segment(images, per_image)):
+        assert res.classes == c and np.array_equal(res.labels, ovss.segment(im, c).labels)

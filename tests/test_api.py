@@ -215,3 +215,106 @@ def test_ovss_batch_of_four_gives_the_labels_of_four_single_calls(ovss):
     per_image = [["red", "background"], classes, ["blue", "background"], ["red", "background"]]
     for im, c, res in zip(images, per_image, ovss.segment(images, per_image)):
         assert res.classes == c and np.array_equal(res.labels, ovss.segment(im, c).labels)
+
+
+# ---- 3. tensors, URLs and devices ---------------------------------------------------------------
+
+
+def test_every_input_layout_and_dtype_gives_the_pil_mask(demo, tmp_path):
+    import io
+
+    rgb = make_scene(7, width=120, height=90).render()
+    phrases = ["the red circle", "the blue square"]
+    want = demo.segment(Image.fromarray(rgb), phrases).masks
+    chw = torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    path = tmp_path / "scene.png"
+    path.write_bytes(buf.getvalue())
+    inputs = {
+        "numpy HWC uint8": rgb,
+        "numpy HWC float [0,1]": rgb.astype(np.float32) / 255,
+        "torch CHW uint8": chw,
+        "torch HWC uint8": torch.from_numpy(rgb),
+        "torch CHW float [0,1]": chw.float() / 255,
+        "torch HWC float64 [0,1]": torch.from_numpy(rgb).double() / 255,
+        "torch 1xCxHxW": chw[None],
+        "bytes": buf.getvalue(),
+        "path": path,
+        "str path": str(path),
+    }
+    for what, image in inputs.items():
+        res = demo.segment(image, phrases)
+        res = res[0] if isinstance(res, list) else res
+        assert np.array_equal(res.masks, want), what
+
+
+def test_bad_tensors_are_one_line_errors(demo):
+    from sspsam.errors import ImageLoadError
+
+    with pytest.raises(ImageLoadError, match="shape"):
+        demo.segment(torch.zeros(5, 10, 10), "x")  # 5 channels either way
+    with pytest.raises(ImageLoadError, match="shape"):
+        demo.segment(torch.zeros(2, 2, 2, 10, 10), "x")
+
+
+def test_urls_only_when_allowed(demo):
+    import http.server
+    import io
+    import threading
+
+    from sspsam.errors import ImageLoadError
+
+    rgb = make_scene(8, width=100, height=80).render()
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    body = buf.getvalue()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200 if self.path == "/scene.png" else 404)
+            self.end_headers()
+            if self.path == "/scene.png":
+                self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/scene.png"
+    try:
+        with pytest.raises(ImageLoadError, match="allow_urls=True"):
+            demo.segment(url, "the red circle")
+        got = demo.segment(url, "the red circle", allow_urls=True)
+        assert np.array_equal(got.masks, demo.segment(rgb, "the red circle").masks)
+        with pytest.raises(ImageLoadError, match="cannot fetch"):
+            demo.segment(url.replace("scene", "missing"), "the red circle", allow_urls=True)
+    finally:
+        server.shutdown()
+
+
+def test_return_tensors_pt_stays_on_the_models_device(demo, ovss):
+    rgb = make_scene(9, width=96, height=72).render()
+    ref = demo.segment(rgb, ["the red circle", "the green shape"])
+    pt = demo.segment(rgb, ["the red circle", "the green shape"], return_tensors="pt")
+    for x in (pt.masks, pt.scores, pt.no_target, *[t for i in pt.instances for t in (i.masks, i.boxes, i.scores)]):
+        assert isinstance(x, torch.Tensor) and x.device == demo.device
+    assert pt.masks.dtype == torch.bool and torch.equal(pt.masks.cpu(), torch.from_numpy(ref.masks))
+    assert json.dumps(pt.to_json()) == json.dumps(ref.to_json())  # JSON from tensors too
+    lab = ovss.segment(rgb, ["red", "background"], return_tensors="pt")
+    assert isinstance(lab.labels, torch.Tensor) and lab.labels.device == ovss.device
+    with pytest.raises(ValueError, match="return_tensors"):
+        demo.segment(rgb, "x", return_tensors="tf")
+
+
+def test_device_auto_is_the_default_and_to_moves_the_model():
+    from sspsam.device import resolve_device
+
+    seg = Segmenter.from_pretrained("shapes-demo")
+    assert seg.device == resolve_device("auto")
+    rgb = make_scene(10, width=96, height=72).render()
+    before = seg.segment(rgb, "the red circle").masks
+    assert seg.to("cpu") is seg and seg.device == torch.device("cpu") and seg._cache is None
+    assert all(p.device.type == "cpu" for p in seg.model.parameters())
+    assert np.array_equal(seg.segment(rgb, "the red circle").masks, before)

@@ -78,8 +78,12 @@ def mask_polygons(mask: np.ndarray) -> list[list[float]]:
 
 def require_supervision():
     """``import supervision``, or one line naming the extra to install."""
+    import warnings
+
     try:
-        import supervision
+        with warnings.catch_warnings():  # without OpenCV it says so on import; its NumPy path is all sspsam uses
+            warnings.filterwarnings("ignore", message=".*OpenCV.*", category=UserWarning)
+            import supervision
     except ImportError:
         from .errors import SSPSamError
 

@@ -79,6 +79,33 @@ class SemanticSegmentation:
     shares: dict[str, float]  # class -> fraction of image pixels
     warnings: list[str] = field(default_factory=list)  # e.g. a demo model on an image unlike its training data
 
+    def class_masks(self) -> tuple[list[int], np.ndarray]:
+        """(indices into ``classes`` of the classes present, bool [K, H, W] their masks)."""
+        labels = np.asarray(self.labels.cpu() if hasattr(self.labels, "cpu") else self.labels)
+        present = [i for i in range(len(self.classes)) if (labels == i).any()]
+        return present, np.stack([labels == i for i in present]) if present else np.zeros((0, *labels.shape), bool)
+
+    def to_supervision(self):
+        """A ``supervision.Detections`` with one detection per class present: ``mask`` bool
+        [K, H, W], ``xyxy`` float32 [K, 4] (x1/y1 one past the last pixel), ``confidence`` = the
+        class's mean max-probability over its pixels (1.0 without scores), ``class_id`` = index
+        into ``classes``, ``data["class_name"]``. Needs ``sspsam[interop]``."""
+        from ..masks import boxes_xyxy, require_supervision
+
+        sv = require_supervision()
+        present, masks = self.class_masks()
+        scores = None if self.scores is None else np.asarray(self.scores.cpu() if hasattr(self.scores, "cpu") else self.scores)
+        conf = np.array([1.0 if scores is None else float(scores[m].mean()) for m in masks], np.float32)
+        return sv.Detections(xyxy=boxes_xyxy(masks), mask=masks, confidence=conf, class_id=np.array(present, dtype=int),
+                             data={"class_name": np.array([self.classes[i] for i in present], dtype=str)})
+
+    def polygons(self) -> dict[str, list[list[float]]]:
+        """Per class present, its outlines as COCO polygons (pixel units). Needs ``sspsam[interop]``."""
+        from ..masks import mask_polygons
+
+        present, masks = self.class_masks()
+        return {self.classes[i]: mask_polygons(m) for i, m in zip(present, masks)}
+
     def to_json(self) -> dict:
         h, w = self.labels.shape
         return {"image_size": [int(h), int(w)], "classes": list(self.classes), "shares": dict(self.shares),

@@ -318,3 +318,66 @@ def test_device_auto_is_the_default_and_to_moves_the_model():
     assert seg.to("cpu") is seg and seg.device == torch.device("cpu") and seg._cache is None
     assert all(p.device.type == "cpu" for p in seg.model.parameters())
     assert np.array_equal(seg.segment(rgb, "the red circle").masks, before)
+
+
+# ---- 5. half precision and compile ----------------------------------------------------------------
+
+
+def _mask_logits(seg, rgb, phrases) -> torch.Tensor:
+    from sspsam.precision import autocast
+
+    with torch.inference_mode():
+        enc = seg._encode([rgb], ["-"])[0]
+        with autocast(seg.device, seg._run_dtype()):
+            text = seg.model.encode_text(seg.model.tokenize(phrases).to(seg.device))
+            out = seg.model.decode(enc.features, text, torch.zeros(len(phrases), dtype=torch.long, device=seg.device))
+    return out["mask_logits"].float()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_agrees_with_fp32(demo, dtype):
+    half = Segmenter.from_pretrained("shapes-demo", device="cpu", dtype=dtype)
+    assert half.model.sam.image_encoder.patch_embed.proj.weight.dtype == dtype  # the towers run in half
+    norms = [m for m in half.model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(p.dtype == torch.float32 for m in norms for p in m.parameters())  # norms stay fp32
+    phrases = ["the red circle", "the blue square", "the green triangle", "the yellow shape"]
+    agree = total = 0
+    diff = 0.0
+    for seed in range(3):
+        rgb = make_scene(seed, width=128, height=96).render()
+        a, b = demo.segment(rgb, phrases), half.segment(rgb, phrases)
+        agree += int((a.masks == b.masks).sum())
+        total += a.masks.size
+        diff = max(diff, float((_mask_logits(demo, rgb, phrases) - _mask_logits(half, rgb, phrases)).abs().max()))
+    print(f"{dtype}: mask agreement {agree / total:.5f}, max |Δ mask logit| {diff:.4f}")
+    assert agree / total >= 0.99
+
+
+def test_a_model_halved_by_hand_still_runs(demo):
+    import copy
+
+    seg = Segmenter(copy.deepcopy(demo.model).half(), "cpu", "shapes-demo")
+    rgb = make_scene(3, width=96, height=72).render()
+    res = seg.segment(rgb, "the red circle")
+    assert res.masks.shape == (1, 72, 96) and 0 <= float(res.scores[0]) <= 1
+
+
+def test_compile_that_fails_falls_back_with_one_warning(demo, monkeypatch):
+    import warnings
+
+    class Broken(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self._orig_mod = inner
+
+        def forward(self, *a, **k):
+            raise RuntimeError("inductor says no")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: Broken(module))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seg = Segmenter.from_pretrained("shapes-demo", device="cpu", compile=True)
+    msgs = [str(w.message) for w in caught if "compile" in str(w.message)]
+    assert len(msgs) == 1 and "running eagerly" in msgs[0] and seg.compiled == []
+    rgb = make_scene(3, width=96, height=72).render()
+    assert np.array_equal(seg.segment(rgb, "the red circle").masks, demo.segment(rgb, "the red circle").masks)

@@ -71,7 +71,14 @@ def clean_classes(classes: str | list[str]) -> list[str]:
 
 @dataclass
 class SemanticSegmentation:
-    """One label per pixel for one image."""
+    """One label per pixel for one image.
+
+    ``classes``: the cleaned class names; ``labels``: int32 [H, W] index into ``classes`` at the
+    original image size; ``scores``: float32 [H, W] in [0, 1], each pixel's winning-class softmax
+    probability (None where the protocol has none); ``shares``: class → fraction of the image's
+    pixels. numpy by default; ``labels``/``scores`` are torch tensors on the model's device when
+    ``segment(..., return_tensors="pt")`` made it.
+    """
 
     classes: list[str]
     labels: np.ndarray  # [H, W] int32 index into classes, original image size
@@ -107,6 +114,8 @@ class SemanticSegmentation:
         return {self.classes[i]: mask_polygons(m) for i, m in zip(present, masks)}
 
     def to_json(self) -> dict:
+        """JSON-safe summary: image size [H, W], the classes and each one's share of the pixels
+        (the label map itself goes out as a PNG: see the service's ``label_png``)."""
         h, w = self.labels.shape
         return {"image_size": [int(h), int(w)], "classes": list(self.classes), "shares": dict(self.shares),
                 "warnings": list(self.warnings)}
@@ -132,7 +141,14 @@ class _ImageEntry:
 
 
 class OVSS:
-    """Open-vocabulary semantic segmentation predictor (ESC-Net, SAM-MI or the training-free path)."""
+    """Open-vocabulary semantic segmentation: an image (or a list) and class names in, one label
+    per pixel out (:class:`SemanticSegmentation`). ESC-Net, SAM-MI or the training-free path.
+
+    Where a Hugging Face segmentation pipeline or a CAT-Seg demo fixes the label set at training
+    time, here the classes are free text given per call; ``set_image`` caches the image side as
+    SAM's predictor does, so a new class list re-runs only the class-dependent part (split models).
+    ``device``: 'auto' (CUDA, then MPS, then CPU), a name or a torch.device.
+    """
 
     def __init__(self, model, device: str | torch.device = "auto", name: str | None = None, meta: dict | None = None,
                  protocol: str = "sspsam", sclip_options: dict | None = None):
@@ -216,6 +232,8 @@ class OVSS:
     # ---- caches ---------------------------------------------------------------------------
     @torch.inference_mode()
     def class_embeddings(self, classes: list[str]) -> torch.Tensor:
+        """float [K, E] text embeddings of ``classes`` on the model's device, cached for the last
+        list (a service asks the same classes of many images)."""
         key = tuple(classes)
         if self._classes is None or self._classes[0] != key:
             if hasattr(self.model, "class_embeddings"):

@@ -61,20 +61,27 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (*a.size, 3), dtype=np.uint8) for _ in range(max(a.batches + a.mobile_batches))]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, image {a.size[0]}x{a.size[1]}, "
-          f"{len(PHRASES)} phrases/image, median of {a.repeats}")
+          f"{len(PHRASES)} phrases/image", flush=True)
     for name in a.models:
         batches = a.batches if name == "shapes-demo" else a.mobile_batches
         segs = {}
         for mode in a.modes:
+            t0 = time.perf_counter()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 segs[mode] = make_segmenter(name, a.device, MODES[mode])
-            if mode == "compile" and not segs[mode].compiled:
-                print(f"  ({name}: compile fell back to eager: {'; '.join(str(w.message)[:120] for w in caught)})")
+            took = time.perf_counter() - t0
+            if mode == "compile":
+                state = "compiled " + ", ".join(segs[mode].compiled) if segs[mode].compiled else \
+                    "fell back to eager: " + "; ".join(str(w.message)[:120] for w in caught)
+                print(f"  {name}: load + compile warm-up {took:.0f} s ({state})", flush=True)
         dev = next(iter(segs.values())).device
-        times: dict[tuple[str, int], list[float]] = {}
+        print(f"\n{name} on {dev}: images/s (median of {a.repeats})")
+        print("| batch | " + " | ".join(a.modes) + " |")
+        print("|---:|" + "---:|" * len(a.modes), flush=True)
         for b in batches:
-            for seg in segs.values():  # warm-up (compile traces here)
+            times: dict[str, list[float]] = {m: [] for m in segs}
+            for seg in segs.values():  # warm-up (compile traces a new batch size here)
                 seg.segment(images[:b], PHRASES, image_batch_size=b)
             for _ in range(a.repeats):
                 for mode, seg in segs.items():
@@ -84,12 +91,8 @@ def main(argv=None) -> int:
                     seg.segment(images[:b], PHRASES, image_batch_size=b)
                     if dev.type == "cuda":
                         torch.cuda.synchronize()
-                    times.setdefault((mode, b), []).append(time.perf_counter() - t0)
-        print(f"\n{name} on {dev}: images/s")
-        print("| batch | " + " | ".join(a.modes) + " |")
-        print("|---:|" + "---:|" * len(a.modes))
-        for b in batches:
-            print(f"| {b} | " + " | ".join(f"{b / statistics.median(times[(m, b)]):.2f}" for m in a.modes) + " |")
+                    times[mode].append(time.perf_counter() - t0)
+            print(f"| {b} | " + " | ".join(f"{b / statistics.median(times[m]):.2f}" for m in a.modes) + " |", flush=True)
     return 0
 
 

@@ -239,7 +239,7 @@ class Segmenter:
     Compared with ``segment_anything.SamPredictor``: ``set_image`` is the same idea (the image
     towers run once per image, every later phrase reuses them) but prompts are phrases rather than
     points or boxes; compared with lang-sam's ``LangSAM.predict``: one model (no detector in front),
-    masks for every phrase at once, and a list of images in one call. See the README, "API".
+    masks for every phrase at once, and a list of images in one call. See the README, "Python API".
 
     ``device``: 'auto' (CUDA, then MPS, then CPU), a name or a torch.device; ``dtype``:
     torch.float32 (default), torch.bfloat16 or torch.float16 (see :mod:`sspsam.precision`);

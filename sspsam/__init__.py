@@ -3,12 +3,12 @@
 from .errors import CheckpointError, ConfigError, ImageLoadError, SSPSamError, TextError
 
 __version__ = "0.1.0"
-__all__ = ["Segmenter", "Segmentation", "OVSS", "SemanticSegmentation", "build_model", "load_config", "SSPSamError", "CheckpointError",
+__all__ = ["Segmenter", "Segmentation", "Instances", "coco_results", "OVSS", "SemanticSegmentation", "build_model", "load_config", "SSPSamError", "CheckpointError",
            "ConfigError", "ImageLoadError", "TextError", "__version__"]
 
 
 def __getattr__(name):  # keep `import sspsam` light: torch-heavy parts load on first use
-    if name in ("Segmenter", "Segmentation"):
+    if name in ("Segmenter", "Segmentation", "Instances", "coco_results"):
         from . import predictor
 
         return getattr(predictor, name)

@@ -96,7 +96,7 @@ def segment(
     """Segment what each phrase refers to.
 
     Writes, for IMAGE named <name>.<ext>: <name>.segment.json (COCO RLE per phrase, scores, no-target flags,
-    warnings), <name>.segment.overlay.png and one 0/255 mask per phrase, <name>.segment.mask0.png, mask1, …
+    COCO bbox [x, y, w, h] and the separate objects ("instances", each with bbox, score and RLE), warnings), <name>.segment.overlay.png and one 0/255 mask per phrase, <name>.segment.mask0.png, mask1, …
     in phrase order — the same names for one phrase or many.
     """
     try:  # cheap checks first: a bad image or phrase should not wait for a model to load
@@ -148,8 +148,10 @@ def _write_segment(image: Path, output: Path, model_name: str, rgb, res) -> None
         written.append(atomic_write(output / f"{stem}.segment.json", lambda p: Path(p).write_text(json.dumps(payload, indent=1))))
     except (OSError, SSPSamError) as exc:
         _fail(exc)
-    for p, s, n in zip(res.phrases, res.scores, res.no_target):
-        print(f"{p!r}: " + ("no matching object" if n else f"mask, score {s:.3f}"))
+    for p, s, n, inst in zip(res.phrases, res.scores, res.no_target, res.instances):
+        boxes = "; ".join(",".join(str(int(round(float(v)))) for v in b) for b in inst.boxes)
+        print(f"{p!r}: " + ("no matching object" if n else
+                            f"mask, score {s:.3f}, {len(inst)} object{'s' * (len(inst) != 1)} (boxes x0,y0,x1,y1: {boxes})"))
     for w in written:
         print(f"wrote {w}")
 

@@ -1,5 +1,6 @@
-"""Image loading that accepts what users actually have: any path/PIL/numpy, EXIF-rotated,
-grayscale, RGBA, palette, 16-bit — and refuses corrupt or absurdly large files with a clear error."""
+"""Image loading that accepts what users actually have: any path/bytes/PIL/numpy/torch tensor,
+EXIF-rotated, grayscale, RGBA, palette, 16-bit (and http(s) URLs when the caller allows them) — and
+refuses corrupt or absurdly large files with a clear error."""
 
 from __future__ import annotations
 
@@ -25,7 +26,54 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 # Modes PIL's convert("RGB") does not take or gets wrong, mapped to one that it does.
 _VIA = {"La": "LA", "RGBa": "RGBA", "PA": "RGBA", "LAB": "RGB", "HSV": "RGB"}
 
-ImageLike = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+ImageLike = Union[str, os.PathLike, bytes, Image.Image, np.ndarray, "torch.Tensor"]
+MAX_URL_BYTES = 50_000_000
+URL_TIMEOUT_S = 20.0
+_CHANNELS = (1, 3, 4)
+
+
+def is_url(image: object) -> bool:
+    return isinstance(image, str) and image[:8].lower().startswith(("http://", "https://"))
+
+
+def is_tensor(image: object) -> bool:
+    """A torch tensor, known without importing torch (the CLI must start without it)."""
+    return type(image).__module__.startswith("torch") and hasattr(image, "detach")
+
+
+def _from_tensor(t) -> np.ndarray:
+    """A torch image → numpy HWC. Layout: CHW (torch's convention) when the first axis is 1, 3 or 4
+    channels, else HWC when the last one is; 2-D is greyscale. Float values in [0, 1] are scaled to
+    0..255 (as torchvision's ``to_tensor`` makes them); uint8 is taken as is."""
+    t = t.detach()
+    if t.ndim == 4 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim == 3:
+        if t.shape[0] in _CHANNELS and not (t.shape[-1] in _CHANNELS and t.shape[0] > t.shape[-1]):
+            t = t.permute(1, 2, 0)
+        elif t.shape[-1] not in _CHANNELS:
+            raise ImageLoadError(f"expected a CxHxW or HxWxC image tensor (C = 1, 3 or 4), got shape {tuple(t.shape)}")
+    elif t.ndim != 2:
+        raise ImageLoadError(f"expected a CxHxW, HxWxC or HxW image tensor, got shape {tuple(t.shape)}")
+    if t.dtype.is_complex:
+        raise ImageLoadError(f"unsupported tensor dtype {t.dtype}")
+    if t.is_floating_point():
+        t = t.float()  # bf16 has no numpy dtype
+    return t.cpu().numpy()
+
+
+def _fetch_url(url: str) -> bytes:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as resp:  # noqa: S310 (http/https only, checked)
+            data = resp.read(MAX_URL_BYTES + 1)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ImageLoadError(f"cannot fetch {url[:200]}: {getattr(exc, 'reason', exc)}") from None
+    if len(data) > MAX_URL_BYTES:
+        raise ImageTooLargeError(f"{url[:200]} is over {MAX_URL_BYTES:,} bytes")
+    return data
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
@@ -122,10 +170,18 @@ def _from_pil(img: Image.Image, items: int = 1, name: str = "image", max_pixels:
         raise ImageLoadError(f"{name} has PIL mode '{mode}', which sspsam cannot convert to RGB") from None
 
 
-def load_image(image: ImageLike, items: int = 1, max_pixels: int | None = None) -> np.ndarray:
+def load_image(image: ImageLike, items: int = 1, max_pixels: int | None = None, allow_urls: bool = False) -> np.ndarray:
     """Any supported input → HxWx3 uint8 RGB, upright. ``items``: the phrases or classes that will be
     asked of it, for the pixel × outputs budget (checked from the header, before decoding);
-    ``max_pixels``: a lower cap than SSPSAM_MAX_PIXELS (the service sets one)."""
+    ``max_pixels``: a lower cap than SSPSAM_MAX_PIXELS (the service sets one); ``allow_urls``: fetch
+    an http(s) URL (off by default: a library that fetches whatever string it is given is a
+    server-side request forgery waiting to happen)."""
+    if is_tensor(image):
+        return _from_array(_from_tensor(image), items, max_pixels)
+    if is_url(image):
+        if not allow_urls:
+            raise ImageLoadError(f"{image[:200]} is a URL; pass allow_urls=True to fetch it")
+        image = _fetch_url(image)
     if isinstance(image, np.ndarray):
         return _from_array(image, items, max_pixels)
     if isinstance(image, Image.Image):

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -70,7 +71,14 @@ def clean_classes(classes: str | list[str]) -> list[str]:
 
 @dataclass
 class SemanticSegmentation:
-    """One label per pixel for one image."""
+    """One label per pixel for one image.
+
+    ``classes``: the cleaned class names; ``labels``: int32 [H, W] index into ``classes`` at the
+    original image size; ``scores``: float32 [H, W] in [0, 1], each pixel's winning-class softmax
+    probability (None where the protocol has none); ``shares``: class → fraction of the image's
+    pixels. numpy by default; ``labels``/``scores`` are torch tensors on the model's device when
+    ``segment(..., return_tensors="pt")`` made it.
+    """
 
     classes: list[str]
     labels: np.ndarray  # [H, W] int32 index into classes, original image size
@@ -78,7 +86,36 @@ class SemanticSegmentation:
     shares: dict[str, float]  # class -> fraction of image pixels
     warnings: list[str] = field(default_factory=list)  # e.g. a demo model on an image unlike its training data
 
+    def class_masks(self) -> tuple[list[int], np.ndarray]:
+        """(indices into ``classes`` of the classes present, bool [K, H, W] their masks)."""
+        labels = np.asarray(self.labels.cpu() if hasattr(self.labels, "cpu") else self.labels)
+        present = [i for i in range(len(self.classes)) if (labels == i).any()]
+        return present, np.stack([labels == i for i in present]) if present else np.zeros((0, *labels.shape), bool)
+
+    def to_supervision(self):
+        """A ``supervision.Detections`` with one detection per class present: ``mask`` bool
+        [K, H, W], ``xyxy`` float32 [K, 4] (x1/y1 one past the last pixel), ``confidence`` = the
+        class's mean max-probability over its pixels (1.0 without scores), ``class_id`` = index
+        into ``classes``, ``data["class_name"]``. Needs ``sspsam[interop]``."""
+        from ..masks import boxes_xyxy, require_supervision
+
+        sv = require_supervision()
+        present, masks = self.class_masks()
+        scores = None if self.scores is None else np.asarray(self.scores.cpu() if hasattr(self.scores, "cpu") else self.scores)
+        conf = np.array([1.0 if scores is None else float(scores[m].mean()) for m in masks], np.float32)
+        return sv.Detections(xyxy=boxes_xyxy(masks), mask=masks, confidence=conf, class_id=np.array(present, dtype=int),
+                             data={"class_name": np.array([self.classes[i] for i in present], dtype=str)})
+
+    def polygons(self) -> dict[str, list[list[float]]]:
+        """Per class present, its outlines as COCO polygons (pixel units). Needs ``sspsam[interop]``."""
+        from ..masks import mask_polygons
+
+        present, masks = self.class_masks()
+        return {self.classes[i]: mask_polygons(m) for i, m in zip(present, masks)}
+
     def to_json(self) -> dict:
+        """JSON-safe summary: image size [H, W], the classes and each one's share of the pixels
+        (the label map itself goes out as a PNG: see the service's ``label_png``)."""
         h, w = self.labels.shape
         return {"image_size": [int(h), int(w)], "classes": list(self.classes), "shares": dict(self.shares),
                 "warnings": list(self.warnings)}
@@ -104,9 +141,16 @@ class _ImageEntry:
 
 
 class OVSS:
-    """Open-vocabulary semantic segmentation predictor (ESC-Net, SAM-MI or the training-free path)."""
+    """Open-vocabulary semantic segmentation: an image (or a list) and class names in, one label
+    per pixel out (:class:`SemanticSegmentation`). ESC-Net, SAM-MI or the training-free path.
 
-    def __init__(self, model, device: str | torch.device = "cpu", name: str | None = None, meta: dict | None = None,
+    Where a Hugging Face segmentation pipeline or a CAT-Seg demo fixes the label set at training
+    time, here the classes are free text given per call; ``set_image`` caches the image side as
+    SAM's predictor does, so a new class list re-runs only the class-dependent part (split models).
+    ``device``: 'auto' (CUDA, then MPS, then CPU), a name or a torch.device.
+    """
+
+    def __init__(self, model, device: str | torch.device = "auto", name: str | None = None, meta: dict | None = None,
                  protocol: str = "sspsam", sclip_options: dict | None = None):
         """``protocol``: 'sspsam' (the model's own inference: letterbox, windows when large) or
         'sclip' (SCLIP's training-free protocol on the model's CLIP, see :mod:`sspsam.ovss.sclip`;
@@ -141,7 +185,7 @@ class OVSS:
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path = DEFAULT_MODEL, device: str = "cpu") -> "OVSS":
+    def from_pretrained(cls, name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.device = "auto") -> "OVSS":
         """A bundled model, 'zeroshot' (CLIP + SAM from the weights cache), an OVSS variant whose
         weights are in the cache, or an sspsam checkpoint path."""
         name = str(name_or_path)
@@ -175,9 +219,21 @@ class OVSS:
             f"or a variant ({', '.join(ovss) or 'none installed'})"
         )
 
+    def to(self, device: str | torch.device) -> "OVSS":
+        """Move the model to ``device`` ('auto', 'cpu', 'cuda:1', …) and drop the cached image
+        and class features (they live on the old device); returns self."""
+        from ..device import resolve_device
+
+        self.device = resolve_device(device)
+        self.model.to(self.device)
+        self._image = self._classes = self._logits = self._sclip = None
+        return self
+
     # ---- caches ---------------------------------------------------------------------------
     @torch.inference_mode()
     def class_embeddings(self, classes: list[str]) -> torch.Tensor:
+        """float [K, E] text embeddings of ``classes`` on the model's device, cached for the last
+        list (a service asks the same classes of many images)."""
         key = tuple(classes)
         if self._classes is None or self._classes[0] != key:
             if hasattr(self.model, "class_embeddings"):
@@ -190,17 +246,25 @@ class OVSS:
         return self._classes[1]
 
     @torch.inference_mode()
-    def set_image(self, image: ImageLike, slide: bool | None = None, items: int = 1) -> np.ndarray:
-        """Encode an image's views once; later ``segment`` calls on the same pixels reuse them."""
-        rgb = load_image(image, items)
+    def set_image(self, image: ImageLike, slide: bool | None = None, items: int = 1, allow_urls: bool = False) -> np.ndarray:
+        """Encode an image's views once; later ``segment`` calls on the same pixels reuse them.
+        Returns the image as loaded: uint8 RGB [H, W, 3]."""
+        rgb = load_image(image, items, allow_urls=allow_urls)
+        key, orig_hw, work_hw, pieces = self._cut(rgb, slide)
+        if self._image is not None and self._image.key == key:
+            return rgb
+        self._image = _ImageEntry(key, orig_hw, work_hw, [self._view(*p) for p in pieces])
+        self._logits = None
+        return rgb
+
+    def _cut(self, rgb: np.ndarray, slide: bool | None):
+        """(cache key, original size, working size, views to run: (square, hw, y0, x0, is_global))."""
         s = self.model.image_size
         h, w = rgb.shape[:2]
         do_slide = (max(h, w) > self.slide_above * s) if slide is None else bool(slide)
         key = image_key(rgb) + f"|slide={do_slide}"
-        if self._image is not None and self._image.key == key:
-            return rgb
         square, box = letterbox_image(rgb, s)
-        views = [self._view(square, box.scaled_hw, 0, 0, True)]
+        pieces = [(square, box.scaled_hw, 0, 0, True)]
         work_hw = box.scaled_hw
         if do_slide:
             work_long = min(max(h, w, s), int(round(self.slide_max_scale * s)))
@@ -211,10 +275,8 @@ class OVSS:
                     crop = work[y0 : y0 + s, x0 : x0 + s]
                     pad = np.zeros((s, s, 3), np.uint8)
                     pad[: crop.shape[0], : crop.shape[1]] = crop
-                    views.append(self._view(pad, crop.shape[:2], y0, x0, False))
-        self._image = _ImageEntry(key, (h, w), work_hw, views)
-        self._logits = None
-        return rgb
+                    pieces.append((pad, crop.shape[:2], y0, x0, False))
+        return key, (h, w), work_hw, pieces
 
     def _view(self, square: np.ndarray, hw: tuple[int, int], y0: int, x0: int, is_global: bool) -> _View:
         x = to_tensor(square)[None].to(self.device)
@@ -234,20 +296,87 @@ class OVSS:
 
     # ---- inference ------------------------------------------------------------------------
     @torch.inference_mode()
-    def segment(self, image: ImageLike, classes: str | list[str], slide: bool | None = None) -> SemanticSegmentation:
-        """Label every pixel with one of ``classes``. ``slide``: None = automatic by image size."""
+    def segment(self, image: ImageLike | Sequence[ImageLike], classes: str | list[str] | list[list[str]],
+                slide: bool | None = None, image_batch_size: int = 8, return_tensors: str = "np",
+                allow_urls: bool = False) -> SemanticSegmentation | list[SemanticSegmentation]:
+        """Label every pixel with one of ``classes``.
+
+        ``image``: a path, bytes, PIL image, numpy HWC array, torch tensor (CHW or HWC, uint8 or
+        float in [0, 1]), an http(s) URL when ``allow_urls`` — or a list of those (or a [B, C, H, W]
+        tensor): then a list of results, one per image, with the model run on ``image_batch_size``
+        views (letterboxed images and sliding windows) at a time. ``classes``: names as a list or
+        one comma-separated string, shared by every image, or with a list of images one list per
+        image. ``slide``: sliding windows; None = automatic by image size. ``return_tensors``:
+        "np" (numpy) or "pt" (``labels``/``scores`` as torch tensors on the model's device).
+        """
+        from ..predictor import _is_batch
+
+        if return_tensors not in ("np", "pt"):
+            raise ValueError(f"return_tensors must be 'np' or 'pt', got {return_tensors!r}")
+        if _is_batch(image):
+            out = self._segment_batch(list(image), classes, slide, image_batch_size, allow_urls)
+            return [_as_output(r, return_tensors, self.device) for r in out]
         if self.protocol == "sclip":
-            return self._segment_sclip(image, classes)
+            return _as_output(self._segment_sclip(image, classes, allow_urls), return_tensors, self.device)
         names = clean_classes(classes)
-        rgb = self.set_image(image, slide, items=len(names))
+        rgb = self.set_image(image, slide, items=len(names), allow_urls=allow_urls)
         canvas, q = self._canvas(names)
         labels, scores = self._finalise(canvas, q)
-        h, w = self._image.orig_hw
+        return _as_output(self._result(names, labels, scores, rgb), return_tensors, self.device)
+
+    def _result(self, names: list[str], labels: np.ndarray, scores: np.ndarray | None, rgb: np.ndarray) -> SemanticSegmentation:
+        h, w = labels.shape
         counts = np.bincount(labels.ravel(), minlength=len(names))
         shares = {c: float(n) / (h * w) for c, n in zip(names, counts)}
-        return SemanticSegmentation(names, labels, scores, shares, domain_warnings(self.name, self.domain, rgb, "ovss"))
+        return SemanticSegmentation(list(names), labels, scores, shares, domain_warnings(self.name, self.domain, rgb, "ovss"))
 
-    def _segment_sclip(self, image: ImageLike, classes: str | list[str]) -> SemanticSegmentation:
+    def _segment_batch(self, images: list, classes, slide: bool | None, image_batch_size: int,
+                       allow_urls: bool) -> list[SemanticSegmentation]:
+        if not images:
+            return []
+        per_image = isinstance(classes, (list, tuple)) and bool(classes) and all(isinstance(c, (list, tuple)) for c in classes)
+        if per_image and len(classes) != len(images):
+            raise TextError(f"{len(images)} images but {len(classes)} class lists: give one list per image, or one shared list")
+        if self.protocol == "sclip":
+            return [self._segment_sclip(im, c, allow_urls) for im, c in zip(images, classes if per_image else [classes] * len(images))]
+        names = [clean_classes(c) for c in classes] if per_image else [clean_classes(classes)] * len(images)
+        rgbs = [load_image(im, len(n), allow_urls=allow_urls) for im, n in zip(images, names)]
+        cuts = [self._cut(rgb, slide) for rgb in rgbs]
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, n in enumerate(names):
+            groups.setdefault(tuple(n), []).append(i)
+        out: list[SemanticSegmentation | None] = [None] * len(images)
+        step = max(1, image_batch_size)
+        for key, idx in groups.items():
+            emb = self.class_embeddings(list(key))
+            for c0 in range(0, len(idx), step):
+                chunk = idx[c0 : c0 + step]
+                pieces = [p for i in chunk for p in cuts[i][3]]
+                logits = [lo for v0 in range(0, len(pieces), step) for lo in self._run_pieces(pieces[v0 : v0 + step], emb)]
+                at = 0
+                for i in chunk:
+                    key_i, orig_hw, work_hw, mine = cuts[i]
+                    ent = _ImageEntry(key_i, orig_hw, work_hw, [_View(None, y0, x0, (int(hw[0]), int(hw[1])), g)
+                                                                for _, hw, y0, x0, g in mine])
+                    canvas, q = _merge_views(ent, logits[at : at + len(mine)], self.model.image_size)
+                    at += len(mine)
+                    labels, scores = self._finalise(canvas, q, ent)
+                    out[i] = self._result(list(key), labels, scores, rgbs[i])
+        return out
+
+    def _run_pieces(self, pieces: list, emb: torch.Tensor) -> list[torch.Tensor]:
+        """Several views through the model at once (the image towers batched): logits [K, o, o] each."""
+        x = torch.cat([to_tensor(sq)[None] for sq, *_ in pieces]).to(self.device)
+        valid = torch.tensor([list(hw) for _, hw, *_ in pieces], device=self.device)
+        if self._split:
+            out = self.model.decode_classes(self.model.encode_image(x, valid), emb)
+        else:
+            out = self.model(x, emb, valid_hw=valid) if self._forward_takes_valid else self.model(x, emb)
+        logits = out["logits"].float()
+        check_finite(self.name, logits)
+        return list(logits)
+
+    def _segment_sclip(self, image: ImageLike, classes: str | list[str], allow_urls: bool = False) -> SemanticSegmentation:
         """SCLIP's protocol. ``classes``: a list with one class per entry (synonyms split on ", "),
         SCLIP's class-file text (one class per line), or comma-separated single names."""
         from .sclip import SCLIPProtocol
@@ -258,7 +387,7 @@ class OVSS:
         if self._sclip is None or self._sclip[0] != key:
             self._sclip = (key, SCLIPProtocol(self.model.clip, list(key), **self.sclip_options))
         proto = self._sclip[1]
-        rgb = load_image(image)
+        rgb = load_image(image, allow_urls=allow_urls)
         labels, scores = proto(rgb)
         h, w = labels.shape
         counts = np.bincount(labels.ravel(), minlength=proto.num_classes)
@@ -273,30 +402,13 @@ class OVSS:
         if self._logits is not None and self._logits[0] == ent.key and self._logits[1] == tuple(names):
             return self._logits[2]
         emb = self.class_embeddings(names)
-        s = self.model.image_size
-        glob = self._run(ent.views[0], emb)  # [K, o, o]
-        q = s / glob.shape[-1]  # input pixels per output pixel
-        ch, cw = (math.ceil(v / q) for v in ent.work_hw)
-        gh, gw = (math.ceil(v / q) for v in ent.views[0].hw)
-        g = glob[:, :gh, :gw]
-        g = g if (gh, gw) == (ch, cw) else F.interpolate(g[None], size=(ch, cw), mode="bilinear", align_corners=False)[0]
-        windows = ent.views[1:]
-        if windows:
-            acc = torch.zeros((glob.shape[0], ch, cw), device=glob.device)
-            cnt = torch.zeros((1, ch, cw), device=glob.device)
-            for v in windows:
-                lo = self._run(v, emb)
-                cy, cx = int(round(v.y0 / q)), int(round(v.x0 / q))
-                vh, vw = min(math.ceil(v.hw[0] / q), ch - cy), min(math.ceil(v.hw[1] / q), cw - cx)
-                acc[:, cy : cy + vh, cx : cx + vw] += lo[:, :vh, :vw]
-                cnt[:, cy : cy + vh, cx : cx + vw] += 1
-            g = (acc / cnt.clamp(min=1) + g) / 2
-        self._logits = (ent.key, tuple(names), (g, q))
-        return g, q
+        out = _merge_views(ent, [self._run(v, emb) for v in ent.views], self.model.image_size)
+        self._logits = (ent.key, tuple(names), out)
+        return out
 
-    def _finalise(self, canvas: torch.Tensor, q: float) -> tuple[np.ndarray, np.ndarray]:
+    def _finalise(self, canvas: torch.Tensor, q: float, ent: _ImageEntry | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Upsample to the original size class-chunk by chunk: arg-max label and max softmax prob."""
-        ent = self._image
+        ent = self._image if ent is None else ent
         h, w = ent.orig_hw
         wh, ww = ent.work_hw
         up_hw = (round(canvas.shape[1] * q), round(canvas.shape[2] * q))
@@ -318,6 +430,36 @@ class OVSS:
             lse = torch.logaddexp(lse, torch.logsumexp(up, 0))
         score = (best - lse).exp()
         return label.to(torch.int32).cpu().numpy(), score.float().cpu().numpy()
+
+
+def _as_output(res: SemanticSegmentation, return_tensors: str, device: torch.device) -> SemanticSegmentation:
+    """``return_tensors="pt"``: labels and scores as torch tensors on the model's device."""
+    if return_tensors == "pt":
+        res.labels = torch.as_tensor(np.asarray(res.labels)).to(device)
+        res.scores = None if res.scores is None else torch.as_tensor(np.asarray(res.scores)).to(device)
+    return res
+
+
+def _merge_views(ent: _ImageEntry, logits: list[torch.Tensor], s: int) -> tuple[torch.Tensor, float]:
+    """The global view's logits and the windows' (averaged where they overlap), averaged, on one
+    canvas over the working image; and the working-image pixels per canvas pixel."""
+    glob = logits[0]  # [K, o, o]
+    q = s / glob.shape[-1]  # input pixels per output pixel
+    ch, cw = (math.ceil(v / q) for v in ent.work_hw)
+    gh, gw = (math.ceil(v / q) for v in ent.views[0].hw)
+    g = glob[:, :gh, :gw]
+    g = g if (gh, gw) == (ch, cw) else F.interpolate(g[None], size=(ch, cw), mode="bilinear", align_corners=False)[0]
+    windows = list(zip(ent.views[1:], logits[1:]))
+    if windows:
+        acc = torch.zeros((glob.shape[0], ch, cw), device=glob.device)
+        cnt = torch.zeros((1, ch, cw), device=glob.device)
+        for v, lo in windows:
+            cy, cx = int(round(v.y0 / q)), int(round(v.x0 / q))
+            vh, vw = min(math.ceil(v.hw[0] / q), ch - cy), min(math.ceil(v.hw[1] / q), cw - cx)
+            acc[:, cy : cy + vh, cx : cx + vw] += lo[:, :vh, :vw]
+            cnt[:, cy : cy + vh, cx : cx + vw] += 1
+        g = (acc / cnt.clamp(min=1) + g) / 2
+    return g, q
 
 
 def _starts(length: int, window: int) -> list[int]:

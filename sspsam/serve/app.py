@@ -122,6 +122,7 @@ def _subset(res: Segmentation, idx: list[int]) -> Segmentation:
         no_target=res.no_target[idx],
         no_target_prob=None if res.no_target_prob is None else res.no_target_prob[idx],
         warnings=list(res.warnings),
+        instances=[res.instances[i] for i in idx],
     )
 
 
@@ -440,12 +441,22 @@ def _setup_logging() -> None:
 # ---- OpenAPI documentation ------------------------------------------------------------------------
 
 
+class SegmentInstance(BaseModel):
+    bbox: list[float]  # COCO [x, y, width, height], original pixels
+    bbox_xyxy: list[float]  # x0, y0, x1, y1; x1/y1 one past the last pixel
+    score: float
+    area: int
+    rle: dict
+
+
 class SegmentResult(BaseModel):
     phrase: str
     score: float
     no_target: bool
     area: int
     rle: dict
+    bbox: list[float] | None = None  # COCO [x, y, width, height] of the whole mask; null when empty
+    instances: list[SegmentInstance] = []
 
 
 class SegmentResponse(BaseModel):

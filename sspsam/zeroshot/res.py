@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, TextError
 from ..imageio import ImageLike, load_image
 from ..ovss import cost as cost_ops
 from ..predictor import Segmentation, clean_phrases
@@ -64,7 +64,7 @@ class _Encoded:
 class ZeroShotSegmenter:
     """``Segmenter``'s API on the training-free pipeline: ``set_image`` once, ``segment`` many phrases."""
 
-    def __init__(self, model: ZeroShot, device: str | torch.device = "cpu", name: str | None = None):
+    def __init__(self, model: ZeroShot, device: str | torch.device = "auto", name: str | None = None):
         if not isinstance(model, ZeroShot):
             raise CheckpointError(f"ZeroShotSegmenter needs a zeroshot model, got {type(model).__name__}")
         from ..device import resolve_device
@@ -84,7 +84,7 @@ class ZeroShotSegmenter:
         self._cache: _Encoded | None = None
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path = "zeroshot", device: str = "cpu") -> "ZeroShotSegmenter":
+    def from_pretrained(cls, name_or_path: str | Path = "zeroshot", device: str | torch.device = "auto") -> "ZeroShotSegmenter":
         """A zeroshot config name (weights from the cache) or an sspsam checkpoint of a zeroshot model."""
         name = str(name_or_path)
         path = Path(name)
@@ -106,7 +106,36 @@ class ZeroShotSegmenter:
         return rgb
 
     @torch.inference_mode()
-    def segment(self, image: ImageLike, text_or_texts: str | list[str], batch_size: int = 16) -> Segmentation:
+    def segment(self, image, text_or_texts, batch_size: int = 16, **kw):
+        """As :meth:`sspsam.Segmenter.segment`; a list of images is run one image at a time here
+        (each phrase's candidates come from per-image point prompts, which do not batch)."""
+        from ..predictor import _as_numpy, _as_tensors, _is_batch
+
+        if _is_batch(image):
+            images = list(image)
+            per_image = isinstance(text_or_texts, (list, tuple)) and bool(text_or_texts) and all(
+                isinstance(t, (list, tuple)) for t in text_or_texts)
+            if per_image and len(text_or_texts) != len(images):
+                raise TextError(f"{len(images)} images but {len(text_or_texts)} phrase lists: give one list per image, or one shared list")
+            texts = text_or_texts if per_image else [text_or_texts] * len(images)
+            return [self.segment(im, t, batch_size, **kw) for im, t in zip(images, texts)]
+        if kw.get("allow_urls"):
+            from ..imageio import is_url, _fetch_url
+
+            image = _fetch_url(image) if is_url(image) else image
+        res = self._segment_one(image, text_or_texts, batch_size)
+        return _as_tensors(res, self.device) if kw.get("return_tensors", "np") == "pt" else _as_numpy(res)
+
+    def to(self, device) -> "ZeroShotSegmenter":
+        """Move the model to ``device``; returns self."""
+        from ..device import resolve_device
+
+        self.device = resolve_device(device)
+        self.model.to(self.device)
+        self._cache = None
+        return self
+
+    def _segment_one(self, image: ImageLike, text_or_texts: str | list[str], batch_size: int = 16) -> Segmentation:
         phrases = clean_phrases(text_or_texts)
         self.set_image(image, len(phrases))
         enc = self._cache

@@ -185,7 +185,8 @@ function show(mode, sent, body) {
   const items = mode === "ovss"
     ? body.masks.map((m) => ({ label: m.class, score: m.share, kind: "share", rle: m.rle, empty: false,
                                colour: body.colours ? body.colours[m.index] : null }))
-    : body.results.map((r) => ({ label: r.phrase, score: r.score, kind: "score", rle: r.rle, empty: r.no_target }));
+    : body.results.map((r) => ({ label: r.phrase, score: r.score, kind: "score", rle: r.rle, empty: r.no_target,
+                                 instances: Array.isArray(r.instances) ? r.instances : [] }));
   const colours = palette(items.length);
   state.result = body;
   state.masks = items.map((m, i) => {
@@ -225,6 +226,18 @@ function renderLegend() {
     score.className = "score";
     score.textContent = m.empty ? "no match" : describe(m);
     li.append(box, sw, name, score);
+    // phrases: each separate object found, with its box (x0,y0–x1,y1 in image pixels) and score
+    if (!m.empty && m.instances && m.instances.length) {
+      const sub = document.createElement("ol");
+      sub.className = "instances";
+      for (const inst of m.instances) {
+        const it = document.createElement("li");
+        const [x0, y0, x1, y1] = inst.bbox_xyxy.map((v) => Math.round(v));
+        it.textContent = `box ${x0},${y0}–${x1},${y1} · ${inst.score.toFixed(3)}`;
+        sub.append(it);
+      }
+      li.append(sub);
+    }
     ul.append(li);
   });
   if (!state.masks.length) $("dl-mask").disabled = $("dl-json").disabled = true;
@@ -258,6 +271,20 @@ function drawOverlay() {
     }
   }
   ctx.putImageData(img, 0, 0);
+  // each instance's box, in its phrase's colour, numbered as in the legend's list
+  ctx.lineWidth = band;
+  ctx.font = `${Math.max(10, 6 * band)}px sans-serif`;
+  let boxes = 0;
+  for (const m of visible) {
+    (m.instances || []).forEach((inst, k) => {
+      const [x0, y0, x1, y1] = inst.bbox_xyxy;
+      ctx.strokeStyle = ctx.fillStyle = `rgb(${m.colour.join(",")})`;
+      ctx.strokeRect(x0 + band / 2, y0 + band / 2, Math.max(0, x1 - x0 - band), Math.max(0, y1 - y0 - band));
+      if (m.instances.length > 1) ctx.fillText(String(k + 1), x0 + 2 * band, y0 + 7 * band + 4);
+      boxes++;
+    });
+  }
+  canvas.dataset.boxes = boxes;
 }
 
 function hover(event) {

@@ -1,0 +1,118 @@
+"""Half precision and torch.compile for the predictors.
+
+Half precision = weights stored in bf16/fp16 AND the forward run under ``torch.autocast`` in that
+dtype. Kept in fp32: every normalisation layer (a variance in fp16 overflows, in bf16 it loses the
+small differences a norm exists to rescale) and the score heads (the no-target head: its sigmoid
+is thresholded, so a rounding step is a flipped answer). Autocast itself keeps softmax and the
+reductions it lists in fp32 and casts each matmul/conv input to the half dtype, so fp32 tensors
+made inside the model (positional tables, masks) mix with half weights without a dtype error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+FP32_MODULES = ("no_target_head",)  # score heads: thresholded outputs stay fp32
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    """None/'float32'/torch.float32 → fp32; 'bf16'/torch.bfloat16, 'fp16'/torch.float16 likewise."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        if dtype.lower() not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+        return DTYPES[dtype.lower()]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+    return dtype
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)) or "Norm" in type(module).__name__
+
+
+def apply_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast ``model``'s float parameters and buffers to ``dtype`` in place, except norms and score heads."""
+    if dtype == torch.float32:
+        return model.float()
+    keep = set()
+    for name, module in model.named_modules():
+        if _is_norm(module) or name.split(".")[-1] in FP32_MODULES:
+            keep.update(id(m) for m in module.modules())
+    for module in model.modules():
+        if id(module) in keep:
+            continue
+        for key, p in module.named_parameters(recurse=False):
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for key, b in module.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point():
+                module._buffers[key] = b.to(dtype)
+    return model
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype most of the model's float weights have (a user's ``model.half()`` included)."""
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """``torch.autocast`` for a half dtype on ``device``; a no-op context for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def check_dtype(device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a dtype this device cannot run, in one line (fp16 on a CPU-only torch without support)."""
+    if dtype == torch.float32:
+        return
+    try:
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise ValueError(f"{dtype} is not supported on {device} by this torch build ({str(exc).splitlines()[0][:160]})") from None
+
+
+def compile_hot_modules(owner, names: list[str]) -> list[str]:
+    """Wrap ``owner.<name>`` modules (dotted names) with ``torch.compile``; returns the ones wrapped.
+
+    compile is lazy — errors surface on the first call — so the caller runs one warm-up and calls
+    :func:`uncompile` on failure. A missing attribute or a torch without ``compile`` only warns.
+    """
+    if not hasattr(torch, "compile"):
+        warnings.warn("torch.compile is not available in this torch build; running eagerly", stacklevel=3)
+        return []
+    done = []
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        holder = owner.get_submodule(parent) if parent else owner
+        module = getattr(holder, attr, None)
+        if not isinstance(module, nn.Module):
+            continue
+        try:
+            setattr(holder, attr, torch.compile(module, dynamic=True))
+            done.append(name)
+        except Exception as exc:  # noqa: BLE001 — any failure means "run eagerly", said once
+            warnings.warn(f"torch.compile failed for {name} ({type(exc).__name__}: {str(exc)[:160]}); running it eagerly", stacklevel=3)
+    return done
+
+
+def uncompile(owner, names: list[str]) -> None:
+    """Undo :func:`compile_hot_modules`: put each module's eager original back."""
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        holder = owner.get_submodule(parent) if parent else owner
+        module = getattr(holder, attr)
+        setattr(holder, attr, getattr(module, "_orig_mod", module))

@@ -113,6 +113,10 @@ def test_page_draws_exactly_the_api_masks(site, browser, tmp_path):
     (want,) = _api_masks(client, png, [p1])
     assert (h, w) == rgb.shape[:2]
     assert drawn == _bits(want) and "1" in drawn
+    # the boxes layer (above the masks) draws one box per instance the API reports
+    r = client.post("/v1/segment", files={"image": ("scene.png", png, "image/png")}, data={"phrases": [p1]})
+    n_instances = len(r.json()["results"][0]["instances"])
+    assert n_instances >= 1 and browser.find_element(By.ID, "boxes").get_attribute("data-boxes") == str(n_instances)
 
     _submit(browser, f"{p1}; {p2}")  # two phrases, then hide the first
     h, w, drawn = browser.execute_script(READ_OVERLAY)
@@ -251,7 +255,7 @@ def test_keyboard_only_upload_result_error_and_recovery(site, browser, tmp_path)
     error = browser.find_element(By.ID, "error")
     assert error.is_displayed() and "422" in error.text and "phrase" in error.text.lower()
     assert "1" not in browser.execute_script(READ_OVERLAY)[2]
-    assert not browser.find_elements(By.CSS_SELECTOR, "#legend li")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#legend > li")
     assert browser.execute_script("return window.__lastResult") is None
     assert browser.find_element(By.ID, "dl-mask").get_attribute("disabled")
 
@@ -294,7 +298,7 @@ def test_warnings_shown_and_a_new_upload_clears_everything(site, browser, tmp_pa
     assert warnings.is_displayed() and "only knows generated shape scenes" in warnings.text
     assert browser.execute_script(READ_OVERLAY)[2] == _bits(want)
     assert browser.find_element(By.ID, "status").text == "1 of 2 phrases found."
-    row = browser.find_elements(By.CSS_SELECTOR, "#legend li")[1]
+    row = browser.find_elements(By.CSS_SELECTOR, "#legend > li")[1]
     assert "no match" in row.text and row.find_element(By.TAG_NAME, "input").get_attribute("disabled")
 
     bad = tmp_path / "notes.txt"
@@ -302,7 +306,7 @@ def test_warnings_shown_and_a_new_upload_clears_everything(site, browser, tmp_pa
     browser.find_element(By.ID, "file").send_keys(str(bad))
     WebDriverWait(browser, 10).until(lambda d: "notes.txt" in d.find_element(By.ID, "filename").text)
     WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "no-preview").is_displayed())
-    assert not warnings.is_displayed() and not browser.find_elements(By.CSS_SELECTOR, "#legend li")
+    assert not warnings.is_displayed() and not browser.find_elements(By.CSS_SELECTOR, "#legend > li")
     assert browser.execute_script("return [document.getElementById('image').width, window.__lastResult]") == [0, None]
     _mark_sent(browser)
     browser.find_element(By.ID, "run").click()

@@ -128,7 +128,7 @@ function fitStage(h, w) {
   const avail = Math.max(200, $("view").clientWidth);
   const tall = Math.max(200, window.innerHeight - 120);
   const scale = h && w ? Math.min(avail / w, tall / h) : 1;
-  for (const c of [$("image"), $("overlay")]) {
+  for (const c of [$("image"), $("overlay"), $("boxes")]) {
     c.style.width = `${Math.floor(w * scale)}px`;
     c.style.height = `${Math.floor(h * scale)}px`;
   }
@@ -136,7 +136,7 @@ function fitStage(h, w) {
 }
 
 function drawImage(h, w) {
-  for (const c of [$("image"), $("overlay")]) { c.width = w; c.height = h; }
+  for (const c of [$("image"), $("overlay"), $("boxes")]) { c.width = w; c.height = h; }
   fitStage(h, w);
   const ctx = $("image").getContext("2d");
   ctx.clearRect(0, 0, w, h);
@@ -249,10 +249,12 @@ function describe(m) {
 
 function drawOverlay() {
   const canvas = $("overlay"), w = canvas.width, h = canvas.height;
-  const ctx = canvas.getContext("2d");
+  const ctx = canvas.getContext("2d"), boxCanvas = $("boxes"), bctx = boxCanvas.getContext("2d");
   ctx.clearRect(0, 0, w, h);
+  bctx.clearRect(0, 0, boxCanvas.width, boxCanvas.height);
   const visible = state.masks.filter((m) => m.visible && !m.empty);
   canvas.dataset.masks = visible.length;
+  boxCanvas.dataset.boxes = 0;
   if (!visible.length || !w || !h) return;
   const img = ctx.createImageData(w, h), px = img.data;
   // a translucent fill, and an opaque border band ~1/400 of the long side wide (at least 1 px) so the
@@ -271,20 +273,21 @@ function drawOverlay() {
     }
   }
   ctx.putImageData(img, 0, 0);
-  // each instance's box, in its phrase's colour, numbered as in the legend's list
-  ctx.lineWidth = band;
-  ctx.font = `${Math.max(10, 6 * band)}px sans-serif`;
+  // each instance's box, in its phrase's colour, numbered as in the legend's list; on a canvas of
+  // its own above the masks, so the mask layer stays exactly the API's masks
+  bctx.lineWidth = band;
+  bctx.font = `${Math.max(10, 6 * band)}px sans-serif`;
   let boxes = 0;
   for (const m of visible) {
     (m.instances || []).forEach((inst, k) => {
       const [x0, y0, x1, y1] = inst.bbox_xyxy;
-      ctx.strokeStyle = ctx.fillStyle = `rgb(${m.colour.join(",")})`;
-      ctx.strokeRect(x0 + band / 2, y0 + band / 2, Math.max(0, x1 - x0 - band), Math.max(0, y1 - y0 - band));
-      if (m.instances.length > 1) ctx.fillText(String(k + 1), x0 + 2 * band, y0 + 7 * band + 4);
+      bctx.strokeStyle = bctx.fillStyle = `rgb(${m.colour.join(",")})`;
+      bctx.strokeRect(x0 + band / 2, y0 + band / 2, Math.max(0, x1 - x0 - band), Math.max(0, y1 - y0 - band));
+      if (m.instances.length > 1) bctx.fillText(String(k + 1), x0 + 2 * band, y0 + 7 * band + 4);
       boxes++;
     });
   }
-  canvas.dataset.boxes = boxes;
+  boxCanvas.dataset.boxes = boxes;
 }
 
 function hover(event) {

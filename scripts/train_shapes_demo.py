@@ -24,7 +24,10 @@ and shape words start to bind only around step 3000); the cosine schedule's leng
 raised at resumes (2000 → 2900 → 3500 → 4700 → 6500) and the run stopped at a ``--deadline``
 (step 5815); from step 6400 ``--lr 8e-4 --steps 16000 --family-weights colour=1,shape=2.5,
 colour-shape=1.5,relation=1.5,size=1.5,multi=2,absent=1.5`` and from step 8400 ``--threads 1
---steps 12000`` (a shorter cosine tail to fit the session), to step 12000.
+--steps 12000`` (a shorter cosine tail to fit the session); from step 12000 ``--steps 15000
+--family-weights colour=1,shape=3,colour-shape=1.5,relation=1.5,size=2.5,multi=2.5,absent=2`` (a
+small warm restart), to step 15000. The last 9000 steps moved held-out mIoU 0.65 → 0.77 → 0.76 and
+no-target accuracy 0.64 → 0.84 → 0.87: at this size and recipe the model has levelled off.
 Its ``meta`` holds the step count, minutes and held-out scores.
 
 `examples/shapes.png` is ``make_scene(np.random.default_rng(12), width=256, height=192,

@@ -61,13 +61,14 @@ def shapes_demo_result():
 
 
 def test_shapes_demo_beats_the_first_demo(shapes_demo_result):
-    """Where the shipped demo stands (the first one: colour+shape 0.00, overall 0.21): a floor
-    so that a retrain cannot silently go back."""
+    """Where the shipped demo stands (the first one: colour+shape 0.00, overall 0.21; the one at
+    step 15000: 0.74 overall, colour+shape 0.71, no-target 0.85 on these scenes): a floor so that a
+    retrain cannot silently go back. Issue 9's targets (0.85 / 0.9 / 0.75 per family) are not met yet."""
     r = shapes_demo_result
     print(format_table(r))
     assert set(r["families"]) == set(FAMILIES) and all(row["n"] >= 30 for row in r["families"].values())
-    assert r["mIoU"] >= 0.55 and r["families"]["colour"]["score"] >= 0.75
-    assert r["families"]["colour-shape"]["score"] >= 0.55 and r["no_target_acc"] >= 0.5
+    assert r["mIoU"] >= 0.70 and r["families"]["colour"]["score"] >= 0.85
+    assert r["families"]["colour-shape"]["score"] >= 0.68 and r["no_target_acc"] >= 0.8
 
 
 def test_shapes_demo_meta_says_what_it_knows():

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sspsam.config import build_model  # noqa: E402
-from sspsam.predictor import Segmenter  # noqa: E402
+from sspsam.models.build import build_model  # noqa: E402
+from sspsam.predict.segmenter import Segmenter  # noqa: E402
 
 PHRASES = ["the red circle", "the blue square on the left"]
 MODES = {"fp32": {}, "bf16": {"dtype": torch.bfloat16}, "compile": {"compile": True}}

@@ -24,7 +24,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-CLI = [sys.executable, "-m", "sspsam.cli"]
+CLI = [sys.executable, "-m", "sspsam.cli.main"]
 
 
 def sh(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
@@ -118,7 +118,7 @@ import sys
 from sspsam import weights
 weights.register(weights.WeightSpec(name="fault-test", url=None, sha256=sys.argv[1], size=int(sys.argv[2]),
                  filename="fault-test.pt", licence="MIT", kind="sspsam", description="fault test"))
-from sspsam.cli import app
+from sspsam.cli.main import app
 sys.argv = ["sspsam", "weights", "fetch", "fault-test", "--url", sys.argv[3], "--quiet"]
 app()
 """
@@ -193,7 +193,7 @@ def full_disk_cases(work: Path) -> list[bool]:
         return []
     out = []
     try:
-        from sspsam.checkpoint import save_checkpoint
+        from sspsam.io.checkpoint import save_checkpoint
         from sspsam.data.shapes import make_scene
         from sspsam.errors import OutputError
 

@@ -16,7 +16,7 @@ What it prints, all from one process:
    the reference path so attention is counted as its matmuls), achieved GFLOP/s and its ratio
    to the matmul peak at the same thread count.
 3. Before/after for every speed setting, interleaved (A B B A ...) so load changes hit both
-   sides alike: SDPA attention, BatchNorm folding and channels-last (``sspsam.runtime.FAST``;
+   sides alike: SDPA attention, BatchNorm folding and channels-last (``sspsam.backbones.runtime.FAST``;
    ``exact`` = all three at once),
    1 vs 2 threads, bf16 autocast and dynamic int8 Linear layers (with the max abs change of the
    stage output: the speed of int8/bf16 is not free).
@@ -49,12 +49,14 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 try:
-    from sspsam import runtime
-    from sspsam.config import build_model, list_configs, load_config
+    import sspsam.backbones.runtime as runtime
+    from sspsam.models.build import build_model
+    from sspsam.config import list_configs, load_config
 except ImportError:  # running from a checkout without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from sspsam import runtime
-    from sspsam.config import build_model, list_configs, load_config
+    import sspsam.backbones.runtime as runtime
+    from sspsam.models.build import build_model
+    from sspsam.config import list_configs, load_config
 
 PHRASES = [
     "the man on the left",
@@ -83,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--phrases", type=int, default=None, help="T for the batched stages (default 4; --quick 2)")
     p.add_argument("--classes", type=int, default=10, help="K classes for the training-free path")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads for the stage table (default: sspsam.runtime.default_threads(), as the CLI)")
+                   help="torch intra-op threads for the stage table (default: sspsam.backbones.runtime.default_threads(), as the CLI)")
     p.add_argument("--grid", action="store_true", help="also time the training-free path on SAM's 32x32 grid (slow)")
     p.add_argument("--no-ab", action="store_true", help="stage table only, no before/after comparisons")
     p.add_argument("--ab", nargs="+", default=AB_SETTINGS, choices=AB_SETTINGS,
@@ -238,7 +240,7 @@ def ssp_stages(m, images: torch.Tensor, t: int, device) -> tuple[dict, dict]:
 
 
 def zeroshot_stages(m, images: torch.Tensor, k: int, device, grid: bool = False) -> tuple[dict, dict]:
-    from sspsam.ovss import cost as cost_ops
+    import sspsam.models.cost as cost_ops
 
     g = torch.Generator().manual_seed(0)
     emb = F.normalize(torch.randn(k, m.clip.embed_dim, generator=g), dim=-1).to(device)

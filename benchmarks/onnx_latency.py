@@ -54,8 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _load(name: str):
-    from sspsam.config import build_model, list_configs
-    from sspsam.predictor import Segmenter
+    from sspsam.models.build import build_model
+    from sspsam.config import list_configs
+    from sspsam.predict.segmenter import Segmenter
 
     if name in list_configs():
         torch.manual_seed(0)
@@ -80,8 +81,8 @@ def _interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
 def bench(name: str, args) -> list[tuple]:
     import onnxruntime as ort
 
-    from sspsam.onnx import OnnxSegmenter, export_onnx
-    from sspsam.transforms import model_input
+    from sspsam.predict.onnx import OnnxSegmenter, export_onnx
+    from sspsam.io.transforms import model_input
 
     seg = _load(name)
     m = seg.model

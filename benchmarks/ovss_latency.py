@@ -32,10 +32,12 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from sspsam.config import build_model, load_config
+    from sspsam.models.build import build_model
+    from sspsam.config import load_config
 except ImportError:  # running from a checkout without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from sspsam.config import build_model, load_config
+    from sspsam.models.build import build_model
+    from sspsam.config import load_config
 
 MODELS = {  # name -> config per size
     "escnet": {"tiny": "escnet-tiny", "vitb": "escnet-vitb"},

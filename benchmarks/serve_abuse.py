@@ -176,7 +176,7 @@ def main() -> None:
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     server = subprocess.Popen(
-        [sys.executable, "-m", "sspsam.cli", "serve", "--host", "127.0.0.1", "--port", str(args.port), "--max-upload-mb", "2",
+        [sys.executable, "-m", "sspsam.cli.main", "serve", "--host", "127.0.0.1", "--port", str(args.port), "--max-upload-mb", "2",
          "--header-timeout", str(args.header_timeout), "--queue-size", "64"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )

@@ -34,7 +34,7 @@ from PIL import Image
 
 from sspsam.data.shapes import make_scene
 
-SERVE = "import typer; from sspsam.cli_serve import serve; typer.run(serve)"
+SERVE = "import typer; from sspsam.cli.serve import serve; typer.run(serve)"
 PHRASES = ["red circle", "the blue square", "green triangle", "the largest shape", "a circle on the left", "yellow"]
 
 

@@ -11,7 +11,7 @@ Modes (``--modes``):
 * ``full``       one optimiser step as ``sspsam train`` runs it: frozen CLIP and SAM image encoder
                  run forward (no grad), SSP encoder + SAM mask decoder forward/backward, AdamW step.
 * ``sam-cache``  the same step as ``sspsam train --cached-features DIR`` runs it: SAM's image
-                 embeddings read from an fp16 cache on disk (:mod:`sspsam.feature_cache`, written by
+                 embeddings read from an fp16 cache on disk (:mod:`sspsam.engine.feature_cache`, written by
                  the same code as ``sspsam cache-features``, outside the timing) and fed through
                  ``feature_cache.sam_embeddings``; CLIP's image and text towers still run.
 * ``cached``     the official recipe's fast path: SAM image embeddings and CLIP features both
@@ -40,13 +40,15 @@ from pathlib import Path
 import torch
 
 try:
-    from sspsam.config import build_model, list_configs, load_config
+    from sspsam.models.build import build_model
+    from sspsam.config import list_configs, load_config
 except ImportError:  # running from a checkout without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from sspsam.config import build_model, list_configs, load_config
-from sspsam import feature_cache as fc
-from sspsam.losses import ssp_loss
-from sspsam.train import param_groups
+    from sspsam.models.build import build_model
+    from sspsam.config import list_configs, load_config
+import sspsam.engine.feature_cache as fc
+from sspsam.engine.losses import ssp_loss
+from sspsam.engine.step import param_groups
 
 WORDS = ["the", "man", "on", "left", "red", "car", "behind", "tree", "small", "dog", "bench", "woman", "holding", "umbrella"]
 

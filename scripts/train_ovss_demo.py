@@ -18,11 +18,12 @@ import tempfile
 
 import torch
 
-from sspsam.checkpoint import read_sspsam_checkpoint, save_checkpoint
+from sspsam.models.build import read_sspsam_checkpoint
+from sspsam.io.checkpoint import save_checkpoint
 from sspsam.config import load_config
 from sspsam.data.semseg import SemSegDataset, generate_semseg
-from sspsam.ovss.evaluate import evaluate_ovss
-from sspsam.ovss.train import train_ovss
+from sspsam.engine.evaluate_ovss import evaluate_ovss
+from sspsam.engine.train_ovss import train_ovss
 
 
 def demo_meta(classes: list[str]) -> dict:

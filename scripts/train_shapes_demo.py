@@ -53,12 +53,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sspsam.checkpoint import atomic_write, save_checkpoint
-from sspsam.config import build_model, load_config, merge
+from sspsam.io.checkpoint import atomic_write, save_checkpoint
+from sspsam.models.build import build_model
+from sspsam.config import load_config, merge
 from sspsam.data.shapes import FAMILIES, expressions_by_family, make_scene
-from sspsam.data.shapes_eval import TRAIN_SEED_LIMIT, demo_scene, evaluate, format_table, target_mask
-from sspsam.losses import ssp_loss
-from sspsam.train import collate, make_sample, param_groups
+from sspsam.engine.shapes_eval import TRAIN_SEED_LIMIT, demo_scene, evaluate, format_table, target_mask
+from sspsam.engine.losses import ssp_loss
+from sspsam.engine.step import collate, make_sample, param_groups
 
 # What the demo changes in the tiny config (the checkpoint stores the merged config).
 OVERRIDES = {
@@ -211,7 +212,7 @@ def main() -> None:
     meta = {"steps": step, "batch": args.batch, "phrases_per_scene": args.phrases, "seed": args.seed, "train_minutes": round(minutes, 1),
             "trained_on": "generated shape scenes", "domain": "generated-shapes", "example_phrases": EXAMPLE_PHRASES}
     if args.eval:
-        from sspsam.predictor import Segmenter
+        from sspsam.predict.segmenter import Segmenter
 
         half = {k: v.half().float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
         model.load_state_dict(half)  # score what ships (fp16 weights)

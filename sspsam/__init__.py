@@ -1,6 +1,10 @@
-"""sspsam: language-guided segmentation with SAM and CLIP (SSP-SAM for RES/GRES; ESC-Net, SAM-MI and a training-free path for open-vocabulary semantic segmentation)."""
+"""sspsam: language-guided segmentation with SAM and CLIP (SSP-SAM for RES/GRES; ESC-Net, SAM-MI and a training-free path for open-vocabulary semantic segmentation).
 
-from .errors import CheckpointError, ConfigError, ImageLoadError, SSPSamError, TextError
+Layout (dependencies point down; see ARCHITECTURE.md): ``cli``, ``serve`` → ``predict``, ``engine``
+→ ``models`` → ``backbones``; ``data``, ``io``, ``config`` and ``errors`` are leaves any layer uses.
+"""
+
+from sspsam.errors import CheckpointError, ConfigError, ImageLoadError, SSPSamError, TextError
 
 __version__ = "0.1.0"
 __all__ = ["Segmenter", "Segmentation", "Instances", "coco_results", "OVSS", "SemanticSegmentation", "build_model", "load_config", "SSPSamError", "CheckpointError",
@@ -8,16 +12,24 @@ __all__ = ["Segmenter", "Segmentation", "Instances", "coco_results", "OVSS", "Se
 
 
 def __getattr__(name):  # keep `import sspsam` light: torch-heavy parts load on first use
-    if name in ("Segmenter", "Segmentation", "Instances", "coco_results"):
-        from . import predictor
+    if name == "Segmenter":
+        from sspsam.predict.segmenter import Segmenter
 
-        return getattr(predictor, name)
+        return Segmenter
+    if name in ("Segmentation", "Instances", "coco_results"):
+        import sspsam.predict.results as results
+
+        return getattr(results, name)
     if name in ("OVSS", "SemanticSegmentation"):
-        from .ovss import predictor as ovss_predictor
+        import sspsam.predict.ovss as ovss_predictor
 
         return getattr(ovss_predictor, name)
-    if name in ("build_model", "load_config"):
-        from . import config
+    if name == "build_model":
+        from sspsam.models.build import build_model
 
-        return getattr(config, name)
+        return build_model
+    if name == "load_config":
+        from sspsam.config import load_config
+
+        return load_config
     raise AttributeError(name)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import ConfigError
+from sspsam.errors import ConfigError
 
 CONFIG_DIR = Path(str(resources.files("sspsam") / "configs"))
 
@@ -148,41 +148,5 @@ def validate_config(cfg) -> dict:
     return cfg
 
 
-def build_model(cfg: dict | str | Path):
-    """Build an untrained model (random init) from a config dict, variant name or YAML path."""
-    if not isinstance(cfg, dict):
-        cfg = load_config(cfg)
-    validate_config(cfg)
-    try:
-        return _build(cfg)
-    except ConfigError:
-        raise
-    except (AssertionError, ValueError, TypeError, KeyError, IndexError, AttributeError, ZeroDivisionError,
-            RuntimeError) as exc:  # a value the checks above let through that the constructors refuse
-        raise ConfigError(f"model config '{cfg.get('name')}' cannot build a model ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
-def _build(cfg: dict):
-    arch = cfg.get("model", "ssp-sam")
-    from .backbones.clip import CLIPBackbone
-    from .backbones.sam import SAMBackbone
-
-    clip = CLIPBackbone.from_config({k: v for k, v in cfg["clip"].items() if k != "weights"})
-    sam = SAMBackbone.from_config(cfg["sam"])
-    if arch == "ssp-sam":
-        from .ssp.model import SSPSAM
-
-        return SSPSAM(clip, sam, cfg.get("ssp", {}), config=cfg)
-    if arch == "escnet":
-        from .ovss.escnet import ESCNet
-
-        return ESCNet(clip, sam, cfg.get("escnet", {}), config=cfg)
-    if arch == "sam-mi":
-        from .ovss.sam_mi import SAMMI
-
-        return SAMMI(clip, sam, cfg.get("sam_mi", {}), config=cfg)
-    if arch == "zeroshot":
-        from .zeroshot.pipeline import ZeroShot
-
-        return ZeroShot(clip, sam, cfg.get("zeroshot", {}), config=cfg)
-    raise ConfigError(f"unknown model type '{arch}' in config '{cfg.get('name')}'")

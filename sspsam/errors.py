@@ -31,3 +31,8 @@ class ModelOutputError(SSPSamError):
 
 class OutputError(SSPSamError):
     """An output could not be written (disk full, no permission, a file where a folder should be)."""
+
+
+def one_line(text: object) -> str:
+    """A message as one line: user text (file names, phrases) may hold newlines or markup-like brackets."""
+    return " ".join(str(text).split())

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from sspsam.data.shapes import make_scene
-from sspsam.masks import boxes_xyxy, decode_rle, split_instances
-from sspsam.predictor import Instances, Segmentation, Segmenter, coco_results
+from sspsam.io.masks import boxes_xyxy, decode_rle, split_instances
+from sspsam.predict.results import Instances, Segmentation, coco_results
+from sspsam.predict.segmenter import Segmenter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,7 +125,7 @@ def test_demo_model_box_matches_the_generator(demo, example):
 def test_cli_json_and_printout_have_boxes(tmp_path, example):
     from typer.testing import CliRunner
 
-    from sspsam.cli import app
+    from sspsam.cli.main import app
 
     scene, blue = example
     img = tmp_path / "scene.png"
@@ -202,7 +203,7 @@ def test_a_4d_tensor_is_a_batch(demo):
 
 @pytest.fixture(scope="module")
 def ovss():
-    from sspsam.ovss.predictor import OVSS
+    from sspsam.predict.ovss import OVSS
 
     return OVSS.from_pretrained("ovss-shapes-demo", device="cpu")
 
@@ -315,7 +316,7 @@ def test_return_tensors_pt_stays_on_the_models_device(demo, ovss):
 
 
 def test_device_auto_is_the_default_and_to_moves_the_model():
-    from sspsam.device import resolve_device
+    from sspsam.predict.device import resolve_device
 
     seg = Segmenter.from_pretrained("shapes-demo")
     assert seg.device == resolve_device("auto")
@@ -330,7 +331,7 @@ def test_device_auto_is_the_default_and_to_moves_the_model():
 
 
 def _mask_logits(seg, rgb, phrases) -> torch.Tensor:
-    from sspsam.precision import autocast
+    from sspsam.predict.precision import autocast
 
     with torch.inference_mode():
         enc = seg._encode([rgb], ["-"])[0]

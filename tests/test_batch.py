@@ -19,19 +19,20 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from sspsam import cli_batch, cli_serve
+import sspsam.cli.batch as cli_batch
+import sspsam.cli.serve as cli_serve
 from sspsam.data.shapes import make_scene
-from sspsam.masks import decode_rle
-from sspsam.predictor import Segmenter
+from sspsam.io.masks import decode_rle
+from sspsam.predict.segmenter import Segmenter
 
 PHRASES = ["red circle", "the blue square", "green triangle", "a square on the left"]
 N_IMAGES = 6
 
-app = typer.Typer()  # as the lead mounts them in sspsam.cli
+app = typer.Typer()  # as the lead mounts them in sspsam.cli.main
 app.command("serve")(cli_serve.serve)
 app.command("batch")(cli_batch.batch)
 CLI = (
-    "import typer; from sspsam import cli_batch, cli_serve; app = typer.Typer(); "
+    "import typer; import sspsam.cli.batch as cli_batch, sspsam.cli.serve as cli_serve; app = typer.Typer(); "
     "app.command('serve')(cli_serve.serve); app.command('batch')(cli_batch.batch); app()"
 )
 

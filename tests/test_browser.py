@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sspsam.masks import decode_rle, encode_rle
+from sspsam.io.masks import decode_rle, encode_rle
 from sspsam.serve import create_app
 from test_serve import PHRASES, make_ovss, running_server, scene_png
 

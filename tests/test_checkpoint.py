@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sspsam.checkpoint import atomic_write
+from sspsam.io.checkpoint import atomic_write
 
 
 def test_atomic_write_content_and_permissions(tmp_path):

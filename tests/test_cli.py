@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sspsam import __version__
-from sspsam.cli import app
+from sspsam.cli.main import app
 from sspsam.data.shapes import make_scene
 
 runner = CliRunner()
@@ -49,9 +49,9 @@ def test_version():
 
 def test_help_does_not_load_torch_or_numpy():
     # `sspsam --help` must answer at once: the model stack loads only when a command runs.
-    code = ("import sys; from sspsam.cli import app; "
+    code = ("import sys; from sspsam.cli.main import app; "
             "from typer.main import get_command; get_command(app); "
-            "print(sorted(m for m in ('torch', 'numpy', 'PIL', 'sspsam.weights') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'numpy', 'PIL', 'sspsam.io.weights') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert out.stdout.strip() == "[]"
@@ -83,7 +83,7 @@ def test_unavailable_and_malformed_devices(scene_png, monkeypatch):
 def test_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch):
     import torch
 
-    from sspsam.device import resolve_device
+    from sspsam.predict.device import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
@@ -118,12 +118,12 @@ def test_long_and_unreadable_file_names(tmp_path, scene_png):
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *a, **k)
 
-    import sspsam.cli_common
+    import sspsam.cli.common
 
     try:
         with pytest.MonkeyPatch.context() as mp:
             if os.access(locked, os.R_OK):
-                mp.setattr(sspsam.cli_common, "open", deny, raising=False)
+                mp.setattr(sspsam.cli.common, "open", deny, raising=False)
             _error_line(_run("segment", locked, "dog"), "permission denied")
     finally:
         locked.chmod(0o644)
@@ -195,7 +195,7 @@ def test_weights_errors_exit_2_one_line(tmp_path, monkeypatch):
 def test_found_never_has_an_empty_mask(monkeypatch):
     # A mask that passes the low-resolution rules but vanishes at the original size (a sliver
     # lost in resizing) must come back as "no target", never as "found" with nothing drawn.
-    import sspsam.predictor as predictor
+    import sspsam.predict.segmenter as predictor
 
     seg = predictor.Segmenter.from_pretrained("shapes-demo")
     seg.no_target_min_pixels = 0  # the 512² rule lets everything through ...

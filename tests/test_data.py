@@ -37,7 +37,7 @@ from sspsam.data.shapes import (
     no_target_expressions,
     single_target_expressions,
 )
-from sspsam.transforms import Letterbox, letterbox_image, letterbox_mask
+from sspsam.io.transforms import Letterbox, letterbox_image, letterbox_mask
 
 S = 256
 

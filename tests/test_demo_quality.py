@@ -16,10 +16,10 @@ from PIL import Image
 
 from sspsam.data.semseg import SemSegDataset, generate_semseg
 from sspsam.data.shapes import FAMILIES
-from sspsam.data.shapes_eval import HELDOUT_SEED0, evaluate, format_table
-from sspsam.ovss.evaluate import evaluate_ovss
-from sspsam.ovss.predictor import OVSS
-from sspsam.predictor import Segmenter
+from sspsam.engine.shapes_eval import HELDOUT_SEED0, evaluate, format_table
+from sspsam.engine.evaluate_ovss import evaluate_ovss
+from sspsam.predict.ovss import OVSS
+from sspsam.predict.segmenter import Segmenter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 def test_readme_main_job_finds_the_blue_circle(tmp_path):
     """`sspsam segment examples/shapes.png "the blue circle" -o DIR`, as a user runs it."""
     exe = shutil.which("sspsam")
-    cmd = [exe] if exe else [sys.executable, "-m", "sspsam.cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "sspsam.cli.main"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([*cmd, "segment", "examples/shapes.png", "the blue circle", "-o", str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -74,9 +74,9 @@ def test_shapes_demo_beats_the_first_demo(shapes_demo_result):
 def test_shapes_demo_meta_says_what_it_knows():
     """The example phrases the CLI/web page suggest are answered right on examples/shapes.png,
     an absent object among them."""
-    from sspsam.checkpoint import read_sspsam_checkpoint
+    from sspsam.models.build import read_sspsam_checkpoint
     from sspsam.data.shapes import all_expressions
-    from sspsam.data.shapes_eval import target_mask
+    from sspsam.engine.shapes_eval import target_mask
 
     meta = read_sspsam_checkpoint(ROOT / "sspsam/assets/shapes-demo.pt")["meta"]
     assert meta["domain"] == "generated-shapes" and len(meta["example_phrases"]) >= 4
@@ -103,7 +103,7 @@ def _example_scene():
 
 
 def test_ovss_demo_on_held_out_scenes(tmp_path):
-    from sspsam.checkpoint import read_sspsam_checkpoint
+    from sspsam.models.build import read_sspsam_checkpoint
 
     torch.set_num_threads(1)
     meta = read_sspsam_checkpoint(ROOT / "sspsam/assets/ovss-shapes-demo.pt")["meta"]

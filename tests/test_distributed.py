@@ -23,9 +23,10 @@ def _free_port() -> int:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_torchrun_two_ranks_identical_after_a_step(tmp_path):
-    from sspsam.config import build_model, load_config
+    from sspsam.models.build import build_model
+    from sspsam.config import load_config
     from sspsam.data import generate_refer
-    from sspsam.trainer import seed_everything
+    from sspsam.engine.trainer import seed_everything
 
     data = tmp_path / "refcoco"
     generate_refer(data, "refcoco", n_images=8, seed=0)

@@ -13,13 +13,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from sspsam.checkpoint import save_checkpoint
-from sspsam.cli import app
-from sspsam.config import build_model, load_config
+from sspsam.io.checkpoint import save_checkpoint
+from sspsam.cli.main import app
+from sspsam.models.build import build_model
+from sspsam.config import load_config
 from sspsam.data.shapes import make_scene
-from sspsam.domain import DOMAIN, in_domain_fraction, looks_like_generated_shapes, out_of_domain_warning
-from sspsam.ovss.predictor import OVSS
-from sspsam.predictor import Segmenter
+from sspsam.predict.domain import DOMAIN, in_domain_fraction, looks_like_generated_shapes, out_of_domain_warning
+from sspsam.predict.ovss import OVSS
+from sspsam.predict.segmenter import Segmenter
 
 
 def photo_like(h: int = 180, w: int = 240, seed: int = 0) -> np.ndarray:

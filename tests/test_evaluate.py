@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from sspsam.evaluate import evaluate, open_dataset, precision_curve, write_report
-from sspsam.predictor import Segmentation
+from sspsam.engine.evaluate import evaluate, open_dataset, precision_curve, write_report
+from sspsam.predict.results import Segmentation
 
 
 class FixedSegmenter:
@@ -142,9 +142,10 @@ def test_precision_curve_rules():
 
 
 def test_cli_evaluate_on_a_checkpoint(refer_root, tmp_path):
-    from sspsam.checkpoint import save_checkpoint
-    from sspsam.cli import app
-    from sspsam.config import build_model, load_config
+    from sspsam.io.checkpoint import save_checkpoint
+    from sspsam.cli.main import app
+    from sspsam.models.build import build_model
+    from sspsam.config import load_config
 
     torch.manual_seed(0)
     cfg = load_config("ssp-sam-tiny")
@@ -168,7 +169,7 @@ def test_cli_evaluate_on_a_checkpoint(refer_root, tmp_path):
 
 def test_cli_evaluate_ovss_dataset(tmp_path):
     """`sspsam evaluate` on an OVSS layout: the bundled ovss-shapes-demo on generated shapes."""
-    from sspsam.cli import app
+    from sspsam.cli.main import app
     from sspsam.data.semseg import SHAPE_CLASSES, generate_semseg
 
     generate_semseg(tmp_path / "ss", n=4, seed=5, splits=("val",))

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sspsam.checkpoint import atomic_write, save_checkpoint
+from sspsam.io.checkpoint import atomic_write, save_checkpoint
 from sspsam.errors import OutputError
 
 
@@ -63,7 +63,7 @@ def _folder(tmp_path: Path, n: int = 5) -> tuple[Path, Path]:
 
 
 def test_batch_full_disk_then_rerun(tmp_path, monkeypatch):
-    from sspsam import batch
+    import sspsam.predict.batch as batch
 
     src, phrases = _folder(tmp_path)
     ref = batch.run_batch(src, tmp_path / "ref", phrases).results.read_bytes()
@@ -99,7 +99,7 @@ def test_batch_full_disk_then_rerun(tmp_path, monkeypatch):
 
 
 def test_batch_output_is_a_file(tmp_path):
-    from sspsam.batch import BatchError, run_batch
+    from sspsam.predict.batch import BatchError, run_batch
 
     src, phrases = _folder(tmp_path, 1)
     (tmp_path / "out").write_text("keep me")
@@ -112,7 +112,7 @@ def test_batch_sigkill_then_rerun_is_identical(tmp_path):
     """Kill `sspsam batch` once it has written some results; the rerun gives the uninterrupted bytes."""
     src, phrases = _folder(tmp_path, 8)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "sspsam.cli", "batch", str(src), "--phrases", str(phrases), "--png"]
+    cmd = [sys.executable, "-m", "sspsam.cli.main", "batch", str(src), "--phrases", str(phrases), "--png"]
     subprocess.run(cmd + ["-o", str(tmp_path / "ref")], env=env, check=True, capture_output=True)
     out = tmp_path / "out"
     p = subprocess.Popen(cmd + ["-o", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from sspsam import feature_cache as fc
+import sspsam.engine.feature_cache as fc
 from sspsam.config import load_config
 from sspsam.errors import ConfigError
-from sspsam.feature_cache import FeatureCache, FeatureCacheError
-from sspsam.trainer import build_feature_cache, train
+from sspsam.engine.feature_cache import FeatureCache, FeatureCacheError
+from sspsam.engine.trainer import build_feature_cache, train
 from typer.testing import CliRunner
 
-from sspsam.cli import app
+from sspsam.cli.main import app
 
 KW = dict(batch_size=2, lr=1e-3, decoder_lr=1e-4, seed=3407, log_every=1, tensorboard=False)
 STEPS = 6
@@ -104,7 +104,7 @@ def test_cached_loss_curve_equals_uncached(cfg, data_root, uncached, cache32, tm
 def test_cached_rows_are_the_encoder_outputs(cfg, data_root, uncached, cache32):
     """Row r of the float32 cache is SAM's embedding of the r-th distinct image (up to the float
     rounding that differs between a batch of 2 and a batch of 1)."""
-    from sspsam.trainer import _dataset, build_training_model
+    from sspsam.engine.trainer import _dataset, build_training_model
 
     out, _ = cache32
     cache = FeatureCache(out)
@@ -138,8 +138,8 @@ KILLED_RUN = """
 import os, signal, sys
 import torch
 torch.set_num_threads(1)
-from sspsam import feature_cache as fc
-from sspsam.cli import app
+import sspsam.engine.feature_cache as fc
+from sspsam.cli.main import app
 
 real = fc._write_shard
 shards = []
@@ -287,7 +287,7 @@ def test_cli_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, sspsam.cli, sspsam.cli_cache; print('torch' in sys.modules)"
+    code = "import sys, sspsam.cli.main, sspsam.cli.cache; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
@@ -314,7 +314,7 @@ def test_sam_mi_cached_loss_curve_equals_uncached(semseg, tmp_path, monkeypatch)
     """fp32 cache: the per-step losses of SAM-MI training equal the uncached run's to 1e-5, with the
     trainer's random flips drawn as before (both views of the cache are read)."""
     from sspsam.backbones.sam import SAMBackbone
-    from sspsam.ovss.train import build_ovss_feature_cache, train_ovss
+    from sspsam.engine.train_ovss import build_ovss_feature_cache, train_ovss
 
     root, cfg = semseg
     kw = dict(steps=4, batch_size=2, seed=0, log_every=0, warmup=2, log=lambda m: None)
@@ -341,7 +341,7 @@ def test_sam_mi_cached_loss_curve_equals_uncached(semseg, tmp_path, monkeypatch)
 
 
 def test_sam_mi_cache_refusals(semseg, tmp_path):
-    from sspsam.ovss.train import build_ovss_feature_cache, train_ovss
+    from sspsam.engine.train_ovss import build_ovss_feature_cache, train_ovss
 
     root, cfg = semseg
     cache = tmp_path / "cache"

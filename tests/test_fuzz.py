@@ -100,8 +100,8 @@ def run(surface: str, case: hostile.Case, fn) -> str:
 
 @pytest.fixture(scope="module")
 def models():
-    from sspsam.ovss.predictor import OVSS
-    from sspsam.predictor import Segmenter
+    from sspsam.predict.ovss import OVSS
+    from sspsam.predict.segmenter import Segmenter
 
     torch.manual_seed(0)
     return Segmenter.from_pretrained("shapes-demo"), OVSS.from_pretrained("ovss-shapes-demo")
@@ -151,7 +151,7 @@ IMAGE_CASES = hostile.image_cases(seed=0)
 
 
 def test_images_api(models):
-    from sspsam.imageio import load_image
+    from sspsam.io.images import load_image
 
     seg, ovss = models
 
@@ -180,7 +180,7 @@ def test_images_api(models):
 
 
 def test_ico_uses_largest_size():
-    from sspsam.imageio import load_image
+    from sspsam.io.images import load_image
 
     img = Image.new("RGB", (64, 64), (255, 0, 0))
     assert load_image(hostile.encode(img, "ICO", sizes=[(16, 16), (64, 64)])).shape == (64, 64, 3)
@@ -188,7 +188,7 @@ def test_ico_uses_largest_size():
 
 def test_pixel_budget_depends_on_the_work(monkeypatch):
     """A header within the pixel cap but over pixels × phrases is refused before decoding."""
-    from sspsam import imageio
+    import sspsam.io.images as imageio
     from sspsam.errors import ImageTooLargeError
 
     monkeypatch.setattr(imageio, "MAX_WORK", 10_000_000)
@@ -203,7 +203,7 @@ def test_pixel_budget_depends_on_the_work(monkeypatch):
 def test_images_cli(tmp_path, valid_png, monkeypatch):
     from typer.testing import CliRunner
 
-    from sspsam.cli import app
+    from sspsam.cli.main import app
 
     _cache_bundled(monkeypatch)
     runner = CliRunner()
@@ -259,8 +259,8 @@ _BUNDLED_CACHE: dict = {}
 
 def _cache_bundled(monkeypatch):
     """The CLI loads its model per call; for bundled names reuse one (checkpoint cases load for real)."""
-    from sspsam.ovss.predictor import OVSS
-    from sspsam.predictor import Segmenter
+    from sspsam.predict.ovss import OVSS
+    from sspsam.predict.segmenter import Segmenter
 
     for cls, name in ((Segmenter, "shapes-demo"), (OVSS, "ovss-shapes-demo")):
         real = cls.from_pretrained.__func__
@@ -281,7 +281,7 @@ def _cache_bundled(monkeypatch):
 def test_texts_api_and_cli(models, tmp_path, valid_png, monkeypatch):
     from typer.testing import CliRunner
 
-    from sspsam.cli import app
+    from sspsam.cli.main import app
 
     seg, ovss = models
     rgb = np.asarray(Image.open(__import__("io").BytesIO(valid_png)).convert("RGB"))
@@ -329,9 +329,9 @@ def test_texts_api_and_cli(models, tmp_path, valid_png, monkeypatch):
 def test_checkpoints(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from sspsam.cli import app
-    from sspsam.ovss.predictor import OVSS
-    from sspsam.predictor import Segmenter
+    from sspsam.cli.main import app
+    from sspsam.predict.ovss import OVSS
+    from sspsam.predict.segmenter import Segmenter
 
     assets = Path(__import__("sspsam").__file__).parent / "assets"
     valid = torch.load(assets / "shapes-demo.pt", weights_only=True)
@@ -367,14 +367,15 @@ def test_checkpoints(tmp_path, monkeypatch):
 
 def test_other_task_message():
     from sspsam.errors import CheckpointError
-    from sspsam.predictor import Segmenter
+    from sspsam.predict.segmenter import Segmenter
 
     with pytest.raises(CheckpointError, match="open-vocabulary.*sspsam ovss"):
         Segmenter.from_pretrained(str(Path(__import__("sspsam").__file__).parent / "assets" / "ovss-shapes-demo.pt"))
 
 
 def test_configs(tmp_path):
-    from sspsam.config import CONFIG_DIR, build_model, load_config
+    from sspsam.config import CONFIG_DIR, load_config
+    from sspsam.models.build import build_model
 
     valid = (CONFIG_DIR / "ssp-sam-tiny.yaml").read_text()
     cases = hostile.config_cases(valid)
@@ -504,7 +505,7 @@ def test_nan_checkpoint_is_a_named_error_everywhere(tmp_path, valid_png):
     from fastapi.testclient import TestClient
 
     from sspsam.errors import ModelOutputError
-    from sspsam.predictor import Segmenter
+    from sspsam.predict.segmenter import Segmenter
     from sspsam.serve.app import create_app
 
     ck = torch.load(Path(__import__("sspsam").__file__).parent / "assets" / "shapes-demo.pt", weights_only=True)
@@ -525,7 +526,7 @@ def test_nan_checkpoint_is_a_named_error_everywhere(tmp_path, valid_png):
 
 
 def test_batch_hostile_folder(tmp_path, monkeypatch):
-    from sspsam.batch import BatchError, run_batch
+    from sspsam.predict.batch import BatchError, run_batch
 
     _cache_bundled(monkeypatch)
     src = tmp_path / "imgs"

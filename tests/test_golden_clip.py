@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from sspsam.tools import fidelity_clip as fc
+import sspsam.tools.fidelity_clip as fc
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sspsam.tools import golden
+import sspsam.tools.golden as golden
 
 
 @pytest.mark.parametrize("name", ["sclip", "clip_surgery", "mobile_sam_tinyvit"])

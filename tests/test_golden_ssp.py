@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from sspsam.checkpoint import read_sspsam_checkpoint
+from sspsam.models.build import read_sspsam_checkpoint
 from sspsam.errors import CheckpointError, SSPSamError
-from sspsam.predictor import Segmenter
-from sspsam.ssp import official_checkpoint
-from sspsam.ssp.official_inputs import centered_geometry, clip_input, format_phrase
-from sspsam.tools import fidelity, golden
+from sspsam.predict.segmenter import Segmenter
+import sspsam.models.build as build
+import sspsam.models.ssp_sam.official_checkpoint as official_checkpoint
+from sspsam.models.ssp_sam.official_inputs import centered_geometry, clip_input, format_phrase
+import sspsam.tools.fidelity as fidelity
+import sspsam.tools.golden as golden
 
 QUANTITIES = {
     "clip_image (from the raw images)", "word_id (from the phrases)", "clip_sentence", "phrase_attn_weights",
@@ -88,7 +90,7 @@ def _official_shapes(name: str) -> dict[str, torch.Tensor]:
 def test_official_layout_is_recognised_and_mapped(name, variant):
     sd = _official_shapes(name)
     assert official_checkpoint.is_official(sd)
-    ckpt = official_checkpoint.to_sspsam_checkpoint(sd, sam_image_encoder=False)
+    ckpt = build.to_sspsam_checkpoint(sd, sam_image_encoder=False)
     assert ckpt["config"]["name"] == variant and ckpt["config"]["ssp"]["head"] == "official"
     # exactly the two unused official modules are dropped, nothing else
     assert sorted(ckpt["official"]["dropped"]) == sorted(k for k in sd if k.startswith(("img2img_attn.", "norm_text_cond_img.")))
@@ -97,22 +99,22 @@ def test_official_layout_is_recognised_and_mapped(name, variant):
     assert ckpt["state_dict"][pg + "prompt_tokens"].shape == (1, 128, 256)
     assert ckpt["state_dict"][pg + "box_token"].shape == (1, 1, 256)
     # without SAM's image encoder in the file, the full model takes SAM from the weights cache
-    assert official_checkpoint.to_sspsam_checkpoint(sd)["external_backbones"] == ["sam"]
+    assert build.to_sspsam_checkpoint(sd)["external_backbones"] == ["sam"]
 
 
 def test_official_layout_errors_name_the_keys():
     sd = _official_shapes("ssp_sam_224")
     with pytest.raises(CheckpointError, match=r"no rule maps: extra_head\.weight"):
-        official_checkpoint.to_sspsam_checkpoint({**sd, "extra_head.weight": torch.empty(2, device="meta")})
+        build.to_sspsam_checkpoint({**sd, "extra_head.weight": torch.empty(2, device="meta")})
     lacking = {k: v for k, v in sd.items() if k != "norm.weight"}
     with pytest.raises(CheckpointError, match=r"missing 1 keys: ssp_encoder\.prompt_generator\.norm\.weight"):
-        official_checkpoint.to_sspsam_checkpoint(lacking, sam_image_encoder=False)
+        build.to_sspsam_checkpoint(lacking, sam_image_encoder=False)
     bad = {**sd, "mlp.weight": torch.empty(256, 768, device="meta")}
     with pytest.raises(CheckpointError, match=r"shape mismatch.*fusion\.proj\.weight"):
-        official_checkpoint.to_sspsam_checkpoint(bad, sam_image_encoder=False)
+        build.to_sspsam_checkpoint(bad, sam_image_encoder=False)
     other = {**sd, "encoder.visual.conv1.weight": torch.empty(768, 3, 32, 32, device="meta")}
     with pytest.raises(CheckpointError, match=r"unknown CLIP tower: conv1 \(768, 3, 32, 32\)"):
-        official_checkpoint.to_sspsam_checkpoint(other)
+        build.to_sspsam_checkpoint(other)
 
 
 def test_incomplete_official_file_is_a_one_line_error(tmp_path):
@@ -133,9 +135,10 @@ def test_incomplete_official_file_is_a_one_line_error(tmp_path):
 def test_official_head_in_the_predictor():
     """A tiny model with ``ssp.head: official``: the predictor feeds CLIP the centred official input
     built from the raw image and formats the phrase as the official dataset does."""
-    from sspsam.config import build_model, load_config
-    from sspsam.ssp.official_inputs import clip_input_from_letterbox
-    from sspsam.transforms import model_input
+    from sspsam.models.build import build_model
+    from sspsam.config import load_config
+    from sspsam.models.ssp_sam.official_inputs import clip_input_from_letterbox
+    from sspsam.io.transforms import model_input
 
     cfg = load_config("ssp-sam-tiny")
     cfg["ssp"].update(head="official", no_target_head=False)
@@ -192,7 +195,7 @@ def test_box_targets_move_into_the_official_box_frame():
     (what the datasets carry) must land where the official code puts it. Known answer first, then
     the fixture: its predicted boxes, mapped to original pixels by the official post-processing,
     come back to the predicted canvas boxes."""
-    from sspsam.ssp.official_inputs import letterbox_box_to_clip
+    from sspsam.models.ssp_sam.official_inputs import letterbox_box_to_clip
 
     # 100×200 image: SAM 1024 letterbox 512×1024 (top-left); CLIP 224 canvas 112×224 at top 56
     full = torch.tensor([[0.5, 0.25, 1.0, 0.5], [0.0, 0.0, 0.0, 0.0]])

@@ -10,7 +10,7 @@ from pycocotools import mask as mask_utils
 
 from sspsam.data.shapes import make_scene
 from sspsam.errors import SSPSamError
-from sspsam.predictor import Segmentation, coco_results
+from sspsam.predict.results import Segmentation, coco_results
 
 
 
@@ -57,7 +57,7 @@ def test_nothing_found_is_an_empty_detections(sv):
 
 
 def test_semantic_segmentation_to_supervision(sv):
-    from sspsam.ovss.predictor import SemanticSegmentation
+    from sspsam.predict.ovss import SemanticSegmentation
 
     labels = np.zeros((40, 50), np.int32)
     labels[5:15, 10:30] = 2

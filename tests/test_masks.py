@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sspsam.masks import NO_MATCH, bbox, class_colours, contour, label_overlay, label_png, overlay, palette, segmentation_overlay
+from sspsam.io.masks import NO_MATCH, bbox, class_colours, contour, label_overlay, label_png, overlay, palette, segmentation_overlay
 
 
 def _disc(h: int, w: int, cy: float, cx: float, r: float) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from sspsam.metrics import (
+from sspsam.engine.metrics import (
     GRESMeter,
     PhraseCutMeter,
     RESMeter,

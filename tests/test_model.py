@@ -16,12 +16,14 @@ import torch.nn.functional as F
 from sspsam.backbones.clip import CLIPBackbone, TextFeatures
 from sspsam.backbones.sam import SAMBackbone
 from sspsam.backbones.tiny_vit import TinyViT
-from sspsam.checkpoint import read_sspsam_checkpoint, read_state_dict, save_checkpoint
-from sspsam.config import build_model, load_config
+from sspsam.models.build import read_sspsam_checkpoint
+from sspsam.io.checkpoint import read_state_dict, save_checkpoint
+from sspsam.models.build import build_model
+from sspsam.config import load_config
 from sspsam.errors import CheckpointError
-from sspsam.losses import box_cxcywh_to_xyxy, dice_loss, generalized_box_iou, sigmoid_focal_loss, ssp_loss
-from sspsam.ssp.linguistic_adapter import LinguisticAttentionAdapter
-from sspsam.ssp.visual_adapter import VisualAttentionAdapter
+from sspsam.engine.losses import box_cxcywh_to_xyxy, dice_loss, generalized_box_iou, sigmoid_focal_loss, ssp_loss
+from sspsam.models.ssp_sam.linguistic_adapter import LinguisticAttentionAdapter
+from sspsam.models.ssp_sam.visual_adapter import VisualAttentionAdapter
 
 EOT = 49407
 PHRASES = ["the red square", "a small blue circle on the left", "green"]

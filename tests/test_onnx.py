@@ -13,12 +13,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from sspsam.cli import app
-from sspsam.config import build_model, load_config
+from sspsam.cli.main import app
+from sspsam.models.build import build_model
+from sspsam.config import load_config
 from sspsam.errors import CheckpointError
-from sspsam.onnx import MANIFEST, OnnxSegmenter, PackFreeLinguisticAdapter, export_onnx
-from sspsam.predictor import Segmenter
-from sspsam.ssp.linguistic_adapter import LinguisticAttentionAdapter
+from sspsam.predict.onnx import MANIFEST, OnnxSegmenter, PackFreeLinguisticAdapter, export_onnx
+from sspsam.predict.segmenter import Segmenter
+from sspsam.models.ssp_sam.linguistic_adapter import LinguisticAttentionAdapter
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-3  # max abs diff of mask logits the issue allows

@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sspsam.config import build_model, load_config
+from sspsam.models.build import build_model
+from sspsam.config import load_config
 from sspsam.data import DatasetLayoutError
 from sspsam.data.semseg import (
     ADE20K150,
@@ -26,13 +27,13 @@ from sspsam.data.semseg import (
     generate_semseg,
 )
 from sspsam.data.shapes import COLOURS
-from sspsam.ovss.cost import class_embeddings
-from sspsam.ovss.escnet import PseudoPromptGenerator, kmeans
-from sspsam.ovss.escnet_blocks import SwinTransformerBlock, shifted_window_mask
-from sspsam.ovss.evaluate import evaluate_ovss, format_iou_table
-from sspsam.ovss.train import catseg_bce_loss, param_groups, train_ovss
-from sspsam.predictor import _model_from_checkpoint
-from sspsam.ovss.sam_mi import shallow_mask_aggregation
+from sspsam.models.cost import class_embeddings
+from sspsam.models.escnet.escnet import PseudoPromptGenerator, kmeans
+from sspsam.models.escnet.blocks import SwinTransformerBlock, shifted_window_mask
+from sspsam.engine.evaluate_ovss import evaluate_ovss, format_iou_table
+from sspsam.engine.train_ovss import catseg_bce_loss, param_groups, train_ovss
+from sspsam.models.build import _model_from_checkpoint
+from sspsam.models.sam_mi.sam_mi import shallow_mask_aggregation
 
 
 @pytest.fixture(scope="module", params=["escnet-tiny", "sam-mi-tiny"])
@@ -351,7 +352,7 @@ def _demo_outputs():
 
 def _demo_weights_sha256() -> str:
     """Of the weights alone: the checkpoint's meta (example classes, domain) may change freely."""
-    from sspsam.checkpoint import read_sspsam_checkpoint
+    from sspsam.models.build import read_sspsam_checkpoint
 
     sd = read_sspsam_checkpoint(DEMO)["state_dict"]
     h = hashlib.sha256()

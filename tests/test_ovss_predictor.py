@@ -13,12 +13,13 @@ from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
-from sspsam.checkpoint import save_checkpoint
-from sspsam.cli_ovss import ovss as ovss_command
-from sspsam.config import build_model, load_config
+from sspsam.io.checkpoint import save_checkpoint
+from sspsam.cli.ovss import ovss as ovss_command
+from sspsam.models.build import build_model
+from sspsam.config import load_config
 from sspsam.errors import CheckpointError, TextError
-from sspsam.ovss.predictor import MAX_CLASSES, OVSS, SemanticSegmentation, clean_classes
-from sspsam.weights import WeightsMissingError
+from sspsam.predict.ovss import MAX_CLASSES, OVSS, SemanticSegmentation, clean_classes
+from sspsam.io.weights import WeightsMissingError
 
 
 @pytest.fixture(scope="module")

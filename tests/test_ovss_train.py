@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from sspsam.data.semseg import SemSegDataset, generate_semseg
-from sspsam.ovss.cost import class_embeddings
-from sspsam.ovss.evaluate import evaluate_ovss
-from sspsam.ovss.train import train_ovss
-from sspsam.predictor import _model_from_checkpoint
+from sspsam.models.cost import class_embeddings
+from sspsam.engine.evaluate_ovss import evaluate_ovss
+from sspsam.engine.train_ovss import train_ovss
+from sspsam.models.build import _model_from_checkpoint
 
 
 @pytest.fixture(scope="module")

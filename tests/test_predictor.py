@@ -11,13 +11,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from sspsam.checkpoint import save_checkpoint
-from sspsam.cli import app
-from sspsam.config import build_model, load_config
+from sspsam.io.checkpoint import save_checkpoint
+from sspsam.cli.main import app
+from sspsam.models.build import build_model
+from sspsam.config import load_config
 from sspsam.errors import CheckpointError, ImageLoadError, ImageTooLargeError, TextError
-from sspsam.imageio import load_image
-from sspsam.masks import decode_rle
-from sspsam.predictor import Segmenter
+from sspsam.io.images import load_image
+from sspsam.io.masks import decode_rle
+from sspsam.predict.segmenter import Segmenter
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def test_bad_images(tmp_path):
 
 
 def test_huge_image_refused(monkeypatch):
-    import sspsam.imageio as io_mod
+    import sspsam.io.images as io_mod
 
     monkeypatch.setattr(io_mod, "MAX_PIXELS", 100)
     with pytest.raises(ImageTooLargeError, match="pixel limit"):

@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 
-from sspsam import recipe
+import sspsam.engine.recipe as recipe
 from sspsam.config import load_config
-from sspsam.losses import box_losses, ssp_loss
-from sspsam.trainer import official_schedule, train
+from sspsam.engine.losses import box_losses, ssp_loss
+from sspsam.engine.trainer import official_schedule, train
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -194,8 +194,8 @@ def _grads(module, prefix):
 
 
 def test_decoder_frozen_for_the_first_epochs_prompt_encoder_always(data_root, tmp_path):
-    from sspsam.config import build_model
-    from sspsam.trainer import seed_everything
+    from sspsam.models.build import build_model
+    from sspsam.engine.trainer import seed_everything
 
     cfg = _tiny_official({"epochs": 3, "warmup_epochs": 1, "freeze_decoder_epochs": 1})
     kw = dict(batch_size=8, lr=1e-3, decoder_lr=1e-4, seed=0, load_backbones=False, tensorboard=False, ckpt_every=1000)
@@ -215,7 +215,7 @@ def test_decoder_frozen_for_the_first_epochs_prompt_encoder_always(data_root, tm
 
     # resume into epoch 1 (after the freeze): the decoder now receives gradients and moves
     n = len(a["losses"])
-    from sspsam.trainer import read_train_state
+    from sspsam.engine.trainer import read_train_state
 
     total = read_train_state(tmp_path / "r" / "last.pt")["total_steps"]
     spe = total // 3
@@ -238,7 +238,8 @@ def test_decoder_frozen_for_the_first_epochs_prompt_encoder_always(data_root, tm
 
 
 def test_stage1_box_only_on_merged_data_then_stage2_from_its_checkpoint(tmp_path):
-    from sspsam.checkpoint import read_sspsam_checkpoint, save_checkpoint
+    from sspsam.models.build import read_sspsam_checkpoint
+    from sspsam.io.checkpoint import save_checkpoint
     from sspsam.data import generate_refer
 
     root = tmp_path / "refer"
@@ -265,8 +266,8 @@ def test_stage1_box_only_on_merged_data_then_stage2_from_its_checkpoint(tmp_path
     # weight by at most ~1e-6 (+ decay), while stage 1 (lr 1e-3) had moved them much further from the init
     keys = [k for k in w1 if k.startswith("ssp_encoder.prompt_generator.") and w1[k].is_floating_point()]
     assert max(float((sd[k] - w1[k]).abs().max()) for k in keys) < 1e-5
-    from sspsam.config import build_model
-    from sspsam.trainer import seed_everything
+    from sspsam.models.build import build_model
+    from sspsam.engine.trainer import seed_everything
 
     seed_everything(0)
     fresh = build_model(cfg).state_dict()

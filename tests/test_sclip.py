@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from sspsam.config import build_model
+from sspsam.models.build import build_model
 from sspsam.errors import TextError
-from sspsam.ovss import cost
-from sspsam.ovss.predictor import OVSS
-from sspsam.ovss.sclip import (SCLIPProtocol, parse_class_names, read_class_names, rescale_size, resize_bilinear,
+import sspsam.models.cost as cost
+from sspsam.predict.ovss import OVSS
+from sspsam.models.zeroshot.sclip import (SCLIPProtocol, parse_class_names, read_class_names, rescale_size, resize_bilinear,
                                slide_windows)
-from sspsam.tools import golden
+import sspsam.tools.golden as golden
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_ovss_predictor_sclip_protocol(tiny):
 
 
 def test_cli_evaluate_protocol_sclip(tmp_path):
-    from sspsam.cli import app
+    from sspsam.cli.main import app
     from sspsam.data.semseg import SHAPE_CLASSES, generate_semseg
 
     generate_semseg(tmp_path / "ss", n=2, seed=5, splits=("val",))

@@ -23,8 +23,9 @@ import uvicorn
 from PIL import Image
 
 from sspsam.data.shapes import make_scene
-from sspsam.masks import decode_rle
-from sspsam.predictor import Segmentation, Segmenter
+from sspsam.io.masks import decode_rle
+from sspsam.predict.results import Segmentation
+from sspsam.predict.segmenter import Segmenter
 from sspsam.serve import create_app
 
 PHRASES = ["red circle", "the blue square", "green triangle on the left"]
@@ -63,7 +64,7 @@ def scene_png(seed: int = 3) -> tuple[np.ndarray, bytes]:
 
 def make_ovss():
     """The real bundled OVSS model (tiny ESC-Net trained on generated shapes)."""
-    from sspsam.ovss.predictor import OVSS
+    from sspsam.predict.ovss import OVSS
 
     return OVSS.from_pretrained("ovss-shapes-demo")
 

@@ -17,7 +17,7 @@ from sspsam.data.shapes import (
     expressions_by_family,
     make_scene,
 )
-from sspsam.data.shapes_eval import HELDOUT_SEED0, TRAIN_SEED_LIMIT, demo_scene, evaluate, pick_phrases
+from sspsam.engine.shapes_eval import HELDOUT_SEED0, TRAIN_SEED_LIMIT, demo_scene, evaluate, pick_phrases
 
 
 def _scene(specs: list[tuple[str, str, float, float]], w: int = 200, h: int = 150) -> Scene:
@@ -111,7 +111,7 @@ class _Oracle:
     def segment(self, image, texts):
         from types import SimpleNamespace
 
-        from sspsam.data.shapes_eval import target_mask
+        from sspsam.engine.shapes_eval import target_mask
 
         by_text = {e.text: e for e in all_expressions(self.scene)}
         masks = np.stack([target_mask(self.scene, by_text[t]) for t in texts])
@@ -119,7 +119,7 @@ class _Oracle:
 
 
 def test_harness_scores_a_perfect_answer_as_one(monkeypatch):
-    import sspsam.data.shapes_eval as ev
+    import sspsam.engine.shapes_eval as ev
 
     oracle = _Oracle()
     real = ev.demo_scene

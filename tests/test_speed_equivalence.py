@@ -12,11 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sspsam import runtime
+import sspsam.backbones.runtime as runtime
 from sspsam.backbones.tiny_vit import TinyViT
-from sspsam.config import build_model, load_config
-from sspsam.ovss.sam_mi import connected_groups, shallow_mask_aggregation
-from sspsam.zeroshot.smagg import ShallowMaskAggregation
+from sspsam.models.build import build_model
+from sspsam.config import load_config
+from sspsam.models.sam_mi.sam_mi import connected_groups, shallow_mask_aggregation
+from sspsam.models.sam_mi.smagg import ShallowMaskAggregation
 
 OFF = {k: False for k in runtime.FAST}
 
@@ -174,7 +175,8 @@ def test_int8_agrees_with_fp32_on_the_demo_model(one_torch_thread):
     from importlib import resources
 
     from sspsam.data.shapes import all_expressions, make_scene
-    from sspsam.predictor import BUNDLED, _model_and_meta
+    from sspsam.predict.segmenter import BUNDLED
+    from sspsam.models.build import _model_and_meta
 
     path = resources.files("sspsam") / BUNDLED["shapes-demo"]
     fp32 = _model_and_meta(path)[0].eval()
@@ -215,7 +217,7 @@ def test_cli_speed_options_bad_values_are_one_line_errors(tmp_path, command, arg
 
     from typer.testing import CliRunner
 
-    from sspsam.cli import app
+    from sspsam.cli.main import app
 
     image = Path(__file__).resolve().parents[1] / command[1]
     res = CliRunner().invoke(app, [command[0], str(image), *command[2:], "-o", str(tmp_path / "o"), *args])

@@ -7,9 +7,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sspsam.config import build_model
+from sspsam.models.build import build_model
 from sspsam.data.shapes import make_scene, single_target_expressions
-from sspsam.train import collate, make_sample, param_groups, train_step
+from sspsam.engine.step import collate, make_sample, param_groups, train_step
 
 
 def _iou(model, batch) -> float:

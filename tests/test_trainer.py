@@ -9,7 +9,7 @@ import torch
 
 from sspsam.config import load_config
 from sspsam.errors import CheckpointError
-from sspsam.trainer import train
+from sspsam.engine.trainer import train
 
 KW = dict(batch_size=2, lr=1e-3, decoder_lr=1e-4, seed=3407, log_every=1)
 
@@ -38,7 +38,7 @@ def _log(path):
 
 
 def test_train_writes_log_checkpoints_and_model(cfg, data_root, tmp_path):
-    from sspsam.predictor import Segmenter
+    from sspsam.predict.segmenter import Segmenter
 
     out = tmp_path / "run"
     res = train(cfg, data_root, out, steps=6, ckpt_every=3, **KW)

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from sspsam import weights
-from sspsam.cli_weights import app
-from sspsam.weights import ChecksumError, DownloadError, WeightSpec
+import sspsam.io.weights as weights
+from sspsam.cli.weights import app
+from sspsam.io.weights import ChecksumError, DownloadError, WeightSpec
 
 BODY = bytes(range(256)) * 40 + b"tail"  # 10244 bytes, more than one read of the server's socket
 OTHER = b"not the checkpoint" * 100
@@ -396,7 +396,8 @@ def _tiny_backbones(tmp_path: Path) -> tuple[dict, dict[str, bytes]]:
 
     import torch
 
-    from sspsam.config import build_model, load_config
+    from sspsam.models.build import build_model
+    from sspsam.config import load_config
 
     torch.manual_seed(1)
     cfg = load_config("zeroshot-tiny")
@@ -416,7 +417,7 @@ def _tiny_backbones(tmp_path: Path) -> tuple[dict, dict[str, bytes]]:
 
 
 def test_first_use_downloads_from_the_mirror_and_loads(server: Server, home: Path, tmp_path: Path, monkeypatch) -> None:
-    from sspsam.zeroshot.pipeline import load_zeroshot
+    from sspsam.models.build import load_zeroshot
 
     cfg, files = _tiny_backbones(tmp_path)
     server.files.update({f"/mirror/tiny-{p}.pt": b for p, b in files.items()})
@@ -467,7 +468,7 @@ def test_offline_names_the_commands_and_downloads_nothing(server: Server, home: 
 def test_cli_offline_and_unreachable_are_one_line_with_the_commands(tmp_path: Path, monkeypatch) -> None:
     from PIL import Image
 
-    from sspsam.cli import app as main_app
+    from sspsam.cli.main import app as main_app
     from sspsam.data.shapes import make_scene
 
     img = tmp_path / "s.png"

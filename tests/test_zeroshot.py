@@ -7,14 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sspsam.config import build_model, load_config
+from sspsam.models.build import build_model
+from sspsam.config import load_config
 from sspsam.errors import ConfigError
-from sspsam.ovss import cost
-from sspsam.predictor import Segmentation, Segmenter
-from sspsam.weights import WeightsMissingError
-from sspsam.zeroshot.pipeline import ZeroShot, inject_masks, tspp_points
-from sspsam.zeroshot.res import ZeroShotSegmenter, calibrate_threshold
-from sspsam.zeroshot.smagg import ShallowMaskAggregation
+import sspsam.models.cost as cost
+from sspsam.predict.results import Segmentation
+from sspsam.predict.segmenter import Segmenter
+from sspsam.io.weights import WeightsMissingError
+from sspsam.models.zeroshot.pipeline import ZeroShot, inject_masks, tspp_points
+from sspsam.predict.zeroshot_res import ZeroShotSegmenter, calibrate_threshold
+from sspsam.models.sam_mi.smagg import ShallowMaskAggregation
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import load_into, read_state_dict
-from ..errors import ConfigError
-from ._imports import open_clip_modules
+from sspsam.io.checkpoint import load_into, read_state_dict
+from sspsam.errors import ConfigError
+from sspsam.backbones._imports import open_clip_modules
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

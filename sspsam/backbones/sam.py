@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import load_into, read_state_dict
-from .. import runtime
-from ..errors import ConfigError
-from ._imports import segment_anything_modeling
+from sspsam.io.checkpoint import load_into, read_state_dict
+import sspsam.backbones.runtime as runtime
+from sspsam.errors import ConfigError
+from sspsam.backbones._imports import segment_anything_modeling
 
 # Meta's three ViT encoders (segment_anything/build_sam.py).
 VIT_ENCODERS = {
@@ -122,7 +122,7 @@ class SAMBackbone(nn.Module):
                 **kw,
             )
         elif encoder == "tiny_vit":
-            from .tiny_vit import TinyViT
+            from sspsam.backbones.tiny_vit import TinyViT
 
             self.image_encoder = TinyViT(img_size=img_size, out_chans=prompt_dim, **overrides)
         else:

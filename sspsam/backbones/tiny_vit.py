@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .. import runtime
-from ..errors import ConfigError
+import sspsam.backbones.runtime as runtime
+from sspsam.errors import ConfigError
 
 __all__ = ["TinyViT", "LayerNorm2d"]
 

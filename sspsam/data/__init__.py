@@ -14,7 +14,7 @@ Generators writing the same layouts from synthetic shape scenes: :func:`generate
 
 from __future__ import annotations
 
-from ..errors import SSPSamError
+from sspsam.errors import SSPSamError
 
 
 class DatasetLayoutError(SSPSamError):
@@ -28,21 +28,21 @@ REFERRING_DATASETS = ("refcoco", "refcoco+", "refcocog", "grefcoco", "phrasecut"
 def open_referring(name: str, root, split: str | None, image_size: int, split_by: str | None = None, **kwargs):
     """The reader for a referring benchmark by name (``split_by``: the reader's default when None;
     PhraseCut has none); ``kwargs`` go to the reader (augmentation switches for training)."""
-    from ..errors import ConfigError
+    from sspsam.errors import ConfigError
 
     kwargs.update(split=split, image_size=image_size)
     if split_by is not None and name != "phrasecut":
         kwargs["split_by"] = split_by
     if name in ("refcoco", "refcoco+", "refcocog"):
-        from .refer import RefCOCODataset
+        from sspsam.data.refer import RefCOCODataset
 
         return RefCOCODataset(root, dataset=name, **kwargs)
     if name == "grefcoco":
-        from .grefcoco import GRefCOCODataset
+        from sspsam.data.grefcoco import GRefCOCODataset
 
         return GRefCOCODataset(root, **kwargs)
     if name == "phrasecut":
-        from .phrasecut import PhraseCutDataset
+        from sspsam.data.phrasecut import PhraseCutDataset
 
         return PhraseCutDataset(root, **kwargs)
     raise ConfigError(f"unknown referring dataset {name!r}; one of {', '.join(REFERRING_DATASETS)}")

@@ -5,7 +5,7 @@ A sample (``dataset[i]``) is a dict:
 
 ===============  ============================================================================
 ``image``        FloatTensor 3×S×S, 0..255, the letterboxed image (SAM's geometry: longest side
-                 = S, zero padding bottom/right; see :mod:`sspsam.transforms`)
+                 = S, zero padding bottom/right; see :mod:`sspsam.io.transforms`)
 ``mask``         BoolTensor S×S, the target (union of all targets; empty for no-target),
                  letterboxed with nearest neighbour so it stays aligned with ``image``
 ``text``         str, the sentence / phrase (left↔right swapped when a flip was applied)
@@ -37,9 +37,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
-from ..errors import ImageLoadError
-from ..transforms import letterbox_image, letterbox_mask, to_tensor
-from . import DatasetLayoutError
+from sspsam.errors import ImageLoadError
+from sspsam.io.transforms import letterbox_image, letterbox_mask, to_tensor
+from sspsam.data import DatasetLayoutError
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
@@ -119,7 +119,7 @@ def decode_coco_segmentation(seg: Any, height: int, width: int) -> np.ndarray:
 def phrasecut_polygons_to_mask(polygons: Sequence, height: int, width: int) -> np.ndarray:
     """PhraseCut's own ground-truth rasterisation (``utils/data_transfer.polygons_to_mask``):
     vertices truncated to int, PIL polygon with fill and outline, union."""
-    from .shapes import rasterize_phrasecut
+    from sspsam.data.shapes import rasterize_phrasecut
 
     return rasterize_phrasecut(list(polygons), height, width)
 

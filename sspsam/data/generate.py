@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .shapes import (
+from sspsam.data.shapes import (
     CATEGORIES,
     Expression,
     Scene,

@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import DatasetLayoutError
-from .base import ReferringDataset, Tokenizer, find_dir, sentence_records
-from .refer import load_instances
+from sspsam.data import DatasetLayoutError
+from sspsam.data.base import ReferringDataset, Tokenizer, find_dir, sentence_records
+from sspsam.data.refer import load_instances
 
 LAYOUT_HINT = (
     "expected the gRefCOCO layout: ROOT/{dataset}/grefs({split_by}).json, ROOT/{dataset}/instances.json "
@@ -68,7 +68,7 @@ class GRefCOCODataset(ReferringDataset):
                 raise DatasetLayoutError(f"{json_path} is not valid JSON ({exc})") from None
         elif pickle_path.is_file():
             refs_path = pickle_path
-            from .safe_pickle import safe_load  # no code runs while reading: a downloaded pickle is untrusted
+            from sspsam.data.safe_pickle import safe_load  # no code runs while reading: a downloaded pickle is untrusted
 
             refs = safe_load(pickle_path.read_bytes(), str(pickle_path))
         else:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from . import DatasetLayoutError
-from .base import ReferringDataset, Tokenizer
-from .refer import DEFAULT_SPLIT_BY, RefCOCODataset, load_refs_pickle
+from sspsam.data import DatasetLayoutError
+from sspsam.data.base import ReferringDataset, Tokenizer
+from sspsam.data.refer import DEFAULT_SPLIT_BY, RefCOCODataset, load_refs_pickle
 
 log = logging.getLogger(__name__)
 

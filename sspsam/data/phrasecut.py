@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import DatasetLayoutError
-from .base import Record, ReferringDataset, Tokenizer
+from sspsam.data import DatasetLayoutError
+from sspsam.data.base import Record, ReferringDataset, Tokenizer
 
 SPLITS = ("train", "val", "test", "miniv")
 LAYOUT_HINT = (

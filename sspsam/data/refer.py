@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import DatasetLayoutError
-from .base import ReferringDataset, Tokenizer, find_dir, require_file, sentence_records
+from sspsam.data import DatasetLayoutError
+from sspsam.data.base import ReferringDataset, Tokenizer, find_dir, require_file, sentence_records
 
 DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef")
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "refclef": "unc"}
@@ -56,7 +56,7 @@ def load_instances(path: Path) -> dict:
 
 def load_refs_pickle(path: Path) -> list[dict]:
     """refs(*).p files were written by Python 2; plain ASCII strings load as str."""
-    from .safe_pickle import safe_load  # no code runs while reading: a downloaded pickle is untrusted
+    from sspsam.data.safe_pickle import safe_load  # no code runs while reading: a downloaded pickle is untrusted
 
     try:
         data = Path(path).read_bytes()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import pickle
 
-from . import DatasetLayoutError
+from sspsam.data import DatasetLayoutError
 
 # Python 2 pickles of plain containers can name these; nothing in them executes user code.
 _ALLOWED = {

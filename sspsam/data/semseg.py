@@ -36,12 +36,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..errors import ImageLoadError
-from ..transforms import letterbox_image, to_tensor
-from . import DatasetLayoutError
-from . import classnames as names
-from .base import find_dir, read_image, require_file
-from .shapes import COLOURS, make_scene
+from sspsam.errors import ImageLoadError
+from sspsam.io.transforms import letterbox_image, to_tensor
+from sspsam.data import DatasetLayoutError
+import sspsam.data.classnames as names
+from sspsam.data.base import find_dir, read_image, require_file
+from sspsam.data.shapes import COLOURS, make_scene
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 

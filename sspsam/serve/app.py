@@ -13,7 +13,7 @@ Endpoints (see ``/docs`` or ``/openapi.json``)::
                        or JSON {"image": base64, "phrases": [...] | "phrase": "...", "overlay": bool}
                        -> {"image_size", "results": [{"phrase","score","no_target","area","rle"}], ...}
     POST /v1/ovss      the same with ``classes`` (a list, or one comma-separated string; names are
-                       cleaned as ``sspsam.ovss.predictor.clean_classes`` does: empties and repeats dropped)
+                       cleaned as ``sspsam.predict.ovss.clean_classes`` does: empties and repeats dropped)
                        -> {"image_size","classes","shares","label_png","masks": [{"class","rle",...}]}
     GET  /healthz, GET /v1/models, GET / (web page), GET /docs (no CDN), GET /openapi.json
 
@@ -76,13 +76,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
-from ..errors import ImageLoadError, ImageTooLargeError, ModelOutputError, TextError
-from ..imageio import load_image
-from ..masks import class_colours, encode_rle, label_overlay, label_png, segmentation_overlay
-from ..ovss.predictor import clean_classes
-from ..predictor import Segmentation, clean_phrases
-from ..transforms import image_key
+from sspsam import __version__
+from sspsam.errors import ImageLoadError, ImageTooLargeError, ModelOutputError, TextError
+from sspsam.io.images import load_image
+from sspsam.io.masks import class_colours, encode_rle, label_overlay, label_png, segmentation_overlay
+from sspsam.predict.ovss import clean_classes
+from sspsam.predict.results import Segmentation, clean_phrases
+from sspsam.io.transforms import image_key
 
 log = logging.getLogger("sspsam.serve")
 STATIC = Path(__file__).with_name("static")
@@ -528,12 +528,12 @@ def load_models(model: str | None, ovss_model: str | None, device: str = "cpu"):
     """(Segmenter or None, OVSS or None), warmed up: the first call through a model is several times slower."""
     seg = ovss = None
     if model:
-        from ..predictor import Segmenter
+        from sspsam.predict.segmenter import Segmenter
 
         seg = Segmenter.from_pretrained(model, device=device)
         seg.segment(np.full((64, 64, 3), 128, np.uint8), "warm up")
     if ovss_model:
-        from ..ovss.predictor import OVSS
+        from sspsam.predict.ovss import OVSS
 
         ovss = OVSS.from_pretrained(ovss_model, device=device)
     return seg, ovss

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import golden
+import sspsam.tools.golden as golden
 
 MASK_MARGIN = 1e-4  # logits this close to 0 may flip from float summation order alone
 
@@ -48,8 +48,8 @@ def ssp_sam(name: str, workdir: Path) -> list[dict]:
     """Official SSP-SAM (224 or 336 fixture): preprocessing, every intermediate, masks."""
     import torch
 
-    from ..ssp.model import ImageFeatures, official_mask_logits
-    from ..ssp.official_checkpoint import load_official
+    from sspsam.models.ssp_sam.model import ImageFeatures, official_mask_logits
+    from sspsam.models.build import load_official
 
     path = Path(workdir) / f"{name}_official.pth"
     sd = golden.generate(name)
@@ -102,7 +102,7 @@ CHECKS: dict[str, Callable[[Path], list[dict]]] = {
 
 def other_rows() -> list[dict]:
     try:
-        from . import fidelity_clip  # SCLIP, CLIP-Surgery, TinyViT (written alongside)
+        import sspsam.tools.fidelity_clip as fidelity_clip  # SCLIP, CLIP-Surgery, TinyViT (written alongside)
     except ImportError:
         return []
     return list(fidelity_clip.checks())

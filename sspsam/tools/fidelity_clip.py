@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import golden
+import sspsam.tools.golden as golden
 
 FEATURE_TOL = 1e-4  # O(1) features: CLIP tokens, TinyViT embedding
 PROTOCOL_TOL = 1e-3  # SCLIP protocol logits / probabilities
@@ -59,7 +59,7 @@ def _margin(scores: np.ndarray, axis: int = 0) -> np.ndarray:
 @lru_cache(maxsize=1)
 def clip_model():
     """CLIP ViT-B/16 with the sclip/clip_surgery weights, loaded as a user's ``ViT-B-16.pt``."""
-    from ..backbones.clip import CLIPBackbone
+    from sspsam.backbones.clip import CLIPBackbone
 
     clip = CLIPBackbone.from_config({"arch": "ViT-B-16", "quick_gelu": True, "surgery_layers": 6})
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +71,7 @@ def clip_model():
 
 def tinyvit_model():
     """MobileSAM (TinyViT) loaded from a checkpoint whose image encoder is the fixture's weights."""
-    from ..backbones.sam import SAMBackbone
+    from sspsam.backbones.sam import SAMBackbone
 
     sam = SAMBackbone(encoder="tiny_vit", img_size=1024, prompt_dim=256)
     ckpt = {f"image_encoder.{k}": v for k, v in golden.generate("mobile_sam_tinyvit").items()}
@@ -87,7 +87,7 @@ def tinyvit_model():
 @torch.inference_mode()
 def sclip_dense(size: int) -> list[dict]:
     """CSA features of every token (SCLIP's ``encode_image(x, return_all=True, csa=True)``)."""
-    from ..ovss.cost import sclip_tokens
+    from sspsam.models.cost import sclip_tokens
 
     clip = clip_model()
     n = _batch(size)
@@ -114,7 +114,7 @@ def _class_lines() -> list[str]:
 def sclip_protocol() -> list[dict]:
     """SCLIP's segmentation protocol on ``seg_image``: query features, resize, input, slide
     logits, class probabilities and labels."""
-    from ..ovss.sclip import SCLIPProtocol, rescale_size, resize_bilinear
+    from sspsam.models.zeroshot.sclip import SCLIPProtocol, rescale_size, resize_bilinear
 
     inp, out = golden.arrays("sclip", "inputs"), golden.arrays("sclip", "outputs")
     proto = SCLIPProtocol(clip_model(), _class_lines())
@@ -154,7 +154,7 @@ def surgery_features(size: int) -> list[dict]:
 @torch.inference_mode()
 def surgery_text_and_similarity() -> list[dict]:
     """demo.py's flow: 85-template prompt ensemble, feature surgery on the 224 features, similarity maps."""
-    from ..ovss.cost import SURGERY_TEMPLATES, class_embeddings, feature_surgery, similarity_map
+    from sspsam.models.cost import SURGERY_TEMPLATES, class_embeddings, feature_surgery, similarity_map
 
     clip = clip_model()
     out = golden.arrays("clip_surgery", "outputs")

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from sspsam.config import load_config
-from sspsam.trainer import train
+from sspsam.engine.trainer import train
 
 
 def main(data_root: str, out_dir: str) -> None:

@@ -47,7 +47,7 @@ function decodeRle(rle) {
   return out;
 }
 
-// the same colours as sspsam.masks.palette (golden-ratio hues), so page and PNG overlays agree
+// the same colours as sspsam.io.masks.palette (golden-ratio hues), so page and PNG overlays agree
 function palette(n) {
   const out = [];
   for (let i = 0; i < n; i++) {

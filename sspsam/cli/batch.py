@@ -1,0 +1,51 @@
+"""`sspsam batch`: segment a folder or a manifest of images into a resumable results.jsonl."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sspsam.cli.common import fail
+from sspsam.errors import SSPSamError
+
+
+def batch(
+    input: Path = typer.Argument(..., help="A folder of images (searched recursively), or a JSONL manifest of "
+                                 '{"image": path, "phrase": "..."} or {"image": path, "phrases": [...]} lines.'),
+    phrases: Optional[Path] = typer.Option(None, "--phrases", help="Text file, one phrase per line, asked of every "
+                                           "image of a folder (and of manifest lines without their own)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder: results.jsonl (and masks/ with --png)."),
+    model: str = typer.Option("shapes-demo", "--model", "-m", help="Bundled model name, variant name or checkpoint path."),
+    device: str = typer.Option("auto", "--device", help="torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps."),
+    png: bool = typer.Option(False, "--png", help="Also write one mask PNG per item, OUT/masks/<id>.png."),
+    ray: bool = typer.Option(False, "--ray", help="Run on Ray Data (local, or the cluster in RAY_ADDRESS)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="With --ray: images per model call batch."),
+    concurrency: int = typer.Option(1, "--concurrency", min=1, help="With --ray: model actors (each loads the model)."),
+) -> None:
+    """Segment every (image, phrase) into OUT/results.jsonl, one COCO-RLE line each, in input order.
+    Rerun the same command after an interruption: finished items are skipped, the rest appended."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from sspsam.predict.batch import run_batch
+    from sspsam.predict.device import resolve_device
+
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    bar = Progress(TextColumn("[bold]segmenting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err)
+
+    def progress(total: int, done: int):
+        task = bar.add_task("items", total=total, completed=done)
+        return lambda n: bar.advance(task, n)
+
+    try:
+        device = str(resolve_device(device))
+        with bar:
+            summary = run_batch(input, output, phrases, model=model, device=device, png=png, use_ray=ray,
+                                batch_size=batch_size, concurrency=concurrency, progress=progress)
+    except SSPSamError as exc:
+        raise fail(exc) from None
+    resumed = f", {summary.skipped} already done" if summary.skipped else ""
+    failed = f", {summary.errors} with unreadable images" if summary.errors else ""
+    print(f"{summary.items} items{resumed}; wrote {summary.written}{failed} -> {summary.results}")

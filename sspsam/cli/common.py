@@ -1,0 +1,183 @@
+"""What every `sspsam` command shares: one plain `error: …` line and exit code 2, warnings on
+stderr, checked input paths, and output names that fit the file system.
+
+Nothing here imports torch, numpy or rich: `sspsam --help` must stay instant.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import typer
+import typer.core
+
+try:  # typer >= 0.20 vendors its own click; older typer uses click itself
+    from typer import _click as click
+except ImportError:  # pragma: no cover - depends on the typer release
+    import click
+
+from sspsam.errors import ImageLoadError, SSPSamError, one_line
+
+EXIT_ERROR = 2
+_MAX_NAME_BYTES = 255
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
+
+
+def say_error(message: object) -> None:
+    # Plain text, never Rich markup: a file called "[/red].png" must print as itself.
+    sys.stderr.write(f"error: {one_line(message)}\n")
+    sys.stderr.flush()
+
+
+def say_warning(message: object) -> None:
+    sys.stderr.write(f"warning: {one_line(message)}\n")
+    sys.stderr.flush()
+
+
+def fail(exc: object) -> "typer.Exit":
+    """Print one `error:` line and stop with exit code 2 (use as `raise fail(exc)`)."""
+    say_error(os_error_message(exc) if isinstance(exc, OSError) else exc)
+    return typer.Exit(EXIT_ERROR)
+
+
+def os_error_message(exc: OSError) -> str:
+    what = exc.strerror or type(exc).__name__
+    name = exc.filename
+    if name is None:
+        return what
+    shown = str(name) if len(str(name)) <= 120 else str(name)[:100] + "…"
+    return f"{shown}: {what[0].lower() + what[1:]}"
+
+
+def check_input_file(path: Path, what: str = "image") -> Path:
+    """A readable regular file, or a named error (missing, a folder, unreadable, name too long)."""
+    try:
+        if not path.exists():
+            raise ImageLoadError(f"{what} not found: {path}")
+        if not path.is_file():
+            raise ImageLoadError(f"{what} is not a file: {path}")
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise ImageLoadError(f"cannot read {what} {path}: permission denied") from None
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise ImageLoadError(f"{what} file name is too long ({len(str(path))} characters): {str(path)[:60]}…") from None
+        raise ImageLoadError(f"cannot read {what} {path}: {os_error_message(exc)}") from None
+    return path
+
+
+def output_stem(image: Path, suffix_room: int = 40) -> str:
+    """The image's stem, shortened (with a hash, so names stay distinct) if outputs would not fit NAME_MAX."""
+    stem = image.stem or "image"
+    room = _MAX_NAME_BYTES - suffix_room
+    if len(stem.encode()) <= room:
+        return stem
+    digest = hashlib.sha256(stem.encode()).hexdigest()[:10]
+    cut = stem.encode()[: room - 11].decode(errors="ignore")
+    return f"{cut}-{digest}"
+
+
+def check_output_dir(output: Path, create: bool = True) -> Path:
+    """Create the output folder (``create=False``: only check it could be), or a named error
+    (a file in the way, no permission). Checked before the work, created after it, so a failed
+    run leaves not even an empty folder."""
+    try:
+        if output.exists() and not output.is_dir():
+            raise SSPSamError(f"output {output} exists and is not a folder; give -o a folder")
+        if not create:
+            return output
+        output.mkdir(parents=True, exist_ok=True)
+        if not os.access(output, os.W_OK):
+            raise SSPSamError(f"output folder {output} is not writable")
+    except OSError as exc:
+        raise SSPSamError(f"cannot create output folder {output}: {os_error_message(exc)}") from None
+    return output
+
+
+THREADS_HELP = ("CPU threads for torch (default: measured best here, see benchmarks/latency.py: 1 when other work "
+                "keeps a core busy, else all cores).")
+QUANTIZE_HELP = "none | int8: dynamic int8 Linear layers on CPU (opt-in; faster text/decoder, masks agree >= 99 % on the demo)."
+
+
+def check_speed_options(threads: int | None, quantize: str) -> None:
+    """Cheap checks of --threads / --quantize before anything loads."""
+    if threads is not None and threads < 1:
+        raise SSPSamError(f"--threads must be >= 1, got {threads}")
+    if quantize not in ("none", "int8"):
+        raise SSPSamError(f"--quantize must be none or int8, got {quantize!r}")
+
+
+def apply_threads(threads: int | None) -> None:
+    import sspsam.backbones.runtime as runtime
+
+    runtime.set_threads(runtime.default_threads() if threads is None else threads)
+
+
+def apply_quantize(predictor, quantize: str) -> None:
+    """Quantize the loaded predictor's model in place (after loading: the checkpoint holds fp32 weights)."""
+    if quantize != "none":
+        import sspsam.backbones.runtime as runtime
+
+        if predictor.device.type != "cpu":
+            raise SSPSamError(f"--quantize int8 runs on CPU only; the model is on {predictor.device} (add --device cpu)")
+        runtime.quantize(predictor.model, quantize)
+
+
+class Group(typer.core.TyperGroup):
+    """The top-level command group: every error, ours or click's usage errors, becomes one
+    `error: …` line on stderr and exit code 2 — never a traceback, a box or two messages."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except _NO_ARGS_IS_HELP as exc:  # bare `sspsam` / `sspsam weights`: the help, not an error line
+            exc.show()
+            code = exc.exit_code
+        except click.ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            say_error(exc.format_message() + hint)
+            code = EXIT_ERROR
+        except typer.Abort:
+            say_error("aborted")
+            code = 130
+        except SSPSamError as exc:
+            say_error(exc)
+            code = EXIT_ERROR
+        except OSError as exc:  # a file the user named: too long, unreadable, disk full
+            say_error(os_error_message(exc))
+            code = EXIT_ERROR
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+class _offline:
+    """``--offline``: set SSPSAM_OFFLINE=1 while a model loads, so nothing is downloaded."""
+
+    def __init__(self, on: bool):
+        self.on, self.old = on, None
+
+    def __enter__(self):
+        import os
+
+        if self.on:
+            self.old = os.environ.get("SSPSAM_OFFLINE")
+            os.environ["SSPSAM_OFFLINE"] = "1"
+
+    def __exit__(self, *exc):
+        import os
+
+        if self.on:
+            if self.old is None:
+                os.environ.pop("SSPSAM_OFFLINE", None)
+            else:
+                os.environ["SSPSAM_OFFLINE"] = self.old

@@ -1,0 +1,91 @@
+"""`sspsam ovss`: label every pixel of an image with one of a list of class names.
+
+Registered by ``sspsam/cli.py`` as ``app.command("ovss")(cli_ovss.ovss)``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sspsam.cli.common import (
+    QUANTIZE_HELP,
+    THREADS_HELP,
+    apply_quantize,
+    apply_threads,
+    check_input_file,
+    check_output_dir,
+    check_speed_options,
+    fail,
+    output_stem,
+    say_warning,
+)
+from sspsam.errors import SSPSamError
+
+
+def _fail(exc: Exception) -> None:
+    raise fail(exc)
+
+
+def ovss(
+    image: Path = typer.Argument(..., help="Image file (JPEG, PNG, TIFF, WebP…; EXIF orientation is applied)."),
+    classes: str = typer.Option("sky,road,car,person", "--classes", "-c", help="Comma-separated class names: \"sky, road, car\"."),
+    output: Path = typer.Option(Path("out"), "-o", "--output", help="Folder for <name>.ovss.json, <name>.ovss.labels.png and <name>.ovss.overlay.png."),
+    model: str = typer.Option("ovss-shapes-demo", "--model", "-m", help="Bundled model, 'zeroshot' (CLIP + SAM from the weights cache), an OVSS variant or a checkpoint path."),
+    device: str = typer.Option("auto", "--device", help="torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps."),
+    offline: bool = typer.Option(False, "--offline", help="Never download missing weights (also: SSPSAM_OFFLINE=1)."),
+    slide: Optional[bool] = typer.Option(None, "--slide/--no-slide", help="Sliding-window inference; default: automatic for large images."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    quantize: str = typer.Option("none", "--quantize", help=QUANTIZE_HELP),
+) -> None:
+    """Label every pixel with one class.
+
+    Writes, for IMAGE named <name>.<ext>: <name>.ovss.labels.png (class index per pixel), <name>.ovss.overlay.png
+    and <name>.ovss.json (classes, pixel shares, warnings) — names distinct from `sspsam segment`'s.
+    """
+    try:  # cheap checks first: a bad image or class list should not wait for a model to load
+        check_input_file(image)
+        check_speed_options(threads, quantize)
+        from sspsam.cli.common import _offline
+        from sspsam.predict.device import resolve_device
+        from sspsam.io.images import load_image
+        from sspsam.predict.ovss import OVSS, clean_classes
+
+        names = clean_classes(classes)
+        rgb = load_image(image, len(names))
+        if len(names) > 256:
+            raise SSPSamError(f"{len(names)} classes do not fit an 8-bit label PNG; give at most 256")
+        dev = resolve_device(device)
+        check_output_dir(output, create=False)
+        apply_threads(threads)
+        with _offline(offline):
+            seg = OVSS.from_pretrained(model, device=str(dev))
+        apply_quantize(seg, quantize)
+        res = seg.segment(rgb, names, slide=slide)
+    except SSPSamError as exc:
+        _fail(exc)
+    from sspsam.io.checkpoint import atomic_write
+    from sspsam.io.masks import label_overlay, label_png
+
+    for w in res.warnings:
+        say_warning(w)
+    stem = output_stem(image)
+    written = []
+    try:
+        check_output_dir(output)
+        labels_png = label_png(res.labels, res.classes)  # palette PNG: class index per pixel, shown in colour
+        written.append(atomic_write(output / f"{stem}.ovss.labels.png", lambda p: labels_png.save(p, format="PNG")))
+        ov = label_overlay(rgb, res.labels, res.classes, res.shares)
+        written.append(atomic_write(output / f"{stem}.ovss.overlay.png", lambda p: ov.save(p, format="PNG")))
+        payload = {"image": str(image), "model": seg.name, **res.to_json()}
+        written.append(atomic_write(output / f"{stem}.ovss.json", lambda p: Path(p).write_text(json.dumps(payload, indent=1))))
+    except (OSError, SSPSamError) as exc:
+        _fail(exc)
+    for c in sorted(res.classes, key=lambda c: -res.shares[c]):
+        if res.shares[c] > 0:
+            print(f"{c}: {100 * res.shares[c]:.1f}%")
+    for w in written:
+        print(f"wrote {w}")

@@ -1,0 +1,668 @@
+"""The training loop: seeded, resumable bit-exactly from ``last.pt``, optionally distributed.
+
+    from sspsam.config import load_config
+    from sspsam.engine.trainer import train
+    train(load_config("ssp-sam-tiny"), data_root, Path("runs/x"), steps=1000, batch_size=8,
+          lr=1e-4, decoder_lr=1e-5, ckpt_every=100)
+
+Files in ``out_dir``:
+
+* ``last.pt``    — training state (trainable weights, optimizer, scheduler, step, data position and
+  the RNG states of torch/numpy/random and the sampler generator), written atomically every
+  ``ckpt_every`` steps and at the end; ``resume=True`` continues from it.
+* ``log.jsonl``  — one JSON line per logged optimizer step: ``{"step", "lr", "decoder_lr", <losses>}``.
+* ``tb/``        — TensorBoard scalars (the same numbers as log.jsonl).
+* ``model.pt``   — the final model (:func:`sspsam.io.checkpoint.save_checkpoint`), loadable with
+  :meth:`sspsam.predict.segmenter.Segmenter.from_pretrained`.
+
+Determinism: everything random is drawn from the global torch/numpy/random generators (model init,
+dropout, augmentation; ``num_workers=0``) or from the sampler's own ``torch.Generator``; all of them
+are saved, and the data position is saved as (epoch-start sampler state, micro-batches consumed),
+so the loss sequence after a resume equals that of the uninterrupted run on the same machine.
+The learning-rate schedule spans ``total_steps`` (default ``steps``): to stop early and resume
+later with the same schedule, pass the same ``total_steps`` to both calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Sampler
+
+import sspsam.engine.feature_cache as fc
+import sspsam.engine.recipe as official_recipe
+from sspsam.io.checkpoint import atomic_write, load_into, save_checkpoint, torch_load
+from sspsam.models.build import read_sspsam_checkpoint
+from sspsam.models.build import build_model
+from sspsam.errors import CheckpointError, ConfigError
+from sspsam.engine.losses import box_losses, ssp_loss
+from sspsam.engine.step import param_groups
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+LAST = "last.pt"
+LOG = "log.jsonl"
+MODEL = "model.pt"
+
+
+# ----------------------------------------------------------------------------------------------
+# seeding and RNG state
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _rng_state(sampler_gen: torch.Generator) -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    out = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "random": _to_lists(random.getstate()),
+        "sampler": sampler_gen.get_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def _to_lists(x):
+    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuples(x):
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, (tuple, list)) else x
+
+
+def _set_rng_state(state: dict, sampler_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    random.setstate(_to_tuples(state["random"]))
+    sampler_gen.set_state(state["sampler"])
+    if "cuda" in state and torch.cuda.is_available():
+        with contextlib.suppress(Exception):
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+class ResumableSampler(Sampler[int]):
+    """A random permutation per epoch from its own generator, sharded by rank (as
+    DistributedSampler with drop_last), that can skip the samples already consumed.
+
+    ``epoch_state`` is the generator state the current epoch's permutation was drawn from; with it
+    and the number of samples consumed the exact position in the data stream is restored."""
+
+    def __init__(self, n: int, generator: torch.Generator, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.generator, self.rank, self.world_size = n, generator, rank, world_size
+        self.per_rank = n // world_size
+        self.skip = 0
+        self.epoch_state: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.per_rank - self.skip
+
+    def __iter__(self) -> Iterator[int]:
+        self.epoch_state = self.generator.get_state()
+        perm = torch.randperm(self.n, generator=self.generator).tolist()
+        mine = perm[: self.per_rank * self.world_size][self.rank :: self.world_size]
+        skip, self.skip = self.skip, 0
+        return iter(mine[skip:])
+
+
+def _to_batch(samples: list[dict]) -> dict:
+    """Dataset samples → the tensors ssp_loss needs (valid_hw only when every sample has one;
+    ``sam_embed`` when the samples come from a feature cache)."""
+    out = {
+        "image": torch.stack([s["image"] for s in samples]),
+        "mask": torch.stack([torch.as_tensor(s["mask"]).bool() for s in samples]),
+        "box": torch.stack([torch.as_tensor(s["box"], dtype=torch.float32) for s in samples]),
+        "no_target": torch.tensor([bool(s["no_target"]) for s in samples], dtype=torch.bool),
+        "text": [s["text"] for s in samples],
+    }
+    if all("valid_hw" in s for s in samples):
+        out["valid_hw"] = torch.stack([torch.as_tensor(s["valid_hw"]) for s in samples])
+    if "sam_embed" in samples[0]:
+        out["sam_embed"] = torch.stack([s["sam_embed"] for s in samples])
+    return out
+
+
+class CachedSamples(torch.utils.data.Dataset):
+    """The training reader plus each sample's cached SAM image embedding (``sam_embed``)."""
+
+    def __init__(self, dataset, cache, sample_rows) -> None:
+        self.dataset, self.cache, self.sample_rows = dataset, cache, sample_rows
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        sample = self.dataset[i]
+        sample["sam_embed"] = torch.from_numpy(self.cache[int(self.sample_rows[i])])
+        return sample
+
+
+def _dataset(name: str, data_root, image_size: int, tcfg: dict, official: bool = False):
+    """The training reader. sspsam's own augmentations (scale jitter 0.7–1, colour jitter 0.2) are
+    on by default for non-official recipes; under ``recipe: official`` they are off unless the
+    config names them (``scale_range``, ``colour_jitter``, ``flip``): the official pipeline has no
+    scale, colour or flip augmentation (see the recipe config)."""
+    from sspsam.data import open_referring
+
+    if official:
+        train = any(k in tcfg for k in ("scale_range", "colour_jitter")) or bool(tcfg.get("flip", False))
+        kwargs = dict(train=train, flip=bool(tcfg.get("flip", False)),
+                      scale_range=tuple(tcfg.get("scale_range", (1.0, 1.0))),
+                      colour_jitter=float(tcfg.get("colour_jitter", 0.0)))
+    else:
+        kwargs = dict(train=bool(tcfg.get("augment", True)), flip=bool(tcfg.get("flip", False)),
+                      scale_range=tuple(tcfg.get("scale_range", (0.7, 1.0))),
+                      colour_jitter=float(tcfg.get("colour_jitter", 0.2)))
+    if name == "refcoco-merged":
+        from sspsam.data.merged import MergedRefCOCODataset
+
+        return MergedRefCOCODataset(data_root, tcfg.get("split", "train"), image_size, **kwargs)
+    return open_referring(name, data_root, tcfg.get("split", "train"), image_size, **kwargs)
+
+
+class BoxPretraining(torch.nn.Module):
+    """Stage 1 of the official recipe: CLIP + the SSP encoder up to the auxiliary box, no SAM (the
+    official model returns before SAM when ``is_pretrain``). A module so DDP can wrap it."""
+
+    def __init__(self, core) -> None:
+        super().__init__()
+        self.core = core
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, valid_hw=None) -> dict:
+        patches, _ = self.core.clip.encode_image(images)
+        return self.core.ssp_encoder(patches, self.core.encode_text(tokens))
+
+
+def build_training_model(cfg: dict, seed: int, load_backbones: bool = True, init=None):
+    """The model as :func:`train` builds it before training (seeded init, backbone weights, ``init``,
+    frozen parts): :func:`build_feature_cache` must see the same SAM image-encoder weights."""
+    seed_everything(seed)
+    model = build_model(cfg)
+    if load_backbones:
+        for part in ("clip", "sam"):
+            name = (cfg.get(part) or {}).get("weights")
+            if name:
+                from sspsam.io.weights import require
+
+                getattr(model, part).load_checkpoint(require(name))
+    if init is not None:
+        load_into(model, read_sspsam_checkpoint(init)["state_dict"], what=f"--init checkpoint {init}", strict=False)
+    frozen = list((cfg.get("train") or {}).get("freeze") or [])
+    if frozen:
+        model.freeze(frozen)
+    return model
+
+
+def _check_cacheable(cfg: dict, model, ds, stage) -> None:
+    """``--cached-features`` is exact only when the cached tower is frozen and every epoch feeds it
+    the same image; otherwise refuse, in one line."""
+    if stage is not None and stage.box_only:
+        raise ConfigError("--cached-features: official stage 1 never runs SAM's image encoder, so there is nothing to cache")
+    encoder = model.sam.image_encoder
+    if encoder is not None and any(p.requires_grad for p in encoder.parameters()):
+        raise ConfigError(f"--cached-features needs SAM's image encoder frozen, but config '{cfg.get('name')}' trains it "
+                          "(add sam.image_encoder to train.freeze)")
+    if getattr(ds, "train", False):
+        raise ConfigError("--cached-features needs training without image augmentation (scale/colour jitter, flips change "
+                          "the image each epoch): set train.augment: false, or use the official recipe without "
+                          "scale_range/colour_jitter/flip")
+
+
+def _cache_identity(cfg: dict, model, index, dataset: str, split: str, image_size: int) -> dict:
+    ds_id = {"name": dataset, "split": split, "image_size": int(image_size), "images": len(index.keys)}
+    ds_id["fingerprint"] = index.fingerprint(ds_id)
+    return {"model": cfg.get("model", "ssp-sam"), "config": cfg.get("name", "?"), "sam_config_hash": fc.sam_config_hash(cfg),
+            "encoder_hash": fc.encoder_hash(model.sam.image_encoder) if model.sam.image_encoder is not None else None, "dataset": ds_id, "views": ["plain"]}
+
+
+def build_feature_cache(
+    cfg: dict,
+    data_root: str | Path,
+    out_dir: str | Path,
+    *,
+    dataset: str | None = None,
+    seed: int = 3407,
+    init: str | Path | None = None,
+    load_backbones: bool = True,
+    batch_size: int = 8,
+    shard_size: int = 64,
+    dtype: str = "float16",
+    device: str = "cpu",
+    progress=None,
+) -> dict:
+    """SAM image embeddings of every distinct image of the training split, for
+    ``train(..., cached_features=out_dir)`` with the same config, data, dataset, seed and init."""
+    official = official_recipe.is_official(cfg)
+    dataset = dataset or (official_recipe.stage(cfg, 2).dataset if official else None) or "refcoco"
+    tcfg = dict(cfg.get("train") or {})
+    model = build_training_model(cfg, seed, load_backbones, init)
+    ds = _dataset(dataset, data_root, model.image_size, tcfg, official)
+    _check_cacheable(cfg, model, ds, None)
+    index = fc.image_index(ds, data_root)
+    identity = _cache_identity(cfg, model, index, dataset, tcfg.get("split", "train"), model.image_size)
+    dev = torch.device(device)
+    sam = model.sam.to(dev).eval()
+    with torch.no_grad():
+        probe = ds[index.first_sample[0]]
+        shape = tuple(sam.encode_image(probe["image"][None].to(dev), probe["valid_hw"][None].to(dev)).shape[1:])
+
+    def encode(rows: list[int]):
+        samples = [ds[index.first_sample[r]] for r in rows]
+        images = torch.stack([s["image"] for s in samples]).to(dev)
+        valid = torch.stack([torch.as_tensor(s["valid_hw"]) for s in samples]).to(dev)
+        with torch.no_grad():
+            return sam.encode_image(images, valid).float().cpu().numpy()
+
+    identity.update(dtype=dtype, shape=list(shape), shard_size=int(shard_size), rows=len(index.keys))
+    return fc.write_cache(out_dir, identity, encode, batch_size=batch_size, progress=progress)
+
+
+# ----------------------------------------------------------------------------------------------
+# schedule
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float = 0.0):
+    """LambdaLR factor for optimizer step s (0-based): linear warm-up, then cosine to min_ratio."""
+    total_steps, warmup_steps = max(1, int(total_steps)), max(0, int(warmup_steps))
+
+    def factor(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        t = min(1.0, (s - warmup_steps) / span)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return factor
+
+
+def official_schedule(st, base_lrs: list[float], steps_per_epoch: int) -> list:
+    """LambdaLR factors, one per parameter group, for the official per-epoch schedule: optimizer
+    step s runs in epoch s // steps_per_epoch at that epoch's lr (:func:`sspsam.engine.recipe.official_lr`)."""
+
+    def make(base: float):
+        return lambda s: st.lr(s // steps_per_epoch, base) / base if base else 0.0
+
+    return [make(b) for b in base_lrs]
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoint of the training state
+
+
+def _trainable_state(model, frozen: list[str]) -> dict[str, torch.Tensor]:
+    prefixes = tuple(f"{p}." for p in frozen)
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+
+
+def read_train_state(path: str | os.PathLike) -> dict:
+    """Load ``last.pt``; a missing, truncated, corrupt or foreign file raises CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no training checkpoint to resume from: {path} does not exist")
+    obj = torch_load(path, "training checkpoint", "delete it to start over")
+    need = ("sspsam_train", "step", "model", "optimizer", "scheduler", "rng", "data")
+    if not isinstance(obj, dict) or any(k not in obj for k in need):
+        raise CheckpointError(f"{path} is not an sspsam training checkpoint (missing {', '.join(k for k in need if k not in (obj if isinstance(obj, dict) else {}))})")
+    if obj["sspsam_train"] > STATE_VERSION:
+        raise CheckpointError(f"{path} was written by a newer sspsam (training state {obj['sspsam_train']})")
+    return obj
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a half-written last line from a crash
+        if int(rec.get("step", 0)) <= last_step:
+            keep.append(line)
+    text = "".join(f"{x}\n" for x in keep)
+
+    def write(tmp):
+        Path(tmp).write_text(text)
+
+    atomic_write(path, write)
+
+
+# ----------------------------------------------------------------------------------------------
+# distributed
+
+
+def _setup_distributed(device: str) -> tuple[int, int, bool]:
+    """(rank, world_size, we_initialised_it). Initialises from torchrun's env when present."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if dist.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
+        backend = "nccl" if str(device).startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, False
+
+
+# ----------------------------------------------------------------------------------------------
+# logs a person watches
+
+
+def _tensorboard(path: Path, step: int):
+    """TensorBoard scalars; ``purge_step`` drops events a crashed run wrote past the checkpoint."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency, but the loop must not die for a log
+        warnings.warn("tensorboard is not installed: no TensorBoard logs (log.jsonl is still written)")
+        return None
+    return SummaryWriter(str(path), purge_step=step if step else None)
+
+
+def _progress_bar(steps: int, step: int):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+                   TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+    task = bar.add_task("train", total=steps, completed=step, loss=float("nan"))
+    bar.start()
+    return bar, task
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(
+    cfg: dict,
+    data_root: str | Path,
+    out_dir: str | Path,
+    *,
+    dataset: str | None = None,
+    steps: int | None = None,
+    batch_size: int,
+    lr: float,
+    decoder_lr: float,
+    seed: int = 3407,
+    resume: bool = False,
+    ckpt_every: int = 1000,
+    log_every: int = 1,
+    device: str = "cpu",
+    precision: str = "fp32",
+    grad_accum: int = 1,
+    total_steps: int | None = None,
+    warmup_steps: int | None = None,
+    clip_grad: float | None = None,
+    weight_decay: float | None = None,
+    load_backbones: bool = True,
+    tensorboard: bool = True,
+    progress: bool = False,
+    stage: int | None = None,
+    epochs: int | None = None,
+    init: str | Path | None = None,
+    cached_features: str | Path | None = None,
+) -> dict:
+    """Train for ``steps`` optimizer steps (each of ``grad_accum`` micro-batches of ``batch_size``
+    per process). Returns ``{"step", "module" (the trained nn.Module of this rank), "losses" (this
+    call's per-step dicts), "last", "model", "log", "seconds"}``.
+
+    With ``train.recipe: official`` the run is by epochs (``epochs``, default the stage's) of
+    ``stage`` 1 (box-only pretraining on the merged set) or 2 (full; default), the schedule is the
+    official per-epoch cosine (:mod:`sspsam.engine.recipe`) and ``steps`` defaults to the whole stage;
+    ``init`` (a stage-1 ``model.pt``) initialises the weights, as the official
+    ``--resume_from_pretrain`` does (non-strict: keys that match).
+
+    ``cached_features``: a folder written by :func:`build_feature_cache` (``sspsam cache-features``)
+    with the same config, data, seed and init; SAM's image encoder is then not run, its embeddings
+    are read from the cache (CLIP still runs). Refused unless the encoder is frozen and the images
+    are not augmented (see :mod:`sspsam.engine.feature_cache`)."""
+    official = official_recipe.is_official(cfg)
+    if stage is not None and not official:
+        raise ConfigError("--stage needs a config with train.recipe: official")
+    if epochs is not None and not official:
+        raise ConfigError("--epochs needs a config with train.recipe: official (other recipes count --steps)")
+    st = official_recipe.stage(cfg, int(stage or 2)) if official else None
+    if st is not None and epochs is not None:
+        import dataclasses
+
+        st = dataclasses.replace(st, epochs=int(epochs))
+    if steps is None and not official:
+        raise ValueError("steps is required (the number of optimizer steps to reach)")
+    dataset = dataset or (st.dataset if st is not None else None) or "refcoco"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if (steps is not None and steps < 1) or batch_size < 1 or grad_accum < 1 or ckpt_every < 1 or log_every < 1:
+        raise ValueError("steps, batch_size, grad_accum, ckpt_every and log_every must be >= 1")
+    out_dir = Path(out_dir)
+    tcfg = dict(cfg.get("train") or {})
+    frozen = list(tcfg.get("freeze") or [])
+    total_steps = int(total_steps or tcfg.get("total_steps") or steps or 1)
+    if warmup_steps is None:
+        warmup_steps = int(tcfg.get("warmup_steps", max(1, round(0.05 * total_steps))))
+    clip_grad = float(tcfg.get("clip_grad", 0.1)) if clip_grad is None else clip_grad
+    weight_decay = float(tcfg.get("weight_decay", 1e-4)) if weight_decay is None else weight_decay
+    loss_weights = dict(cfg.get("loss") or {})
+
+    rank, world, own_pg = _setup_distributed(device)
+    if world > 1 and str(device).startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    dev = torch.device(device)
+    is_main = rank == 0
+    last_path, log_path, model_path = out_dir / LAST, out_dir / LOG, out_dir / MODEL
+
+    state = read_train_state(last_path) if resume else None  # fail before any work
+
+    # ---- model (same seed on every rank: identical init) -------------------------------------
+    model = build_training_model(cfg, seed, load_backbones, init)
+    model.to(dev)
+    core = model
+    groups = param_groups(model, lr, decoder_lr, weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+
+    # ---- data --------------------------------------------------------------------------------
+    ds = _dataset(dataset, data_root, core.image_size, tcfg, official)
+    if cached_features is not None:
+        _check_cacheable(cfg, core, ds, st if (st is not None and st.box_only) else None)
+        cache = fc.FeatureCache(cached_features)
+        index = fc.image_index(ds, data_root)
+        want = _cache_identity(cfg, core, index, dataset, tcfg.get("split", "train"), core.image_size)
+        # a model built without SAM's image encoder (sam.image_encoder: false) cannot be checked against its weights
+        keys = ("model", "sam_config_hash", "dataset", "views") + (("encoder_hash",) if want["encoder_hash"] else ())
+        cache.check(**{k: want[k] for k in keys})
+        ds = CachedSamples(ds, cache, index.sample_rows)
+    if len(ds) // world < batch_size:
+        raise ValueError(f"the {dataset} training split has {len(ds)} samples: too few for batch_size {batch_size} x {world} processes")
+    seed_everything(seed + rank)  # per-rank augmentation / dropout streams
+    sampler_gen = torch.Generator().manual_seed(seed)  # same permutation on every rank
+    sampler = ResumableSampler(len(ds), sampler_gen, rank, world)
+    loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=0, drop_last=True,
+                        collate_fn=_to_batch, generator=torch.Generator().manual_seed(seed))
+    if st is None:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_steps))
+        steps_per_epoch = 0
+    else:
+        # one optimizer step = grad_accum micro-batches; the lr of a step is its epoch's lr
+        steps_per_epoch = max(1, len(loader) // grad_accum)
+        total_steps = st.epochs * steps_per_epoch
+        steps = total_steps if steps is None else steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, official_schedule(st, [g["lr"] for g in groups], steps_per_epoch))
+
+    step, epoch, consumed = 0, 0, 0
+    if state is not None:
+        try:
+            load_into(core, state["model"], what=f"training checkpoint {last_path}", strict=False)
+            missing = [k for k in _trainable_state(core, frozen) if k not in state["model"]]
+            if missing:
+                raise CheckpointError(f"training checkpoint {last_path} lacks {len(missing)} trainable entries (e.g. {missing[0]})")
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            step, epoch, consumed = int(state["step"]), int(state["data"]["epoch"]), int(state["data"]["consumed"])
+            _set_rng_state(state["rng"], sampler_gen)
+            sampler_gen.set_state(state["data"]["epoch_state"])
+            sampler.skip = consumed * batch_size
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"training checkpoint {last_path} does not fit this run ({type(exc).__name__}: {exc})") from exc
+        if int(state.get("total_steps", total_steps)) != total_steps:
+            warnings.warn(f"resuming with total_steps={total_steps}, the checkpoint used {state['total_steps']}: the LR schedule changes")
+        if is_main:
+            _truncate_log(log_path, step)
+    elif is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
+
+    box_only = st is not None and st.box_only
+    forward = BoxPretraining(core) if box_only else core
+
+    def wrap():
+        # DDP fixes its parameter set when built: rebuilt whenever the decoder freezes/thaws (as the official train.py)
+        if world == 1:
+            return forward
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(forward, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
+
+    decoder_frozen = None
+    decoder_always_frozen = any(f in ("sam", "sam.mask_decoder") for f in frozen)
+    if st is not None:
+        decoder_frozen = st.decoder_frozen(step // steps_per_epoch)
+        core.sam.mask_decoder.requires_grad_(not decoder_frozen and not decoder_always_frozen)
+    model = wrap()
+
+    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    trainable = [p for p in core.parameters() if p.requires_grad]
+
+    def save_state() -> None:
+        payload = {
+            "sspsam_train": STATE_VERSION,
+            "step": step,
+            "total_steps": total_steps,
+            "seed": seed,
+            "model": _trainable_state(core, frozen),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(sampler_gen),
+            "data": {"epoch": epoch, "consumed": consumed, "epoch_state": sampler.epoch_state},
+        }
+        atomic_write(last_path, lambda tmp: torch.save(payload, tmp))
+
+    it = None
+    history: list[dict] = []
+    start = time.time()
+    log_fh = open(log_path, "a") if is_main else None
+    tb = _tensorboard(out_dir / "tb", step) if (tensorboard and is_main) else None
+    bar = _progress_bar(steps, step) if (progress and is_main) else None
+    try:
+        while step < steps:
+            if st is not None and st.decoder_frozen(step // steps_per_epoch) != decoder_frozen:
+                decoder_frozen = not decoder_frozen
+                core.sam.mask_decoder.requires_grad_(not decoder_frozen and not decoder_always_frozen)
+                trainable = [p for p in core.parameters() if p.requires_grad]
+                model = wrap()
+            model.train()
+            for name in frozen:
+                core.get_submodule(name).eval()
+            optimizer.zero_grad(set_to_none=True)
+            sums: dict[str, float] = {}
+            for micro in range(grad_accum):
+                while True:
+                    if it is None:
+                        it = iter(loader)
+                    try:
+                        batch = next(it)
+                        break
+                    except StopIteration:
+                        it, epoch, consumed = None, epoch + 1, 0
+                consumed += 1
+                batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+                tokens = core.tokenize(batch["text"]).to(dev)
+                sync = micro == grad_accum - 1 or world == 1
+                ctx = contextlib.nullcontext() if sync else model.no_sync()
+                feed = fc.sam_embeddings(core.sam, batch["sam_embed"]) if "sam_embed" in batch else contextlib.nullcontext()
+                with ctx:
+                    with autocast(), feed:
+                        out = model(batch["image"], tokens, batch.get("valid_hw"))
+                    out = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
+                    box = core.box_target(batch["box"], batch.get("valid_hw"))  # the box head's frame
+                    if box_only:
+                        has = ~batch["no_target"]
+                        losses = (box_losses(out["box"][has], box[has], loss_weights) if has.any()
+                                  else {"total": out["box"].sum() * 0})
+                    else:
+                        losses = ssp_loss(out, batch["mask"], box, batch["no_target"], loss_weights)
+                    (losses["total"] / grad_accum).backward()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / grad_accum
+            if clip_grad:
+                torch.nn.utils.clip_grad_norm_(trainable, clip_grad)
+            lrs = [g["lr"] for g in optimizer.param_groups]
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            rec = {"step": step, "lr": lrs[0], "decoder_lr": lrs[1], **sums}
+            if st is not None:
+                rec["epoch"] = (step - 1) // steps_per_epoch
+            history.append(rec)
+            if log_fh is not None and (step % log_every == 0 or step == steps):
+                log_fh.write(json.dumps(rec) + "\n")
+                log_fh.flush()
+                log.info("step %d/%d loss %.4f lr %.3g", step, steps, sums.get("total", float("nan")), lrs[0])
+            if tb is not None:
+                for k, v in rec.items():
+                    if k != "step":
+                        tb.add_scalar(f"train/{k}", v, step)
+            if bar is not None:
+                bar[0].update(bar[1], completed=step, loss=sums.get("total", float("nan")))
+            if step % ckpt_every == 0 or step == steps:
+                if is_main:
+                    save_state()
+                if world > 1:
+                    dist.barrier()
+        if is_main:
+            sd = {k: v.detach().cpu() for k, v in core.state_dict().items()}
+            save_checkpoint(model_path, cfg, sd)
+        if world > 1:
+            dist.barrier()
+    finally:
+        if log_fh is not None:
+            log_fh.close()
+        if tb is not None:
+            tb.close()
+        if bar is not None:
+            bar[0].stop()
+        if own_pg and dist.is_initialized():
+            dist.destroy_process_group()
+    return {
+        "step": step,
+        "module": core,
+        "losses": history,
+        "last": last_path,
+        "model": model_path,
+        "log": log_path,
+        "seconds": time.time() - start,
+    }

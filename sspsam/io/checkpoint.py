@@ -1,0 +1,183 @@
+"""Reading official and sspsam checkpoints with errors that name the problem; atomic writes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from sspsam.errors import CheckpointError, OutputError
+
+FORMAT_VERSION = 1
+
+
+def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
+    # Training frameworks nest the weights under a few customary keys.
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError("the file holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.split("/", 1)[-1].startswith("code/") for n in zf.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+def _corrupt(what: str, path: Path, exc: Exception, hint: str = "") -> CheckpointError:
+    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return CheckpointError(f"{what} {path} is truncated or corrupt ({type(exc).__name__}: {first})" + (f"; {hint}" if hint else ""))
+
+
+def _load(path: Path) -> Any:
+    # Weights only; DETR-style training checkpoints (the official SSP-SAM ones) also pickle their
+    # argparse.Namespace, which is plain data. Zip files are memory-mapped: no second copy in RAM.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+
+
+def torch_load(path: str | os.PathLike, what: str, hint: str = "") -> Any:
+    """torch.load (weights only) whose many failure types for cut or damaged files become one named error."""
+    try:
+        return _load(Path(path))
+    except Exception as exc:
+        raise _corrupt(what, Path(path), exc, hint) from exc
+
+
+def read_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Load tensors from a .pth/.pt (pickle or TorchScript, e.g. OpenAI CLIP) or .safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} file not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} file is empty: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return dict(load_file(str(path)))
+        if _is_torchscript(path):
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        obj = _load(path)
+    except Exception as exc:  # torch raises several types for truncated zips and pickles
+        raise _corrupt(f"{what} file", path, exc, "download or import it again") from exc
+    try:
+        return _unwrap(obj.get("state_dict", obj) if isinstance(obj, Mapping) and "sspsam" in obj else obj)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{what} file {path}: {exc}") from None
+
+
+def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, strict: bool = True) -> None:
+    """load_state_dict with a readable report of missing, unexpected and mis-shaped keys."""
+    own = module.state_dict()
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches (e.g. {mismatched[0]})")
+    if strict and missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+    if strict and unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    if problems:
+        raise CheckpointError(
+            f"{what}: the checkpoint does not fit this model: " + "; ".join(problems)
+            + " — is it a checkpoint for another model variant?"
+        )
+    module.load_state_dict(state_dict, strict=strict)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call ``write(tmp_path)`` and move the result into place, so readers never see half a file."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # a file where the folder should be, no permission, a read-only disk
+        raise _write_error(path, exc) from None
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)  # the previous file, if any, is untouched
+        if isinstance(exc, OSError) or (type(exc) is RuntimeError and _torch_write_failure(exc, path.parent)):
+            raise _write_error(path, exc) from None
+        raise
+    return path
+
+
+def _torch_write_failure(exc: RuntimeError, folder: Path) -> bool:
+    """torch.save reports a full disk as a RuntimeError from its C++ writer ("file write failed",
+    "basic_ios::clear: iostream error", "unexpected pos …"), not as an OSError."""
+    text = str(exc).lower()
+    if any(m in text for m in ("writ", "iostream", "inline_container", "unexpected pos")):
+        return True
+    try:
+        return os.statvfs(folder).f_bavail == 0
+    except OSError:
+        return False
+
+
+def _write_error(path: Path, exc: BaseException) -> OutputError:
+    reason = getattr(exc, "strerror", None)
+    if not reason:
+        try:
+            full = os.statvfs(path.parent).f_bavail == 0
+        except OSError:
+            full = False
+        reason = "No space left on device" if full else str(exc).splitlines()[0][:200]
+    return OutputError(f"cannot write {path}: {reason}; nothing was changed there")
+
+
+def save_checkpoint(path: str | os.PathLike, config: dict, state_dict: Mapping[str, torch.Tensor], **extra) -> Path:
+    """An sspsam checkpoint: the config travels with the weights, so a file alone rebuilds the model."""
+    payload = {"sspsam": FORMAT_VERSION, "config": config, "state_dict": dict(state_dict), **extra}
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+
+
+def _check_crc(path: Path) -> None:
+    """torch's zip records carry CRC-32s that torch.load never checks: a flipped bit in the weights
+    would load and give silently wrong masks. Checking them costs about 1 s per GB."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError):
+        return  # not a zip (a legacy pickle, or damage torch_load will name)
+    except Exception as exc:  # zlib errors on damaged compressed members
+        raise CheckpointError(f"model checkpoint {path} is corrupt ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if bad is not None:
+        raise CheckpointError(f"model checkpoint {path} is corrupt: record {bad.split('/', 1)[-1]} fails its CRC check; "
+                              "copy or download it again")
+
+

@@ -1,0 +1,371 @@
+"""Mask outputs: COCO RLE (pycocotools, the format every benchmark and tool reads), overlays people
+can read at any image size, and the OVSS label PNG."""
+
+from __future__ import annotations
+
+import colorsys
+
+import numpy as np
+from PIL import Image, ImageColor, ImageDraw, ImageFont
+from pycocotools import mask as mask_utils
+
+
+def encode_rle(mask: np.ndarray) -> dict:
+    """Bool HxW → COCO RLE with a JSON-safe string 'counts'."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    counts = rle["counts"].encode("ascii") if isinstance(rle["counts"], str) else rle["counts"]
+    return mask_utils.decode({"size": rle["size"], "counts": counts}).astype(bool)
+
+
+# ---- instances ---------------------------------------------------------------------------------
+
+MIN_INSTANCE_FRACTION = 0.0005  # a part smaller than 1/2000 of the image is a speck, not an object
+
+
+def min_instance_area(height: int, width: int, fraction: float = MIN_INSTANCE_FRACTION) -> int:
+    """The smallest part (pixels) counted as an instance: ``fraction`` of the image, at least 1 px."""
+    return max(1, int(round(fraction * height * width)))
+
+
+def split_instances(mask: np.ndarray, min_area: int = 1) -> np.ndarray:
+    """The separate objects of a union mask: its 8-connected parts of at least ``min_area`` pixels.
+
+    ``mask``: bool [H, W]. Returns bool [K, H, W], largest part first (ties: top-left first). A
+    non-empty mask whose parts are all below ``min_area`` still yields its largest part, so a
+    phrase that was found always has an instance. Connected components of the union is the
+    instance definition because SSP-SAM decodes one mask per phrase (GRES phrases such as "the two
+    red shapes" included): it has no per-object output, so objects that touch merge into one.
+    """
+    from scipy import ndimage
+
+    mask = np.asarray(mask, bool)
+    lab, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return np.zeros((0, *mask.shape), bool)
+    areas = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+    keep = [i for i in np.argsort(-areas, kind="stable") if areas[i] >= min_area] or [int(np.argmax(areas))]
+    return np.stack([lab == i + 1 for i in keep])
+
+
+def boxes_xyxy(masks: np.ndarray) -> np.ndarray:
+    """Bool [K, H, W] → float32 [K, 4] boxes (x0, y0, x1, y1) in pixel-edge coordinates: x1/y1 are
+    one past the last pixel, so x1 − x0 is the width in pixels (COCO's bbox w and pycocotools'
+    ``toBbox``). An empty mask gets (0, 0, 0, 0)."""
+    out = np.zeros((len(masks), 4), np.float32)
+    for k, m in enumerate(masks):
+        b = bbox(m)
+        if b is not None:
+            out[k] = (b[0], b[1], b[2] + 1, b[3] + 1)
+    return out
+
+
+def xyxy_to_coco(box) -> list[float]:
+    """(x0, y0, x1, y1) → COCO's [x, y, width, height]."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return [x0, y0, x1 - x0, y1 - y0]
+
+
+def mask_polygons(mask: np.ndarray) -> list[list[float]]:
+    """A bool [H, W] mask's outlines as COCO polygons (flat [x0, y0, x1, y1, …] lists, pixel
+    units), one per part; supervision's tracer (OpenCV when installed). Needs ``sspsam[interop]``."""
+    sv = require_supervision()
+    return [[float(v) for v in poly.reshape(-1)] for poly in sv.mask_to_polygons(np.asarray(mask, bool)) if len(poly) >= 3]
+
+
+def require_supervision():
+    """``import supervision``, or one line naming the extra to install."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # without OpenCV it says so on import; its NumPy path is all sspsam uses
+            warnings.filterwarnings("ignore", message=".*OpenCV.*", category=UserWarning)
+            import supervision
+    except ImportError:
+        from sspsam.errors import SSPSamError
+
+        raise SSPSamError("this needs the optional package 'supervision': pip install sspsam[interop]") from None
+    return supervision
+
+
+def palette(n: int) -> list[tuple[int, int, int]]:
+    """n well-separated colours (golden-ratio hues)."""
+    out = []
+    for i in range(n):
+        r, g, b = colorsys.hsv_to_rgb((0.02 + i * 0.618034) % 1.0, 0.85, 1.0)
+        out.append((int(r * 255), int(g * 255), int(b * 255)))
+    return out
+
+
+_BACKGROUND_NAMES = {"background", "bg", "other", "others", "void", "unlabeled", "unlabelled", "stuff"}
+
+
+def class_colours(classes: list[str]) -> list[tuple[int, int, int]]:
+    """One colour per class name: the colour a name says ("red", "navy": CSS names) so a class
+    called "blue" is never painted magenta, neutral grey for a background class, and for every
+    other name the palette colour of its index. Overlay, label PNG and web page all use these."""
+    out = []
+    for name, fallback in zip(classes, palette(len(classes))):
+        key = name.strip().lower()
+        if key in _BACKGROUND_NAMES:
+            out.append((128, 128, 128))
+        elif key.replace(" ", "") in ImageColor.colormap:
+            out.append(ImageColor.getrgb(key.replace(" ", "")))
+        else:
+            out.append(fallback)
+    return out
+
+
+# ---- drawing ---------------------------------------------------------------------------------
+#
+# Plain PIL rather than an annotation library: `supervision` would bring matplotlib and PyAV into
+# every install (or be an optional path we must test twice), it has no legend, and the pictures
+# here need only four primitives (fill, contour, box, text) whose every pixel the tests can check.
+
+NO_MATCH = "(no match)"
+_UNLABELLED = (0, 0, 0)  # palette entry 255 of the label PNG: pixels no class claimed
+
+
+def _scale(height: int, width: int) -> tuple[int, int]:
+    """(font px, line px) for an image: readable on a 160×120 scene and on a 4000×3000 photo.
+
+    Text is ~1/40 of the long side (never below 12 px, the smallest size people read without
+    zooming); lines ~1/250 of it, at least 2 px so a contour stands out from the fill.
+    """
+    long_side = max(height, width)
+    return max(12, round(long_side / 40)), max(2, round(long_side / 250))
+
+
+def font(size: int) -> ImageFont.ImageFont:
+    """Pillow's embedded scalable font (≥ 10.1): present on every machine, no font files needed."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 or no FreeType: the fixed bitmap font is better than nothing
+        return ImageFont.load_default()
+
+
+def _ink(colour) -> tuple[int, int, int]:
+    """Black or white text, whichever reads better on ``colour`` (WCAG relative luminance)."""
+    lum = sum(w * (c / 255) ** 2.2 for w, c in zip((0.2126, 0.7152, 0.0722), colour))
+    return (0, 0, 0) if lum > 0.18 else (255, 255, 255)
+
+
+def _erode_rows(a: np.ndarray, width: int) -> np.ndarray:
+    """Along axis 0: True where all of a[i-width .. i+width] are True (outside the array = False).
+
+    Windows grow by doubling (a window of r+s is one of r ANDed with one of s shifted by r), so a
+    band of any width costs a handful of whole-array ANDs, not one per pixel of width.
+    """
+    k, n = 2 * width + 1, a.shape[0]
+    if k > n:
+        return np.zeros_like(a)
+    win, r = a, 1  # win[i] = all(a[i:i+r]), valid for i <= n - r
+    acc, got = None, 0  # acc[i] = all(a[i:i+got])
+    rest = k
+    while rest:
+        if rest & 1:
+            acc = win[: n - got - r + 1] if acc is None else acc[: n - got - r + 1] & win[got: n - r + 1]
+            got += r
+        rest >>= 1
+        if rest:
+            win = win[: n - 2 * r + 1] & win[r: n - r + 1]
+            r *= 2
+    out = np.zeros_like(a)
+    out[width: width + len(acc)] = acc  # a window starting at i is centred at i + width
+    return out
+
+
+def _contour_crop(crop: np.ndarray, width: int) -> np.ndarray:
+    return crop & ~_erode_rows(_erode_rows(crop, width).T, width).T
+
+
+def contour(mask: np.ndarray, width: int) -> np.ndarray:
+    """The band of ``mask`` within ``width`` pixels of its border (outside the image counts as outside):
+    the mask minus its erosion by a (2·width+1)² square, computed on the mask's bounding box only."""
+    b = bbox(mask)
+    out = np.zeros(mask.shape, dtype=bool)
+    if b is None:
+        return out
+    x0, y0, x1, y1 = b
+    out[y0:y1 + 1, x0:x1 + 1] = _contour_crop(mask[y0:y1 + 1, x0:x1 + 1], width)
+    return out
+
+
+def _tint(out: np.ndarray, mask: np.ndarray, box, colour, alpha: float) -> None:
+    """Blend ``colour`` into ``out`` (uint8, in place) on the mask's pixels, touching only its box."""
+    x0, y0, x1, y1 = box
+    region, m = out[y0:y1 + 1, x0:x1 + 1], mask[y0:y1 + 1, x0:x1 + 1]
+    lut = _blend_table([colour], alpha)[0]  # [256, 3]: a byte lookup instead of float maths per pixel
+    for ch in range(3):
+        np.copyto(region[..., ch], lut[region[..., ch], ch], where=m)
+
+
+def _blend_table(colours, alpha: float) -> np.ndarray:
+    """[n, 256, 3] uint8: value v of channel c blended with colour k, v·(1−α) + colour·α."""
+    v = np.arange(256, dtype=np.float32)[None, :, None]
+    c = np.asarray(colours, np.float32)[:, None, :]
+    return (v * np.float32(1 - alpha) + c * np.float32(alpha)).clip(0, 255).astype(np.uint8)
+
+
+def bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(x0, y0, x1, y1), inclusive, of the mask's pixels; None for an empty mask."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if not len(rows):
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
+
+
+def _tag(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, colour, fnt, limit: tuple[int, int]) -> None:
+    """A label on a chip of the mask's colour at (x, y) = its bottom-left, kept inside the image."""
+    l, t, r, b = draw.textbbox((0, 0), text, font=fnt)
+    pad = max(2, fnt.size // 6) if hasattr(fnt, "size") else 2
+    w, h = r - l + 2 * pad, b - t + 2 * pad
+    x = min(max(0, xy[0]), max(0, limit[0] - w))
+    y = min(max(0, xy[1] - h), max(0, limit[1] - h))
+    draw.rectangle((x, y, x + w - 1, y + h - 1), fill=tuple(colour))
+    draw.text((x + pad - l, y + pad - t), text, fill=_ink(colour), font=fnt)
+
+
+def _legend_panel(rows: list[tuple[tuple[int, int, int] | None, str]], height: int, fnt, line: int) -> Image.Image:
+    """A white panel listing (colour swatch, text) rows: what each colour means; a hollow, crossed
+    swatch (colour None) for a row that has nothing drawn."""
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    asc, desc = fnt.getmetrics() if hasattr(fnt, "getmetrics") else (10, 2)
+    row_h = asc + desc + max(4, line * 2)
+    sw = asc + desc
+    margin = max(6, row_h // 3)
+    text_w = max((probe.textlength(t, font=fnt) for _, t in rows), default=0)
+    panel = Image.new("RGB", (int(margin * 3 + sw + text_w), max(height, margin * 2 + row_h * len(rows))), (255, 255, 255))
+    draw = ImageDraw.Draw(panel)
+    for k, (colour, text) in enumerate(rows):
+        y = margin + k * row_h
+        x0, y0, x1, y1 = margin, y, margin + sw - 1, y + sw - 1
+        draw.rectangle((x0, y0, x1, y1), fill=None if colour is None else tuple(colour), outline=(60, 60, 60), width=max(1, line // 2))
+        if colour is None:
+            draw.line((x0, y1, x1, y0), fill=(60, 60, 60), width=max(1, line // 2))
+        draw.text((margin * 2 + sw, y), text, fill=(20, 20, 20), font=fnt)
+    return panel
+
+
+def overlay(image: np.ndarray, masks: list[np.ndarray], labels: list[str] | None = None, alpha: float = 0.45,
+            legend: list[str] | None = None) -> Image.Image:
+    """Each mask as a translucent fill, a contour and its bounding box in its own colour, labelled
+    at the box's top-left corner; with ``legend`` (one text per mask, e.g. the phrase and its score
+    or "(no match)") a panel to the right says what each colour stands for.
+
+    Sizes follow the image (``_scale``): a fixed 11 px font vanishes on a photo and a 1 px outline
+    on a 4000 px image cannot be seen. The image part keeps the input's size and position, so
+    pixel (x, y) of the picture is pixel (x, y) of the image.
+    """
+    h, w = image.shape[:2]
+    size, line = _scale(h, w)
+    fnt = font(size)
+    colours = palette(len(masks))
+    boxes = [bbox(m) for m in masks]
+    out = np.array(image, np.uint8, copy=True)
+    for m, b, c in zip(masks, boxes, colours):
+        if b is not None:
+            _tint(out, m, b, c, alpha)
+    for m, b, c in zip(masks, boxes, colours):
+        if b is not None:
+            x0, y0, x1, y1 = b
+            out[y0:y1 + 1, x0:x1 + 1][_contour_crop(m[y0:y1 + 1, x0:x1 + 1], line)] = c
+    img = Image.fromarray(out)
+    draw = ImageDraw.Draw(img)
+    for b, c in zip(boxes, colours):
+        if b is not None:
+            draw.rectangle(b, outline=tuple(c), width=max(1, line // 2))
+    if labels:  # a label wider than its box and a third of the image would hide the picture: its number instead
+        for k, (b, c, text) in enumerate(zip(boxes, colours, labels)):
+            if b is not None and text:
+                if legend is not None and draw.textlength(text, font=fnt) > max(b[2] - b[0] + 1, w / 3):
+                    text = str(k + 1)
+                _tag(draw, (b[0], b[1]), text, c, fnt, (w, h))
+    if legend is None:
+        return img
+    rows = [(c if b is not None else None, f"{k + 1}  {t}") for k, (b, c, t) in enumerate(zip(boxes, colours, legend))]
+    panel = _legend_panel(rows, h, fnt, line)
+    full = Image.new("RGB", (w + panel.width, max(h, panel.height)), (255, 255, 255))
+    full.paste(img, (0, 0))
+    full.paste(panel, (w, 0))
+    return full
+
+
+def segmentation_overlay(image: np.ndarray, phrases: list[str], masks, scores, no_target) -> Image.Image:
+    """The ``sspsam segment`` / server picture: each found phrase drawn and named on the image, and
+    a legend of every phrase asked, "(no match)" for those the model said are absent (or whose mask
+    is empty: a phrase is never shown as found without pixels)."""
+    masks = [np.asarray(m, bool) for m in masks]
+    found = [not n and m.any() for m, n in zip(masks, no_target)]
+    legend = [f"{p}  {s:.2f}" if f else f"{p}  {NO_MATCH}" for p, s, f in zip(phrases, scores, found)]
+    labels = [p if f else "" for p, f in zip(phrases, found)]
+    return overlay(image, [m if f else np.zeros_like(m) for m, f in zip(masks, found)], labels, legend=legend)
+
+
+def label_overlay(rgb: np.ndarray, labels: np.ndarray, classes: list[str], shares: dict[str, float] | None = None,
+                  alpha: float = 0.55) -> Image.Image:
+    """The image tinted by class colour (the label PNG's palette), class borders drawn, each region
+    named, and a legend panel to the right of the classes present, largest first (so 150 class
+    names do not bury the few that matter)."""
+    h, w = labels.shape
+    size, line = _scale(h, w)
+    fnt = font(size)
+    colours = class_colours(classes)
+    valid = labels >= 0
+    flat = labels.ravel() if valid.all() else labels[valid]
+    counts = np.bincount(flat, minlength=len(classes))
+    regions = {i: (labels == i,) for i in np.flatnonzero(counts).tolist()}  # class index -> (mask, box)
+    regions = {i: (m, bbox(m)) for i, (m,) in regions.items()}
+    if shares is None:
+        shares = {c: float(counts[i]) / labels.size for i, c in enumerate(classes)}
+    present = sorted((i for i in regions if shares.get(classes[i], 0) > 0), key=lambda i: -shares[classes[i]])
+    # tint every labelled pixel with its class colour in one pass: a byte lookup by (class, value)
+    table = _blend_table(colours, alpha)  # [n, 256, 3]
+    table = np.concatenate([table, np.arange(256, dtype=np.uint8)[None, :, None].repeat(3, 2)])  # unlabelled: as is
+    row = np.where(valid, labels, len(classes)).astype(np.intp) * 256
+    rgb = np.asarray(rgb, np.uint8)
+    out = np.empty_like(rgb)
+    for ch in range(3):
+        out[..., ch] = table[..., ch].ravel()[row + rgb[..., ch]]
+    for i in present:
+        m, (x0, y0, x1, y1) = regions[i]
+        out[y0:y1 + 1, x0:x1 + 1][_contour_crop(m[y0:y1 + 1, x0:x1 + 1], max(1, line // 2))] = colours[i]
+    img = Image.fromarray(out)
+    draw = ImageDraw.Draw(img)
+    for i in present:  # a name on each region large enough to hold it; the bulk (background) only in the legend
+        if shares[classes[i]] >= 0.5:
+            continue
+        m, (x0, y0, x1, y1) = regions[i]
+        tw = draw.textlength(classes[i], font=fnt)
+        if x1 - x0 >= tw and y1 - y0 >= size:
+            step = max(1, size // 4)  # a coarse grid is enough to place a label
+            ys, xs = np.nonzero(m[y0:y1 + 1:step, x0:x1 + 1:step])
+            k = np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2)  # a pixel of the region near its centre
+            cx, cy = x0 + xs[k] * step, y0 + ys[k] * step
+            _tag(draw, (int(cx - tw / 2), int(cy + size / 2)), classes[i], colours[i], fnt, (w, h))
+    rows = [(colours[i], f"{classes[i]} {100 * shares[classes[i]]:.1f}%") for i in present]
+    panel = _legend_panel(rows, h, fnt, line)
+    full = Image.new("RGB", (w + panel.width, max(h, panel.height)), (255, 255, 255))
+    full.paste(img, (0, 0))
+    full.paste(panel, (w, 0))
+    return full
+
+
+def label_png(labels: np.ndarray, classes: list[str]) -> Image.Image:
+    """The per-pixel class index as a PNG any viewer shows in colour: a palette ("P") image whose
+    index is the class index and whose palette is the overlay's class colours (255 = unlabelled,
+    black). Readers that take the raw values (``np.asarray(Image.open(p))``) still get the indices.
+    Over 255 classes (256 with every pixel labelled) an 8-bit palette cannot hold them: 16-bit
+    greyscale, 65535 = unlabelled."""
+    labels, n_classes = np.asarray(labels), len(classes)
+    if n_classes <= 255 or (n_classes == 256 and (labels >= 0).all()):
+        img = Image.fromarray(np.where(labels < 0, 255, labels).astype(np.uint8), mode="P")
+        colours = class_colours(classes) + [(0, 0, 0)] * (256 - n_classes)
+        if n_classes < 256:
+            colours[255] = _UNLABELLED
+        img.putpalette([v for c in colours for v in c])
+        return img
+    return Image.fromarray(np.where(labels < 0, 65535, labels).astype(np.uint16))

@@ -1,0 +1,1 @@
+"""Training-free path: pretrained CLIP (SCLIP / CLIP-Surgery dense features) + SAM only."""

@@ -1,0 +1,141 @@
+"""The ``Predictor`` base of ``Segmenter`` and ``OVSS``: device, model-name resolution (bundled
+demos, published variants, checkpoint paths), the demo-domain warning and the checks every
+predictor makes on its outputs."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sspsam.config import list_configs, load_config
+from sspsam.errors import CheckpointError, ModelOutputError
+from sspsam.io.images import is_tensor
+from sspsam.models.build import _model_and_meta
+
+#: the demo models shipped inside the package, by task
+REFERRING_BUNDLED = {"shapes-demo": "assets/shapes-demo.pt"}
+OVSS_BUNDLED = {"ovss-shapes-demo": "assets/ovss-shapes-demo.pt"}
+
+
+class Predictor:
+    """What every public predictor owns, so ``Segmenter`` and ``OVSS`` resolve names, pick devices,
+    describe their domain and drop stale caches the same way.
+
+    A subclass sets ``BUNDLED`` (its demo models), ``MODEL_TYPES`` (the config ``model`` types it
+    runs) and ``TASK``, and implements ``clear_cache`` (its cached image/text features) and
+    ``segment``. Name resolution, in order: a bundled demo, a training-free ``zeroshot`` config, a
+    checkpoint path, a published variant (downloaded on first use); anything else is an error
+    listing what would work.
+    """
+
+    BUNDLED: dict[str, str] = {}
+    MODEL_TYPES: tuple[str, ...] = ()
+    TASK = ""
+
+    def _identify(self, model, name: str | None, meta: dict | None, default: str) -> None:
+        self.name = name or model.config.get("name", default)
+        self.meta = dict(meta or {})  # the checkpoint's "meta" entry (training data, domain, …)
+        self.domain = model_domain(self.name, self.meta)
+
+    def to(self, device: str | torch.device):
+        """Move the model to ``device`` ('auto', 'cpu', 'cuda:1', …) and drop the cached features
+        (they live on the old device); returns self."""
+        from sspsam.predict.device import resolve_device
+
+        self.device = resolve_device(device)
+        self._check_device()
+        self.model.to(self.device)
+        self.clear_cache()
+        return self
+
+    def _check_device(self) -> None:
+        """Refuse a device the predictor's settings cannot run on (e.g. fp16 on a CPU)."""
+
+    def clear_cache(self) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def resolve(cls, name_or_path: str | Path) -> tuple[str, Path | None, str]:
+        """``(kind, checkpoint path, display name)``; kind is 'checkpoint' or 'zeroshot' (no file:
+        CLIP and SAM come from the weights cache)."""
+        name = str(name_or_path)
+        if name in cls.BUNDLED:
+            path = Path(str(resources.files("sspsam") / cls.BUNDLED[name]))
+            if not path.is_file():
+                raise CheckpointError(f"bundled model '{name}' is not in this install ({path} missing); "
+                                      "use 'zeroshot' or a checkpoint path")
+            return "checkpoint", path, name
+        configs = list_configs()
+        if name in configs and load_config(name).get("model") == "zeroshot":
+            return "zeroshot", None, name
+        path = Path(name)
+        if path.suffix or path.exists():
+            return "checkpoint", path, path.stem
+        if name in configs:
+            kind = load_config(name).get("model")
+            if kind not in cls.MODEL_TYPES:
+                raise CheckpointError(f"'{name}' is a '{kind}' model, not {cls.TASK} model; {cls._other_command()}")
+            return "checkpoint", variant_checkpoint(name), name
+        raise CheckpointError(cls._unknown(name, configs))
+
+    @classmethod
+    def _other_command(cls) -> str:
+        return ""
+
+    @classmethod
+    def _unknown(cls, name: str, configs: list[str]) -> str:
+        raise NotImplementedError
+
+
+def model_domain(name: str | None, meta: dict | None) -> str | None:
+    """The data a model knows, from its checkpoint meta; the bundled demos are generated shapes."""
+    from sspsam.predict.domain import DOMAIN
+
+    domain = (meta or {}).get("domain")
+    if domain is None and name in ("shapes-demo", "ovss-shapes-demo"):
+        return DOMAIN
+    return domain if isinstance(domain, str) else None
+
+
+def domain_warnings(name: str, domain: str | None, rgb: np.ndarray, command: str) -> list[str]:
+    from sspsam.predict.domain import DOMAIN, out_of_domain_warning
+
+    if domain != DOMAIN:
+        return []
+    warning = out_of_domain_warning(name, rgb, command)
+    return [warning] if warning else []
+
+
+def _is_batch(image) -> bool:
+    """A list/tuple of images, or a 4-D tensor/array [B, …] (one image is 2-D or 3-D)."""
+    if isinstance(image, (list, tuple)):
+        return True
+    return (is_tensor(image) or isinstance(image, np.ndarray)) and image.ndim == 4
+
+
+def check_finite(name: str, *tensors) -> None:
+    """NaN or inf out of a model means broken weights; say so rather than write "score": NaN."""
+    for t in tensors:
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise ModelOutputError(f"model '{name}' produced non-finite outputs (NaN or inf); its weights are damaged")
+
+
+def variant_checkpoint(name: str) -> Path:
+    """The trained checkpoint published for a variant name (downloaded on first use), or an error
+    saying to pass a checkpoint path: an architecture name alone has no trained weights."""
+    import sspsam.io.weights as weights
+
+    if name not in weights.REGISTRY:
+        raise CheckpointError(
+            f"'{name}' is an architecture, and no trained weights are published for it: pass the path of a "
+            f"checkpoint (`sspsam train {name} …` writes one), or use a bundled model or 'zeroshot' (see `sspsam models`)"
+        )
+    return weights.ensure(name)
+
+
+def _build(cls, path: Path, device, name: str, task: tuple[str, ...] | None = None, **opts):
+    model, meta = _model_and_meta(path, task)
+    return cls(model, device, name, meta, **opts)

@@ -1,0 +1,61 @@
+"""Does an image look like the generated flat-shape scenes the bundled demo models were trained on?
+
+The demo models (``shapes-demo``, ``ovss-shapes-demo``) know nothing else, and on a photograph
+they still return confident-looking masks. Rather than a learned detector, the test uses what the
+generator (``sspsam.data.shapes``) guarantees: a grey background (R = G = B, level 100…235,
+plain or with per-pixel noise) and shapes filled flat with one of a fixed set of saturated
+colours. Nearly every pixel of a generated scene is one of those; in a photograph (smooth
+shading, many hues, dark and bright regions) most are neither.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DOMAIN = "generated-shapes"
+# A pixel counts as background grey when its channels differ by at most GREY_SPREAD and its level
+# is in the generator's range (with a margin for resampling / JPEG).
+GREY_SPREAD = 8
+GREY_RANGE = (92, 243)
+# ... or as a shape when it is within PALETTE_TOL (per channel) of a palette colour.
+PALETTE_TOL = 28
+# Edges of shapes blend with the background after resizing or JPEG; photographs score far lower.
+MIN_IN_DOMAIN = 0.85
+_MAX_SIDE = 256
+
+
+def _palette() -> np.ndarray:
+    from sspsam.data.shapes import COLOURS
+
+    return np.array(list(COLOURS.values()), np.int16)
+
+
+def in_domain_fraction(rgb: np.ndarray) -> float:
+    """Share of pixels that are generator grey or a generator palette colour."""
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
+        raise ValueError(f"expected an HxWx3 image, got shape {rgb.shape}")
+    step = max(1, -(-max(rgb.shape[:2]) // _MAX_SIDE))  # subsample: nearest pixels, no new colours
+    px = rgb[::step, ::step].reshape(-1, 3).astype(np.int16)
+    spread = px.max(1) - px.min(1)
+    level = px.mean(1)
+    grey = (spread <= GREY_SPREAD) & (level >= GREY_RANGE[0]) & (level <= GREY_RANGE[1])
+    pal = _palette()
+    near = (np.abs(px[:, None, :] - pal[None, :, :]).max(2) <= PALETTE_TOL).any(1)
+    return float((grey | near).mean())
+
+
+def looks_like_generated_shapes(rgb: np.ndarray) -> bool:
+    return in_domain_fraction(rgb) >= MIN_IN_DOMAIN
+
+
+def out_of_domain_warning(model_name: str, rgb: np.ndarray, command: str = "segment") -> str | None:
+    """The warning a demo model adds to its result on an image unlike its training scenes, else None."""
+    if looks_like_generated_shapes(rgb):
+        return None
+    return (
+        f"this image does not look like the generated flat-shape scenes that '{model_name}' was trained on "
+        f"(it knows only coloured circles, squares and triangles on grey), so its answer is not meaningful here; "
+        f"for real photos run `sspsam weights fetch clip-vit-b16` and `sspsam weights fetch sam-vit-b`, "
+        f"then `sspsam {command} IMAGE ... --model zeroshot`"
+    )

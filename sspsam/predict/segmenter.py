@@ -1,0 +1,300 @@
+"""Segmenter: the public API. An image (or a list of them) and one or many phrases in; per phrase
+a union mask, its instances, their boxes and scores in the image's size out.
+
+The image towers (SAM's encoder, CLIP's image tower) are the expensive part, so an image is
+encoded once and every phrase is decoded against the cached features — as SAM's own predictor
+does with ``set_image``; a list of images goes through the towers in batches.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from sspsam.errors import TextError
+from sspsam.io.images import ImageLike, load_image
+from sspsam.io.masks import min_instance_area
+from sspsam.io.transforms import Letterbox, image_key, model_input, unletterbox_logits
+from sspsam.models.build import RES_MODELS
+from sspsam.predict.base import OVSS_BUNDLED, REFERRING_BUNDLED, Predictor, _build, _is_batch, check_finite, domain_warnings
+from sspsam.predict.precision import apply_dtype, autocast, check_dtype, compile_hot_modules, resolve_dtype
+from sspsam.predict.results import Instances, Segmentation, _as_numpy, _as_tensors, clean_phrases, instances_of
+
+DEFAULT_MODEL = "shapes-demo"
+BUNDLED = REFERRING_BUNDLED
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+@dataclass
+class _Encoded:
+    key: str
+    features: object
+    box: Letterbox
+
+
+
+
+
+
+class Segmenter(Predictor):
+    """Referring segmentation: an image and phrases in, per phrase a mask, instances and boxes out.
+
+    Compared with ``segment_anything.SamPredictor``: ``set_image`` is the same idea (the image
+    towers run once per image, every later phrase reuses them) but prompts are phrases rather than
+    points or boxes; compared with lang-sam's ``LangSAM.predict``: one model (no detector in front),
+    masks for every phrase at once, and a list of images in one call. See the README, "Python API".
+
+    ``device``: 'auto' (CUDA, then MPS, then CPU), a name or a torch.device; ``dtype``:
+    torch.float32 (default), torch.bfloat16 or torch.float16 (see :mod:`sspsam.predict.precision`);
+    ``compile``: wrap the image towers with torch.compile, falling back to eager with a warning.
+    """
+
+    #: the modules torch.compile wraps: the image towers, where the time goes
+    HOT_MODULES = ("clip", "sam.image_encoder")
+    BUNDLED = REFERRING_BUNDLED
+    MODEL_TYPES = RES_MODELS
+    TASK = "a referring"
+
+    def __init__(self, model, device: str | torch.device = "auto", name: str | None = None, meta: dict | None = None,
+                 dtype: torch.dtype | str | None = None, compile: bool = False):
+        from sspsam.predict.device import resolve_device
+
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype)
+        check_dtype(self.device, self.dtype)
+        self.model = apply_dtype(model.to(self.device), self.dtype).eval() if dtype is not None else model.to(self.device).eval()
+        self._identify(model, name, meta, "ssp-sam")
+        inf = model.config.get("inference", {})
+        self.mask_threshold = float(inf.get("mask_threshold", 0.0))
+        self.no_target_min_pixels = int(inf.get("no_target_min_pixels", 50))
+        self.no_target_prob = float(inf.get("no_target_prob", 0.5))
+        self.min_instance_area: int | None = None  # pixels; None = masks.MIN_INSTANCE_FRACTION of the image
+        self._cache: _Encoded | None = None
+        self.compiled: list[str] = []
+        if compile:
+            self._compile()
+
+    # ---- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.device = "auto",
+                        dtype: torch.dtype | str | None = None, compile: bool = False) -> "Segmenter":
+        """A bundled model name, 'zeroshot' (training-free), a published variant (downloaded on first
+        use) or a checkpoint path (see :meth:`Predictor.resolve`).
+
+        ``dtype`` (torch.bfloat16 / torch.float16) and ``compile`` as in :class:`Segmenter`."""
+        kind, path, name = cls.resolve(name_or_path)
+        if kind == "zeroshot":  # training-free: CLIP + SAM from the cache
+            from sspsam.predict.zeroshot_res import ZeroShotSegmenter
+
+            return ZeroShotSegmenter.from_pretrained(name, device)
+        return _build(cls, path, device, name, RES_MODELS, dtype=dtype, compile=compile)
+
+    @classmethod
+    def _other_command(cls) -> str:
+        return "it does open-vocabulary semantic segmentation (class names); use `sspsam ovss` / OVSS"
+
+    @classmethod
+    def _unknown(cls, name: str, configs: list[str]) -> str:
+        if name in OVSS_BUNDLED:
+            return (f"'{name}' is an open-vocabulary (OVSS) model, not a referring one: use it with "
+                    f"`sspsam ovss`; referring models: {', '.join(cls.BUNDLED)}, zeroshot, or a checkpoint path")
+        return (f"unknown model '{name}': use a checkpoint path, a bundled model ({', '.join(cls.BUNDLED)}) "
+                f"or a variant ({', '.join(c for c in configs if c != 'ssp-sam-tiny')})")
+
+    def _check_device(self) -> None:
+        check_dtype(self.device, self.dtype)
+
+    def clear_cache(self) -> None:
+        """Forget the cached image features (the next call encodes its image again)."""
+        self._cache = None
+
+    def _compile(self) -> None:
+        self.compiled = compile_hot_modules(self.model, list(self.HOT_MODULES))
+        if not self.compiled:
+            return
+        try:  # compile is lazy: a graph it cannot handle fails here, on a warm-up, not in a user's call
+            self.segment(np.full((64, 64, 3), 128, np.uint8), "warm up")
+        except Exception as exc:  # noqa: BLE001
+            from sspsam.predict.precision import uncompile
+
+            uncompile(self.model, self.compiled)
+            self.compiled = []
+            warnings.warn(f"torch.compile did not work for this model ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+                          "running eagerly", stacklevel=3)
+        self._cache = None
+
+    def _run_dtype(self) -> torch.dtype:
+        """The dtype to autocast to: the one asked for, or what the weights hold (``model.half()``)."""
+        if self.dtype != torch.float32:
+            return self.dtype
+        from sspsam.predict.precision import model_dtype
+
+        return model_dtype(self.model)
+
+    # ---- inference ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def set_image(self, image: ImageLike, items: int = 1, allow_urls: bool = False) -> np.ndarray:
+        """Encode an image once; later ``segment`` calls on the same pixels reuse it. Returns the
+        image as loaded: uint8 RGB [H, W, 3]."""
+        rgb = load_image(image, items, allow_urls=allow_urls)
+        key = image_key(rgb)
+        if self._cache is None or self._cache.key != key:
+            self._cache = self._encode([rgb], [key])[0]
+        return rgb
+
+    def _encode(self, rgbs: list[np.ndarray], keys: list[str]) -> list[_Encoded]:
+        """The image towers on a batch of images at once; one :class:`_Encoded` per image."""
+        inputs = [model_input(rgb, self.model.image_size, self.device) for rgb in rgbs]
+        x = torch.cat([i[0] for i in inputs])
+        valid = torch.cat([i[1] for i in inputs])
+        clip_x = self.model.clip_input(rgbs, self.device) if hasattr(self.model, "clip_input") else None
+        with autocast(self.device, self._run_dtype()):
+            feats = self.model.encode_image(x, valid, clip_images=clip_x)
+        return [_Encoded(k, _slice_features(feats, b), i[2]) for b, (k, i) in enumerate(zip(keys, inputs))]
+
+    @torch.inference_mode()
+    def segment(self, image: ImageLike | Sequence[ImageLike], text_or_texts: str | list[str] | list[list[str]],
+                batch_size: int = 16, image_batch_size: int = 8, return_tensors: str = "np",
+                allow_urls: bool = False) -> Segmentation | list[Segmentation]:
+        """Segment what each phrase refers to.
+
+        ``image``: a path, bytes, PIL image, numpy HWC array, torch tensor (CHW or HWC, uint8 or
+        float in [0, 1]), an http(s) URL when ``allow_urls`` — or a list of those (or a [B, C, H, W]
+        tensor), which returns a list of :class:`Segmentation`, one per image, with the image
+        towers run ``image_batch_size`` images at a time. ``text_or_texts``: a phrase, a list of
+        phrases (shared by every image), or with a list of images one list of phrases per image.
+        ``batch_size``: phrases decoded at once. ``return_tensors``: "np" (numpy) or "pt" (torch
+        tensors on the model's device).
+        """
+        if return_tensors not in ("np", "pt"):
+            raise ValueError(f"return_tensors must be 'np' or 'pt', got {return_tensors!r}")
+        if _is_batch(image):
+            return self._segment_batch(list(image), text_or_texts, batch_size, image_batch_size, return_tensors, allow_urls)
+        phrases = clean_phrases(text_or_texts)
+        rgb = self.set_image(image, len(phrases), allow_urls=allow_urls)
+        return self._decode_phrases(self._cache, rgb, phrases, batch_size, return_tensors)
+
+    def _segment_batch(self, images: list, texts, batch_size: int, image_batch_size: int, return_tensors: str,
+                       allow_urls: bool) -> list[Segmentation]:
+        if not images:
+            return []
+        per_image = isinstance(texts, (list, tuple)) and bool(texts) and all(isinstance(t, (list, tuple)) for t in texts)
+        if per_image and len(texts) != len(images):
+            raise TextError(f"{len(images)} images but {len(texts)} phrase lists: give one list per image, or one shared list")
+        phrase_lists = [clean_phrases(t) for t in texts] if per_image else [clean_phrases(texts)] * len(images)
+        rgbs = [load_image(im, len(p), allow_urls=allow_urls) for im, p in zip(images, phrase_lists)]
+        out = []
+        for i in range(0, len(rgbs), max(1, image_batch_size)):
+            chunk = rgbs[i : i + image_batch_size]
+            for rgb, enc, phrases in zip(chunk, self._encode(chunk, [image_key(r) for r in chunk]), phrase_lists[i:]):
+                out.append(self._decode_phrases(enc, rgb, phrases, batch_size, return_tensors))
+        return out
+
+    def _decode_phrases(self, enc: _Encoded, rgb: np.ndarray, phrases: list[str], batch_size: int,
+                        return_tensors: str) -> Segmentation:
+        masks, scores, no_target, nt_probs, instances = [], [], [], [], []
+        with autocast(self.device, self._run_dtype()):
+            for i in range(0, len(phrases), batch_size):
+                chunk = phrases[i : i + batch_size]
+                tokens = self.model.tokenize(chunk).to(self.device)
+                text = self.model.encode_text(tokens)
+                out = self.model.decode(enc.features, text, torch.zeros(len(chunk), dtype=torch.long, device=self.device))
+                m, s, n, p, inst = self._postprocess(out, enc.box)
+                masks.append(m), scores.append(s), no_target.append(n), nt_probs.append(p)
+                instances += inst
+        has_head = nt_probs[0] is not None
+        res = Segmentation(
+            phrases=phrases,
+            masks=torch.cat(masks),
+            scores=torch.cat(scores),
+            no_target=torch.cat(no_target),
+            no_target_prob=torch.cat(nt_probs) if has_head else None,
+            warnings=domain_warnings(self.name, self.domain, rgb, "segment"),
+            instances=instances,
+        )
+        return _as_tensors(res, self.device) if return_tensors == "pt" else _as_numpy(res)
+
+    def _postprocess(self, out: dict, box: Letterbox):
+        """Low-res logits → (union masks, scores, no-target, no-target prob, instances), torch on the device."""
+        low = out["mask_logits"][:, 0].float()
+        check_finite(self.name, low, out["iou"], out.get("no_target_logit"))
+        # The official GRES rule: fewer than N positive pixels at 512x512 means "no target".
+        from sspsam.models.ssp_sam.model import official_mask_logits
+
+        sq = official_mask_logits(low[:, None], self.model.image_size)[:, 0]
+        sh, sw = (round(v * 512 / box.size) for v in box.scaled_hw)
+        area512 = (sq[:, :sh, :sw] > self.mask_threshold).sum((1, 2))
+        # The score is the mask's own confidence (its mean foreground probability), not SAM's IoU head:
+        # SSP-SAM's recipe never trains that head (the official code ignores it), so its output says
+        # nothing about these masks (a from-scratch model answers 0.00 for a right mask).
+        fg = low > self.mask_threshold
+        p = low.sigmoid()
+        conf = torch.where(fg.any(dim=(1, 2)), (p * fg).sum((1, 2)) / fg.sum((1, 2)).clamp(min=1), p.amax(dim=(1, 2)))
+        if "no_target_logit" in out:
+            prob = out["no_target_logit"].float().sigmoid()
+            no_target = prob > self.no_target_prob
+            score = conf * (1 - prob)
+            keep = 1 - prob
+        else:
+            prob = None
+            no_target = area512 < self.no_target_min_pixels
+            score = conf
+            keep = torch.ones_like(conf)
+        # one phrase at a time: full-size float logits for a whole chunk would be chunk × pixels × 4 bytes
+        full, instances = [], []
+        h, w = box.orig_hw
+        min_area = min_instance_area(h, w) if self.min_instance_area is None else int(self.min_instance_area)
+        for i in range(len(low)):
+            logit = unletterbox_logits(low[i : i + 1], box)[0]
+            m = logit > self.mask_threshold
+            # A mask that vanishes at the original size (tiny image, thin sliver) is no answer: never "found" and empty.
+            if bool(no_target[i]) or not bool(m.any()):
+                m = torch.zeros_like(m)
+                no_target[i] = True
+                instances.append(Instances(np.zeros((0, h, w), bool), np.zeros((0, 4), np.float32), np.zeros(0, np.float32)))
+            else:
+                instances.append(instances_of(m.cpu().numpy(), float(score[i]), min_area, logit.sigmoid().cpu().numpy(), float(keep[i])))
+            full.append(m)
+        return torch.stack(full), score.float(), no_target, prob, instances
+
+
+
+
+def _slice_features(feats, b: int):
+    """Image ``b`` of a batched features object (a dataclass of [B, …] tensors)."""
+    from dataclasses import fields, replace
+
+    return replace(feats, **{f.name: getattr(feats, f.name)[b : b + 1] for f in fields(feats)
+                             if isinstance(getattr(feats, f.name), torch.Tensor)})
+
+
+
+
+
+
+
+
+
+
+
+
+
+

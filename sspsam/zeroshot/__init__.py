@@ -1,1 +1,0 @@
-"""Training-free path: pretrained CLIP + SAM only (OVSS and RES)."""

@@ -146,7 +146,3 @@ def validate_config(cfg) -> dict:
             if key in cfg[sec] and not isinstance(cfg[sec][key], str):
                 raise ConfigError(f"model config '{name}': '{sec}.{key}' must be text")
     return cfg
-
-
-
-

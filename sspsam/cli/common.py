@@ -27,8 +27,6 @@ _MAX_NAME_BYTES = 255
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
 
 
-
-
 def say_error(message: object) -> None:
     # Plain text, never Rich markup: a file called "[/red].png" must print as itself.
     sys.stderr.write(f"error: {one_line(message)}\n")
@@ -181,3 +179,10 @@ class _offline:
                 os.environ.pop("SSPSAM_OFFLINE", None)
             else:
                 os.environ["SSPSAM_OFFLINE"] = self.old
+
+
+DEVICE_HELP = "torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps."
+
+
+def _fail(exc: Exception) -> None:
+    raise fail(exc)

@@ -164,8 +164,6 @@ def save_checkpoint(path: str | os.PathLike, config: dict, state_dict: Mapping[s
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-
-
 def _check_crc(path: Path) -> None:
     """torch's zip records carry CRC-32s that torch.load never checks: a flipped bit in the weights
     would load and give silently wrong masks. Checking them costs about 1 s per GB."""
@@ -179,5 +177,3 @@ def _check_crc(path: Path) -> None:
     if bad is not None:
         raise CheckpointError(f"model checkpoint {path} is corrupt: record {bad.split('/', 1)[-1]} fails its CRC check; "
                               "copy or download it again")
-
-

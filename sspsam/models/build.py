@@ -17,9 +17,10 @@ from sspsam.config import load_config, validate_config
 from sspsam.errors import CheckpointError, ConfigError
 from sspsam.io.checkpoint import FORMAT_VERSION, _check_crc, _unwrap, load_into, torch_load
 from sspsam.models.ssp_sam.official_checkpoint import SAM_ENCODER_PREFIX, _few, convert, variant
-from sspsam.models.zeroshot.pipeline import ZeroShot
 
 #: the model types that do referring segmentation (phrases); the others do OVSS (class names)
+RES_MODELS = ("ssp-sam",)
+
 
 def build_model(cfg: dict | str | Path):
     """Build an untrained model (random init) from a config dict, variant name or YAML path."""
@@ -119,9 +120,6 @@ def validate_checkpoint(ckpt: dict, path: str | os.PathLike) -> dict:
     return ckpt
 
 
-RES_MODELS = ("ssp-sam",)
-
-
 def _model_from_checkpoint(path: Path, task: tuple[str, ...] | None = None, sam_image_encoder: bool = True):
     return _model_and_meta(path, task, sam_image_encoder)[0]
 
@@ -186,7 +184,7 @@ def load_official(path: str | os.PathLike, sam_image_encoder: bool = True, devic
     return _model_from_checkpoint(Path(path), sam_image_encoder=sam_image_encoder).to(device)
 
 
-def load_zeroshot(name_or_cfg: str | Path | dict) -> ZeroShot:
+def load_zeroshot(name_or_cfg: str | Path | dict):
     """A zeroshot config (name, path or dict) with CLIP and SAM weights from the weights cache.
 
     Missing files are downloaded first (unless SSPSAM_OFFLINE=1); offline or unreachable, it fails

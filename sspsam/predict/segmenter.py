@@ -29,29 +29,11 @@ DEFAULT_MODEL = "shapes-demo"
 BUNDLED = REFERRING_BUNDLED
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 @dataclass
 class _Encoded:
     key: str
     features: object
     box: Letterbox
-
-
-
-
 
 
 class Segmenter(Predictor):
@@ -276,25 +258,9 @@ class Segmenter(Predictor):
         return torch.stack(full), score.float(), no_target, prob, instances
 
 
-
-
 def _slice_features(feats, b: int):
     """Image ``b`` of a batched features object (a dataclass of [B, …] tensors)."""
     from dataclasses import fields, replace
 
     return replace(feats, **{f.name: getattr(feats, f.name)[b : b + 1] for f in fields(feats)
                              if isinstance(getattr(feats, f.name), torch.Tensor)})
-
-
-
-
-
-
-
-
-
-
-
-
-
-

@@ -106,9 +106,3 @@ def convert(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
 
 def _few(keys: list[str], n: int = 6) -> str:
     return ", ".join(keys[:n]) + (f" … (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
-
-
-
-

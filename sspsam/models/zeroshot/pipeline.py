@@ -253,6 +253,4 @@ class ZeroShot(nn.Module):
         return self.decode_classes(self.encode_image(images, valid_hw), class_emb)
 
 
-
-
 __all__ = ["ZeroShot", "ZeroShotFeatures", "Points", "tspp_points", "grid_points", "inject_masks", "Aggregated"]

@@ -1,0 +1,99 @@
+"""`sspsam evaluate MODEL --data ROOT`: the benchmarks' metrics, as the reference code computes them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sspsam.cli.common import DEVICE_HELP, _fail, _offline
+from sspsam.errors import SSPSamError
+
+def evaluate(
+    model: str = typer.Argument(..., help="Checkpoint path (e.g. runs/x/model.pt), bundled model name, or variant with weights in the cache."),
+    data: Path = typer.Option(..., "--data", help="Dataset root (refer / gRefCOCO / PhraseCut layout)."),
+    dataset: str = typer.Option("refcoco", "--dataset", help="refcoco | refcoco+ | refcocog | grefcoco | phrasecut; OVSS: semseg | ade150 | ade847 | voc20 | voc21 | pc59 | pc459 | cocostuff171."),
+    split: str = typer.Option("val", "--split", help="val | testA | testB | test (refer), val/testA/testB (gRefCOCO), val/test (PhraseCut)."),
+    split_by: Optional[str] = typer.Option(None, "--split-by", help="refer split scheme: unc (RefCOCO/+), umd or google (RefCOCOg)."),
+    output: Path = typer.Option(Path("eval"), "-o", "--output", help="Folder for metrics.json, table.md and pr_curve.png."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Stop after this many (image, sentence) samples."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    offline: bool = typer.Option(False, "--offline", help="Never download missing weights (also: SSPSAM_OFFLINE=1)."),
+    protocol: str = typer.Option("detectron2", "--protocol", help="OVSS only: detectron2 (trained protocol) | mmseg (mmseg's metric) | sclip (SCLIP's whole inference protocol + mmseg's metric)."),
+    slide: bool = typer.Option(False, "--slide/--no-slide", help="OVSS only: sliding-window inference (plus a global view)."),
+    class_names: Optional[Path] = typer.Option(None, "--class-names", help="--protocol sclip: SCLIP class-name file, one class per line, synonyms split by ', '."),
+    prob_thd: float = typer.Option(0.0, "--prob-thd", help="--protocol sclip: pixels whose best class probability is below this become class 0 (SCLIP: 0.1 with a background class)."),
+    area_thd: Optional[float] = typer.Option(None, "--area-thd", help="--protocol sclip: drop non-background classes covering less than this fraction of the image."),
+) -> None:
+    """Evaluate with the reference metrics: RES mIoU/oIoU/Pr@X, GRES gIoU/cIoU/N-acc/T-acc, PhraseCut, OVSS mIoU."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import Progress
+
+    import sspsam.engine.evaluate as ev
+    from sspsam.predict.device import resolve_device
+    from sspsam.predict.segmenter import Segmenter
+
+    try:
+        device = str(resolve_device(device))
+    except SSPSamError as exc:
+        _fail(exc)
+    if dataset in ev.SEMSEG_DATASETS:
+        sclip = {"class_names": class_names, "prob_thd": prob_thd, "area_thd": area_thd}
+        return _evaluate_ovss(model, data, dataset, split, output, max_samples, device, protocol, slide, sclip, offline)
+    try:
+        task = ev.task_of(dataset)
+        with _offline(offline):
+            seg = Segmenter.from_pretrained(model, device=device)
+        ds = ev.open_dataset(dataset, data, split, seg.model.image_size, split_by)
+        with Progress(console=Console(stderr=True), transient=True) as bar:
+            job = bar.add_task(escape(f"{dataset} {split}"), total=len(ds) if max_samples is None else min(len(ds), max_samples))
+            res = ev.evaluate(seg, ds, task, max_samples=max_samples, progress=lambda d, t: bar.update(job, completed=d))
+        files = ev.write_report(output, res, task, dataset, split, seg.name)
+    except SSPSamError as exc:
+        _fail(exc)
+    print(ev.markdown_table(res["metrics"], task, dataset, split, seg.name), end="")
+    print(f"{res['n']} samples in {res['seconds']:.1f} s")
+    for f in files.values():
+        print(f"wrote {f}")
+
+
+def _evaluate_ovss(model, data, dataset, split, output, max_samples, device, protocol, slide, sclip=None, offline=False) -> None:
+    import json
+
+    from sspsam.io.checkpoint import atomic_write
+    import sspsam.engine.evaluate as ev
+    from sspsam.engine.evaluate_ovss import evaluate_ovss, format_iou_table
+    from sspsam.predict.ovss import OVSS
+
+    sclip = dict(sclip or {})
+    try:
+        if protocol not in ("detectron2", "mmseg", "sclip"):
+            raise ValueError(f"unknown --protocol {protocol!r}; choose detectron2, mmseg or sclip")
+        classes = None
+        if (path := sclip.pop("class_names", None)) is not None:
+            if protocol != "sclip":
+                raise ValueError("--class-names is for --protocol sclip")
+            from sspsam.models.zeroshot.sclip import read_class_names
+
+            names, idx = read_class_names(path)
+            classes = [", ".join(n for n, i in zip(names, idx) if i == k) for k in range(max(idx) + 1)]
+        with _offline(offline):
+            ovss = OVSS.from_pretrained(model, device=device)
+        ds = ev.open_semseg(dataset, data, split)
+        res = evaluate_ovss(ovss.model, ds, protocol=protocol, slide=slide, limit=max_samples, classes=classes,
+                            sclip_options=sclip if protocol == "sclip" else None)
+    except (SSPSamError, ValueError) as exc:
+        _fail(exc)
+    output.mkdir(parents=True, exist_ok=True)
+    table = format_iou_table(res)
+    payload = {"model": ovss.name, "dataset": dataset, "split": split, "protocol": protocol, "slide": slide,
+               "metrics": {k: v for k, v in res.items() if k != "per_class_iou"}}
+    written = [
+        atomic_write(output / "metrics.json", lambda p: Path(p).write_text(json.dumps(ev.json_safe(payload), indent=1, default=float))),
+        atomic_write(output / "table.md", lambda p: Path(p).write_text(table + "\n")),
+    ]
+    print(f"{ovss.name} · {dataset} {split}: mIoU {100 * res['mIoU']:.2f}, pixel acc {100 * res['pACC']:.2f}")
+    for w in written:
+        print(f"wrote {w}")

@@ -1,0 +1,119 @@
+"""`sspsam segment IMAGE PHRASE...`: referring segmentation of one image, written as JSON, mask PNGs and an overlay."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sspsam.cli.common import (
+    DEVICE_HELP,
+    QUANTIZE_HELP,
+    THREADS_HELP,
+    _fail,
+    _offline,
+    apply_quantize,
+    apply_threads,
+    check_input_file,
+    check_output_dir,
+    check_speed_options,
+    output_stem,
+    say_warning,
+)
+from sspsam.errors import SSPSamError, TextError
+
+_OPTION_LIKE = re.compile(r"--?[A-Za-z][\w-]*(=.*)?|--?")
+
+
+def _check_phrases(texts: list[str]) -> None:
+    """Catch the two ways a command line silently turns into a wrong phrase."""
+    from PIL import Image
+
+    image_suffixes = set(Image.registered_extensions())
+    for t in texts:
+        if _OPTION_LIKE.fullmatch(t.strip()):
+            raise TextError(f"'{t}' looks like an option, not a phrase: put options such as -o DIR before `--` "
+                            "or give them their value (`-o out/`)")
+        try:
+            is_file = len(t) < 4096 and Path(t).suffix.lower() in image_suffixes and Path(t).is_file()
+        except (OSError, ValueError):
+            is_file = False
+        if is_file:
+            raise TextError(f"'{t}' is a file, not a phrase: `sspsam segment` takes ONE image and then phrases; "
+                            "did you mean `sspsam batch` (many images)?")
+
+
+def segment(
+    image: Path = typer.Argument(..., help="Image file (JPEG, PNG, TIFF, WebP…; EXIF orientation is applied)."),
+    text: list[str] = typer.Argument(..., help="One or more phrases, each quoted: \"the man holding the baby\"."),
+    output: Path = typer.Option(Path("out"), "-o", "--output", help="Folder for <name>.segment.json, .segment.overlay.png and .segment.mask<i>.png."),
+    model: str = typer.Option("shapes-demo", "--model", "-m", help="Bundled model name, variant name, 'zeroshot' or a checkpoint path (see `sspsam models`)."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    offline: bool = typer.Option(False, "--offline", help="Never download missing weights (also: SSPSAM_OFFLINE=1)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    quantize: str = typer.Option("none", "--quantize", help=QUANTIZE_HELP),
+) -> None:
+    """Segment what each phrase refers to.
+
+    Writes, for IMAGE named <name>.<ext>: <name>.segment.json (COCO RLE per phrase, scores, no-target flags,
+    COCO bbox [x, y, w, h] and the separate objects ("instances", each with bbox, score and RLE), warnings), <name>.segment.overlay.png and one 0/255 mask per phrase, <name>.segment.mask0.png, mask1, …
+    in phrase order — the same names for one phrase or many.
+    """
+    try:  # cheap checks first: a bad image or phrase should not wait for a model to load
+        check_input_file(image)
+        _check_phrases(text)
+        check_speed_options(threads, quantize)
+        from sspsam.predict.device import resolve_device
+        from sspsam.io.images import load_image
+        from sspsam.predict.segmenter import Segmenter
+        from sspsam.predict.results import clean_phrases
+
+        phrases = clean_phrases(text)
+        rgb = load_image(image, len(phrases))
+        dev = resolve_device(device)
+        check_output_dir(output, create=False)
+        apply_threads(threads)
+        with _offline(offline):
+            seg = Segmenter.from_pretrained(model, device=str(dev))
+        apply_quantize(seg, quantize)
+        res = seg.segment(rgb, phrases)
+    except SSPSamError as exc:
+        _fail(exc)
+    _write_segment(image, output, seg.name, rgb, res)
+
+
+def _write_segment(image: Path, output: Path, model_name: str, rgb, res) -> None:
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from sspsam.io.checkpoint import atomic_write
+    from sspsam.io.masks import segmentation_overlay
+
+    for w in res.warnings:
+        say_warning(w)
+    stem = output_stem(image)
+    masks = [f"{stem}.segment.mask{i}.png" for i in range(len(res))]
+    try:
+        check_output_dir(output)
+        written = []
+        for i, name in enumerate(masks):
+            mask_png = Image.fromarray(res.masks[i].astype(np.uint8) * 255)
+            written.append(atomic_write(output / name, lambda p, im=mask_png: im.save(p, format="PNG")))
+        ov = segmentation_overlay(rgb, res.phrases, res.masks, res.scores, res.no_target)
+        written.append(atomic_write(output / f"{stem}.segment.overlay.png", lambda p: ov.save(p, format="PNG")))
+        payload = {"image": str(image), "model": model_name, **res.to_json()}
+        for r, name in zip(payload["results"], masks):
+            r["mask_file"] = name
+        written.append(atomic_write(output / f"{stem}.segment.json", lambda p: Path(p).write_text(json.dumps(payload, indent=1))))
+    except (OSError, SSPSamError) as exc:
+        _fail(exc)
+    for p, s, n, inst in zip(res.phrases, res.scores, res.no_target, res.instances):
+        boxes = "; ".join(",".join(str(int(round(float(v)))) for v in b) for b in inst.boxes)
+        print(f"{p!r}: " + ("no matching object" if n else
+                            f"mask, score {s:.3f}, {len(inst)} object{'s' * (len(inst) != 1)} (boxes x0,y0,x1,y1: {boxes})"))
+    for w in written:
+        print(f"wrote {w}")

@@ -1,6 +1,6 @@
 """Metrics against hand-computed answers (small arrays, numbers worked out in the comments).
 
-Rules under test come from the reference code named in ``sspsam/metrics.py``: LAVT-RIS test.py
+Rules under test come from the reference code named in ``sspsam/engine/metrics.py``: LAVT-RIS test.py
 (RES), LISA's validate (gIoU/cIoU with empty union = 1), ReLA refer_evaluation.py (GRES),
 PhraseCutDataset utils/evaluator.py (PhraseCut), detectron2 SemSegEvaluator and mmseg IoUMetric.
 """

@@ -2,7 +2,7 @@
 `sspsam train --cached-features DIR` (the official SSP-SAM code trains on cached embeddings too)
 or, for a SAM-MI config, `python -m sspsam.engine.train_ovss ... --cached-features DIR`.
 
-Registered by ``sspsam/cli.py`` as ``app.command("cache-features")(cli_cache.cache_features)``.
+Registered by ``sspsam/cli/main.py`` as ``app.command("cache-features")(cli_cache.cache_features)``.
 torch and the model code load inside the command, so `sspsam --help` stays instant. The cache
 format, its identity checks and why the default is fp16 live in :mod:`sspsam.engine.feature_cache`.
 """

@@ -1,6 +1,6 @@
 """`sspsam ovss`: label every pixel of an image with one of a list of class names.
 
-Registered by ``sspsam/cli.py`` as ``app.command("ovss")(cli_ovss.ovss)``.
+Registered by ``sspsam/cli/main.py`` as ``app.command("ovss")(cli_ovss.ovss)``.
 """
 
 from __future__ import annotations

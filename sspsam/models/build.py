@@ -63,7 +63,7 @@ def _build(cfg: dict):
 
 
 def read_sspsam_checkpoint(path: str | os.PathLike, sam_image_encoder: bool = True) -> dict:
-    """An sspsam checkpoint, or an official SSP-SAM one converted to it (see ``ssp/official_checkpoint.py``)."""
+    """An sspsam checkpoint, or an official SSP-SAM one converted to it (see ``sspsam/models/ssp_sam/official_checkpoint.py``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model checkpoint not found: {path}")

@@ -83,6 +83,18 @@ def test_contour_is_the_border_band_of_a_square_erosion():
             assert np.array_equal(contour(m, width), m & ~inner)
 
 
+def test_contour_matches_scipy_minimum_filter_at_any_width():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        h, w = rng.integers(1, 50, 2)
+        m = rng.random((h, w)) < rng.random()
+        for width in (0, 4, 7, 12, 30):
+            inner = ndimage.minimum_filter(m.view(np.uint8), size=2 * width + 1, mode="constant", cval=0).view(bool)
+            assert np.array_equal(contour(m, width), m & ~inner)
+
+
 def test_label_size_grows_with_image_size():
     small = _chip_height(120, 160)
     large = _chip_height(3000, 4000)

@@ -12,6 +12,8 @@ Beside each file sits ``<filename>.sha256`` in ``sha256sum`` format: the digest 
 it entered the cache. For a spec with a published digest it is a cheap "checked" stamp for
 ``list_weights``; for a spec without one it is the only reference later checks can use
 (trust on first download), and the user is warned.
+
+Why the Range/resume loop is ours (stdlib urllib, rich progress): pooch.retrieve and torch.hub.download_url_to_file verify sha256 and rename atomically but delete the partial file on any failure (no resume), and huggingface_hub's http_get resumes but retries on its own with 1-s sleeps, drops up to 10 MB of buffered bytes when a connection is cut, cannot stop an oversized body mid-stream and checks no hash.
 """
 
 from __future__ import annotations
@@ -242,11 +244,8 @@ def require(name: str) -> Path:
 
 
 def _hasher(path: Path) -> hashlib._Hash:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h
+        return hashlib.file_digest(f, "sha256")
 
 
 def sha256_file(path: Path) -> str:

@@ -3,8 +3,8 @@
 SAM over-segments: points on one object often return its parts (a shirt, a face) and near-copies
 of the same mask. Before masks guide the cost map, partial masks of one object are merged into
 one, so that mask pooling averages over the whole object rather than over a part. "Shallow": one
-pass of pairwise overlap tests and a union-find (shared with SAM-MI's learned SMAgg), no
-features, no training.
+pass of pairwise overlap tests and scipy's connected components (``connected_groups``, shared
+with SAM-MI's learned SMAgg), no features, no training.
 
 Two masks of the same group (the class that prompted them) are merged when either
 

@@ -140,3 +140,26 @@ def test_train_cli_refuses_ssp_options_for_ovss_configs(semseg, tmp_path):
     assert "--dataset, --decoder-lr are for SSP-SAM" in res.output and len(res.output.strip().splitlines()) == 1
     res = CliRunner().invoke(app, ["train", "zeroshot-tiny", "--data", str(semseg), "--out", str(tmp_path / "y")])
     assert res.exit_code == 2 and "not trained" in res.output
+
+
+def test_sam_mi_resume_in_process_is_bitwise(semseg, tmp_path):
+    """SAM-MI through the same loop: 2 steps, then --resume to 4 (same schedule length), equals 4 straight."""
+    from sspsam.engine.train_ovss import train_ovss
+
+    kw = dict(batch_size=2, seed=0, log_every=0, save_every=2, total_steps=4, tensorboard=False, log=lambda m: None)
+    straight = train_ovss("sam-mi-tiny", semseg, tmp_path / "a", steps=4, **kw)
+    train_ovss("sam-mi-tiny", semseg, tmp_path / "b", steps=2, **kw)
+    resumed = train_ovss("sam-mi-tiny", semseg, tmp_path / "b", steps=4, resume=True, **kw)
+    assert resumed["losses"] == straight["losses"][2:]
+    sa, sb = straight["model"].state_dict(), resumed["model"].state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_ovss_bf16_and_grad_accum(semseg, tmp_path):
+    from sspsam.engine.train_ovss import train_ovss
+
+    res = train_ovss("escnet-tiny", semseg, tmp_path / "r", steps=1, batch_size=2, seed=0, log_every=0, tensorboard=False,
+                     precision="bf16", grad_accum=2)
+    assert res["steps"] == 1 and all(torch.isfinite(torch.tensor(res["losses"])))
+    recs = [json.loads(x) for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1] and all({"total", "bce", "aux", "lr"} <= set(r) for r in recs)

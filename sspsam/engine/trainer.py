@@ -19,7 +19,8 @@ Files in ``out_dir``:
 * ``last.pt``    — training state (trainable weights, optimizer, scheduler, step, data position and
   the RNG states of torch/numpy/random and the sampler generator), written atomically every
   ``ckpt_every`` steps and at the end; ``resume=True`` continues from it.
-* ``log.jsonl``  — one JSON line per logged optimizer step: ``{"step", "lr", "decoder_lr", <losses>}``.
+* ``log.jsonl``  — one JSON line per logged optimizer step: ``{"step", "lr", <the task's other lrs>, <losses>}``
+  (SSP-SAM: ``decoder_lr``; ESC-Net: ``lr_<group>``; SAM-MI: ``backbone_lr``).
 * ``tb/``        — TensorBoard scalars (the same numbers as log.jsonl).
 * ``model.pt``   — the final model (:func:`sspsam.io.checkpoint.save_checkpoint`), loadable with
   :meth:`sspsam.predict.segmenter.Segmenter.from_pretrained`.

@@ -1,6 +1,6 @@
 """`sspsam cache-features`: run SAM's frozen image encoder once over a training set, for
 `sspsam train --cached-features DIR` (the official SSP-SAM code trains on cached embeddings too)
-or, for a SAM-MI config, `python -m sspsam.engine.train_ovss ... --cached-features DIR`.
+(SSP-SAM and SAM-MI configs alike; for SAM-MI also `python -m sspsam.engine.train_ovss ... --cached-features DIR`).
 
 Registered by ``sspsam/cli/main.py`` as ``app.command("cache-features")(cli_cache.cache_features)``.
 torch and the model code load inside the command, so `sspsam --help` stays instant. The cache
@@ -66,7 +66,7 @@ def cache_features(
             print(f"{done}/{total} rows", flush=True)
 
         common = dict(batch_size=batch_size, shard_size=shard_size, dtype=DTYPES[dtype.lower()], device=dev, progress=progress)
-        if ovss:  # trained by `python -m sspsam.engine.train_ovss ... --cached-features OUT` (its --seed default: 0)
+        if ovss:  # trained by `sspsam train sam-mi-… --cached-features OUT` (its --seed default: 0)
             from sspsam.engine.train_ovss import build_ovss_feature_cache
 
             info = build_ovss_feature_cache(cfg, data, out, seed=0 if seed is None else seed, **common)

@@ -1,4 +1,9 @@
-"""`sspsam train CONFIG --data ROOT --out DIR`: train a model (torchrun for DDP), resumable with --resume."""
+"""`sspsam train CONFIG --data ROOT --out DIR`: train a model (torchrun for DDP), resumable with --resume.
+
+SSP-SAM configs train on a referring data set (:func:`sspsam.engine.trainer.train`); ESC-Net and
+SAM-MI configs on a semseg folder (:func:`sspsam.engine.train_ovss.train_ovss`). Both run the same
+loop, so DDP, --resume, --precision, --grad-accum and --ckpt-every mean the same for every model.
+"""
 
 from __future__ import annotations
 
@@ -10,42 +15,66 @@ import typer
 from sspsam.cli.common import DEVICE_HELP, _fail
 from sspsam.errors import SSPSamError
 
+OVSS_MODELS = ("escnet", "sam-mi")
+
+
 def train(
-    config: str = typer.Argument(..., help="Variant name (e.g. ssp-sam-vitb) or a YAML config path."),
-    data: Path = typer.Option(..., "--data", help="Data root in the refer / gRefCOCO layout."),
+    config: str = typer.Argument(..., help="Variant name (e.g. ssp-sam-vitb, escnet-tiny, sam-mi-vitb) or a YAML config path."),
+    data: Path = typer.Option(..., "--data", help="Data root: the refer / gRefCOCO layout (SSP-SAM) or a semseg folder (ESC-Net, SAM-MI)."),
     out: Path = typer.Option(Path("runs/ssp-sam"), "-o", "--output", "--out", help="Run folder: last.pt (resumable), model.pt, log.jsonl."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="refcoco | refcoco+ | refcocog | grefcoco | phrasecut | refcoco-merged (default: refcoco; official stage 1: refcoco-merged)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="SSP-SAM: refcoco | refcoco+ | refcocog | grefcoco | phrasecut | refcoco-merged (default: refcoco; official stage 1: refcoco-merged)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps to reach, counting steps done before --resume (default 1000; official recipe: the whole stage)."),
     stage: Optional[int] = typer.Option(None, "--stage", help="Official recipe: 1 = box-only pretraining on merged RefCOCO/+/g, 2 = full training (default)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Official recipe: epochs of the stage (default 20 / 80, as the official configs)."),
-    init: Optional[Path] = typer.Option(None, "--init", help="Initialise from a model.pt (official stage 2: stage 1's)."),
+    init: Optional[Path] = typer.Option(None, "--init", help="SSP-SAM: initialise from a model.pt (official stage 2: stage 1's)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Samples per step per process (the paper: 8 per GPU)."),
-    lr: float = typer.Option(1e-4, "--lr", help="Learning rate of the SSP encoder (paper 1e-4)."),
-    decoder_lr: float = typer.Option(1e-5, "--decoder-lr", help="Learning rate of SAM's mask decoder (paper 1e-5)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate of the new modules (SSP-SAM's SSP encoder: default 1e-4 as the paper; ESC-Net / SAM-MI: default the config's train.lr)."),
+    decoder_lr: Optional[float] = typer.Option(None, "--decoder-lr", help="SSP-SAM: learning rate of SAM's mask decoder (default 1e-5 as the paper)."),
     resume: bool = typer.Option(False, "--resume", help="Continue bit-exactly from OUT/last.pt."),
     ckpt_every: int = typer.Option(500, "--ckpt-every", help="Steps between atomic checkpoints."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (autocast)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP + " Under torchrun each rank uses its local GPU."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimiser step."),
     total_steps: Optional[int] = typer.Option(None, "--total-steps", help="Length of the LR schedule (default: --steps); keep it fixed across resumes."),
-    seed: int = typer.Option(3407, "--seed", help="Seed (the official recipe: 3407)."),
-    cached_features: Optional[Path] = typer.Option(None, "--cached-features", help="Read SAM's image embeddings from a folder `sspsam cache-features` wrote (same config, data, dataset, seed, init) instead of running the encoder."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (default 3407 for SSP-SAM, as the official recipe; 0 for ESC-Net / SAM-MI)."),
+    cached_features: Optional[Path] = typer.Option(None, "--cached-features", help="Read SAM's image embeddings from a folder `sspsam cache-features` wrote (same config, data, dataset, seed, init) instead of running the encoder (SSP-SAM, SAM-MI)."),
 ) -> None:
-    """Train SSP-SAM (backbones frozen as in the paper). Multi-GPU: torchrun --nproc_per_node N -m sspsam.cli.main train ..."""
+    """Train SSP-SAM (backbones frozen as in the paper), ESC-Net or SAM-MI. Multi-GPU: torchrun --nproc_per_node N -m sspsam.cli.main train ..."""
     try:
         from sspsam.config import load_config
         from sspsam.predict.device import resolve_device
-        from sspsam.engine.recipe import is_official
-        from sspsam.engine.trainer import train as run_training
 
-        dev = str(resolve_device(device))
         cfg = load_config(config)
-        if steps is None and not is_official(cfg):
-            steps = 1000
-        res = run_training(cfg, data, out, dataset=dataset, steps=steps, batch_size=batch_size, lr=lr,
-                           decoder_lr=decoder_lr, resume=resume, ckpt_every=ckpt_every, precision=precision, device=dev,
-                           grad_accum=grad_accum, total_steps=total_steps, seed=seed, progress=True,
-                           stage=stage, epochs=epochs, init=init, cached_features=cached_features)
+        kind = cfg.get("model", "ssp-sam")
+        if kind not in ("ssp-sam", *OVSS_MODELS):
+            raise SSPSamError(f"config '{cfg.get('name')}' is a {kind} model, which is not trained (training-free)")
+        if ckpt_every < 1:
+            raise SSPSamError(f"--ckpt-every must be >= 1, got {ckpt_every}")
+        dev = str(resolve_device(device))
+        common = dict(resume=resume, precision=precision, device=dev, grad_accum=grad_accum, total_steps=total_steps,
+                      progress=True, cached_features=cached_features)
+        if kind in OVSS_MODELS:
+            given = [name for name, v in (("--dataset", dataset), ("--stage", stage), ("--epochs", epochs),
+                                          ("--init", init), ("--decoder-lr", decoder_lr)) if v is not None]
+            if given:
+                raise SSPSamError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for SSP-SAM; a {kind} model "
+                                  "trains on the semseg folder --data")
+            from sspsam.engine.train_ovss import train_ovss
+
+            res = train_ovss(cfg, data, out, steps=1000 if steps is None else steps, batch_size=batch_size, lr=lr,
+                             seed=0 if seed is None else seed, save_every=ckpt_every, log_every=0, **common)
+            step, model = res["steps"], res["checkpoint"]
+        else:
+            from sspsam.engine.recipe import is_official
+            from sspsam.engine.trainer import train as run_training
+
+            if steps is None and not is_official(cfg):
+                steps = 1000
+            res = run_training(cfg, data, out, dataset=dataset, steps=steps, batch_size=batch_size,
+                               lr=1e-4 if lr is None else lr, decoder_lr=1e-5 if decoder_lr is None else decoder_lr,
+                               ckpt_every=ckpt_every, seed=3407 if seed is None else seed, stage=stage, epochs=epochs,
+                               init=init, **common)
+            step, model = res["step"], res["model"]
     except SSPSamError as exc:
         _fail(exc)
-    print(f"trained to step {res['step']}; model: {res['model']}")
+    print(f"trained to step {step}; model: {model}")

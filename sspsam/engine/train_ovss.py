@@ -12,9 +12,14 @@ one-hot); the default ``masked`` leaves them out of the mean.
 
 Two learning rates, as ESC-Net trains CLIP and the SAM block 100× slower than the rest:
 ``train.backbone_lr`` for ``clip.*`` and ``sam.*``, ``lr`` for the new modules; a model with a
-``param_groups(lr, backbone_lr, weight_decay)`` method (ESC-Net) defines its own groups. Checkpoints are
-written atomically with :func:`sspsam.io.checkpoint.save_checkpoint`, so
-``sspsam.models.build._model_from_checkpoint`` rebuilds the model from the file alone.
+``param_groups(lr, backbone_lr, weight_decay)`` method (ESC-Net) defines its own groups.
+
+The loop is the shared one (:func:`sspsam.engine.trainer.fit`; this module is the :class:`OVSSTask`
+it runs): DDP under torchrun, bf16 autocast, gradient accumulation, TensorBoard, ``log.jsonl``,
+bit-exact resume from ``last.pt`` (the training state, as for SSP-SAM) and an atomic ``model.pt``
+(:func:`sspsam.io.checkpoint.save_checkpoint` with the classes), from which
+``sspsam.models.build._model_from_checkpoint`` rebuilds the model alone. ``sspsam train
+escnet-tiny --data SEMSEG_ROOT`` runs the same thing from the command line.
 
 ``cached_features`` (SAM-MI only): SAM's image embeddings from a folder written by
 :func:`build_ovss_feature_cache` (``sspsam cache-features sam-mi-…``), for configs that freeze SAM's
@@ -26,6 +31,7 @@ cache: it never runs SAM's image encoder (its SAM block works on CLIP features, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -35,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import sspsam.engine.feature_cache as fc
-from sspsam.models.build import read_sspsam_checkpoint
+from sspsam.engine.trainer import TrainTask, fit
 from sspsam.io.checkpoint import save_checkpoint
 from sspsam.models.build import build_model
 from sspsam.config import load_config
@@ -99,6 +105,119 @@ def lr_scale(schedule: str, step: int, steps: int, warmup: int) -> float:
     return min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
 
 
+class OVSSSamples(torch.utils.data.Dataset):
+    """The semseg reader with the random horizontal flip drawn per sample from the global torch RNG
+    (which the loop seeds per rank and saves in ``last.pt``), plus, from a feature cache, SAM's
+    embedding of the view drawn (row = image x 2 + view: 0 plain, 1 mirrored)."""
+
+    def __init__(self, data, cache=None, cache_rows=None) -> None:
+        self.data, self.cache, self.cache_rows = data, cache, cache_rows
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.data[i]
+        flip = bool(torch.rand(()) < 0.5)
+        out = {"image": s["image"].flip(-1) if flip else s["image"], "label": s["label"].flip(-1) if flip else s["label"]}
+        if self.cache is not None:
+            out["sam_embed"] = torch.from_numpy(self.cache[int(self.cache_rows[i]) * 2 + int(flip)])
+        return out
+
+
+class ClassForward(torch.nn.Module):
+    """The classes' text embeddings and the model in one forward, so DDP sees every trainable
+    parameter (ESC-Net trains CLIP's text attention) inside the module it wraps."""
+
+    def __init__(self, core, classes: list[str], text_trains: bool) -> None:
+        super().__init__()
+        self.core, self.classes, self.text_trains = core, classes, text_trains
+
+    def forward(self, images: torch.Tensor) -> dict:
+        core = self.core
+        with torch.set_grad_enabled(self.text_trains and torch.is_grad_enabled()):
+            emb = core.class_embeddings(self.classes) if hasattr(core, "class_embeddings") else class_embeddings(core.clip, self.classes)
+        return core(images, emb)
+
+
+class OVSSTask(TrainTask):
+    """ESC-Net / SAM-MI on a generic semseg folder for :func:`sspsam.engine.trainer.fit`: the
+    per-pixel BCE (plus ``aux_weight`` x the auxiliary maps' BCE), ``lr`` / ``backbone_lr`` groups,
+    ``train.schedule``, ``train.grad_clip``; ``model.pt`` carries the training classes."""
+
+    def __init__(self, cfg: dict, data_root, *, lr: float | None = None, warmup: int = 20, cached_features=None) -> None:
+        self.cfg, self.data_root, self.warmup, self.cached_features = cfg, data_root, int(warmup), cached_features
+        tcfg = cfg.get("train") or {}
+        self.lr = float(lr if lr is not None else tcfg.get("lr", 1e-4))
+        self.backbone_lr = float(tcfg.get("backbone_lr", self.lr / 100))
+        self.weight_decay = float(tcfg.get("weight_decay", 1e-4))
+        self.aux_weight = float(tcfg.get("aux_weight", 0.4))
+        if tcfg.get("loss", "masked") not in LOSSES:
+            raise ConfigError(f"unknown train.loss '{tcfg.get('loss')}'; choose one of {', '.join(LOSSES)}")
+        self.criterion = LOSSES[tcfg.get("loss", "masked")]
+        self.schedule = tcfg.get("schedule", "default")
+        if self.schedule not in ("default", "cosine"):
+            raise ConfigError(f"unknown train.schedule '{self.schedule}'; choose default or cosine")
+        if self.schedule == "default" and self.warmup < 1:
+            raise ConfigError(f"warmup must be >= 1 step, got {self.warmup}")
+        self.clip_grad = float(tcfg.get("grad_clip", 1.0))
+        self.frozen = list(tcfg.get("freeze") or [])
+        self.classes: list[str] = []
+        self.ignore = 255
+
+    def build(self, seed):
+        model = build_ovss_training_model(self.cfg, seed)
+        self.text_trains = any(p.requires_grad for p in model.clip.model.transformer.parameters())
+        return model
+
+    def dataset(self, core):
+        data = SemSegDataset(self.data_root, "train", core.image_size)
+        self.classes, self.ignore = data.classes, data.ignore_index
+        if self.cached_features is None:
+            return OVSSSamples(data)
+        _check_cacheable(self.cfg, core)
+        cache = fc.FeatureCache(self.cached_features)
+        index = fc.image_index(data, self.data_root)
+        want = _cache_identity(self.cfg, core, index, self.data_root)
+        cache.check(**{k: want[k] for k in ("model", "sam_config_hash", "encoder_hash", "dataset", "views")})
+        return OVSSSamples(data, cache, index.sample_rows)
+
+    def collate(self, samples):
+        return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+    def param_groups(self, core):
+        return param_groups(core, self.lr, self.backbone_lr, self.weight_decay)
+
+    def scheduler(self, optimizer, total_steps, steps_per_epoch):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_scale(self.schedule, s, total_steps, self.warmup))
+
+    def forward_module(self, core):
+        return ClassForward(core, self.classes, self.text_trains)
+
+    def loss(self, module, core, batch, autocast):
+        feed = fc.sam_embeddings(core.sam, batch["sam_embed"]) if "sam_embed" in batch else contextlib.nullcontext()
+        with autocast(), feed:
+            out = module(batch["image"])
+        logits = out["logits"].float()
+        bce = self.criterion(logits, batch["label"], self.ignore)
+        losses = {"total": bce, "bce": bce}
+        if out.get("aux_logits") and self.aux_weight:
+            aux = aux_loss([a.float() for a in out["aux_logits"]], batch["label"], self.ignore)
+            losses.update(total=bce + self.aux_weight * aux, aux=aux)
+        return losses
+
+    def log_fields(self, optimizer, step):
+        groups = optimizer.param_groups
+        if all("name" in g for g in groups):
+            return {"lr": groups[0]["lr"], **{f"lr_{g['name']}": g["lr"] for g in groups}}
+        return {"lr": groups[0]["lr"], "backbone_lr": groups[-1]["lr"]}
+
+    def save_model(self, path, core, step):
+        core.eval()
+        sd = {k: v.detach().cpu() for k, v in core.state_dict().items()}
+        save_checkpoint(path, self.cfg, sd, classes=self.classes, step=step)
+
+
 def train_ovss(
     cfg: dict | str | Path,
     data_root: str | Path,
@@ -115,101 +234,38 @@ def train_ovss(
     warmup: int = 20,
     log=print,
     cached_features: str | Path | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
+    grad_accum: int = 1,
+    total_steps: int | None = None,
+    tensorboard: bool = True,
+    progress: bool = False,
 ) -> dict:
-    """Train, write ``out_dir/model.pt`` (and ``out_dir/last.pt`` with the optimizer every
-    ``save_every`` steps; ``resume=True`` continues from it). Returns a summary with the model."""
+    """Train with the shared loop (:func:`sspsam.engine.trainer.fit`: DDP under torchrun, AMP,
+    accumulation, TensorBoard, bit-exact resume) and write ``out_dir/model.pt``, plus
+    ``out_dir/last.pt`` every ``save_every`` steps and at the end (0: never); ``resume=True``
+    continues from ``last.pt`` when there is one (else starts afresh). ``log`` gets a line every
+    ``log_every`` steps (0: none). Returns a summary with the model."""
     cfg = load_config(cfg) if not isinstance(cfg, dict) else cfg
-    tcfg = cfg.get("train", {})
-    lr = float(lr if lr is not None else tcfg.get("lr", 1e-4))
-    backbone_lr = float(tcfg.get("backbone_lr", lr / 100))
-    aux_weight = float(tcfg.get("aux_weight", 0.4))
-    if tcfg.get("loss", "masked") not in LOSSES:
-        raise ConfigError(f"unknown train.loss '{tcfg.get('loss')}'; choose one of {', '.join(LOSSES)}")
-    criterion = LOSSES[tcfg.get("loss", "masked")]
-    schedule = tcfg.get("schedule", "default")
-    if schedule not in ("default", "cosine"):
-        raise ConfigError(f"unknown train.schedule '{schedule}'; choose default or cosine")
-    grad_clip = float(tcfg.get("grad_clip", 1.0))
     if steps < 1 or batch_size < 1:
         raise ConfigError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
-    model = build_ovss_training_model(cfg, seed)
-    data = SemSegDataset(data_root, "train", model.image_size)
-    classes, ignore = data.classes, data.ignore_index
-    cache = cache_rows = None
-    if cached_features is not None:
-        _check_cacheable(cfg, model)
-        cache = fc.FeatureCache(cached_features)
-        index = fc.image_index(data, data_root)
-        want = _cache_identity(cfg, model, index, data_root)
-        cache.check(**{k: want[k] for k in ("model", "sam_config_hash", "encoder_hash", "dataset", "views")})
-        cache_rows = index.sample_rows
-    opt = torch.optim.AdamW(param_groups(model, lr, backbone_lr, float(tcfg.get("weight_decay", 1e-4))))
-    for g in opt.param_groups:
-        g["initial_lr"] = g["lr"]
+    if save_every < 0:
+        raise ConfigError(f"save_every must be >= 0, got {save_every}")
+    task = OVSSTask(cfg, data_root, lr=lr, warmup=warmup, cached_features=cached_features)
     out_dir = Path(out_dir)
-    last = out_dir / "last.pt"
-    step = 0
-    if resume and last.is_file():
-        ck = read_sspsam_checkpoint(last)
-        model.load_state_dict(ck["state_dict"])
-        opt.load_state_dict(ck["optimizer"])
-        step = int(ck["step"])
-        log(f"resumed from {last} at step {step}")
-    text_trains = any(p.requires_grad for p in model.clip.model.transformer.parameters())
-    gen = torch.Generator().manual_seed(seed + step)
-    model.train()
-    t0, order, pos, loss_v = time.perf_counter(), torch.randperm(len(data), generator=gen), 0, float("nan")
-    curve: list[float] = []
+    resume = resume and (out_dir / "last.pt").is_file()
+    t0 = time.perf_counter()
 
-    def save(path: Path, with_optimizer: bool) -> None:
-        extra = {"optimizer": opt.state_dict(), "step": step} if with_optimizer else {"step": step}
-        save_checkpoint(path, cfg, model.state_dict(), classes=classes, **extra)
+    def on_step(rec: dict) -> None:
+        if log_every and rec["step"] % log_every == 0:
+            log(f"step {rec['step']} loss {rec['total']:.4f} {time.perf_counter() - t0:.0f}s")
 
-    while step < steps:
-        if time_limit is not None and time.perf_counter() - t0 > time_limit:
-            log(f"time limit reached at step {step}")
-            break
-        idx = []
-        while len(idx) < batch_size:
-            if pos == len(order):
-                order, pos = torch.randperm(len(data), generator=gen), 0
-            idx.append(int(order[pos]))
-            pos += 1
-        samples = [data[i] for i in idx]
-        images = torch.stack([s["image"] for s in samples])
-        labels = torch.stack([s["label"] for s in samples])
-        flip = torch.rand(len(idx), generator=gen) < 0.5
-        images[flip], labels[flip] = images[flip].flip(-1), labels[flip].flip(-1)
-        with torch.set_grad_enabled(text_trains):
-            class_emb = model.class_embeddings(classes) if hasattr(model, "class_embeddings") else class_embeddings(model.clip, classes)
-        scale = lr_scale(schedule, step, steps, warmup)
-        for g in opt.param_groups:
-            g["lr"] = g["initial_lr"] * scale
-        if cache is None:
-            out = model(images, class_emb)
-        else:  # row = image x 2 + view (0 plain, 1 mirrored): the view this step drew
-            emb = torch.stack([torch.from_numpy(cache[int(cache_rows[i]) * 2 + int(f)]) for i, f in zip(idx, flip)])
-            with fc.sam_embeddings(model.sam, emb):
-                out = model(images, class_emb)
-        loss = criterion(out["logits"], labels, ignore)
-        if out.get("aux_logits") and aux_weight:
-            loss = loss + aux_weight * aux_loss(out["aux_logits"], labels, ignore)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        step += 1
-        loss_v = loss.item()
-        curve.append(loss_v)
-        if log_every and step % log_every == 0:
-            log(f"step {step} loss {loss_v:.4f} {time.perf_counter() - t0:.0f}s")
-        if save_every and step % save_every == 0:
-            save(last, True)
-    model.eval()
-    path = out_dir / "model.pt"
-    save(path, False)
-    return {"checkpoint": str(path), "steps": step, "loss": loss_v, "seconds": time.perf_counter() - t0,
-            "classes": classes, "model": model, "losses": curve}
+    res = fit(task, out_dir, steps=steps, batch_size=batch_size, seed=seed, total_steps=int(total_steps or steps),
+              resume=resume, ckpt_every=save_every, device=device, precision=precision, grad_accum=grad_accum,
+              tensorboard=tensorboard, progress=progress, time_limit=time_limit, echo=log, on_step=on_step)
+    curve = [r["total"] for r in res["losses"]]
+    return {"checkpoint": str(res["model"]), "steps": res["step"], "loss": curve[-1] if curve else float("nan"),
+            "seconds": res["seconds"], "classes": task.classes, "model": res["module"], "losses": curve}
 
 
 def build_ovss_training_model(cfg: dict, seed: int):
@@ -267,7 +323,7 @@ def build_ovss_feature_cache(
     def encode(rows: list[int]):
         images = torch.stack([data[index.first_sample[r // 2]]["image"] for r in rows])
         mirrored = torch.tensor([r % 2 == 1 for r in rows])
-        images[mirrored] = images[mirrored].flip(-1)  # as train_ovss flips the batch before the model
+        images[mirrored] = images[mirrored].flip(-1)  # as OVSSSamples flips a sample before the model
         with torch.no_grad():  # SAM-MI's forward passes no valid_hw in training
             return sam.encode_image(images.to(dev)).float().cpu().numpy()
 
@@ -288,12 +344,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--cached-features", help="SAM-MI: a folder from `sspsam cache-features` (same config, data, seed)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--total-steps", type=int, help="length of the LR schedule (default --steps); keep it across resumes")
     a = p.parse_args(argv)
     from sspsam.errors import SSPSamError
 
     try:
         res = train_ovss(a.config, a.data_root, a.out_dir, a.steps, a.batch_size, a.lr, a.seed, resume=a.resume,
-                         save_every=a.save_every, cached_features=a.cached_features)
+                         save_every=a.save_every, cached_features=a.cached_features, device=a.device,
+                         precision=a.precision, grad_accum=a.grad_accum, total_steps=a.total_steps)
     except SSPSamError as exc:
         from sspsam.errors import one_line
 

@@ -1,4 +1,13 @@
-"""The training loop: seeded, resumable bit-exactly from ``last.pt``, optionally distributed.
+"""The training loop of every method: seeded, resumable bit-exactly from ``last.pt``, optionally distributed.
+
+One loop (:func:`fit`) trains every method; a method family is a :class:`TrainTask` that supplies
+its model, data set and collate, optimizer groups, schedule and loss dict, and how its final model
+is saved: :class:`ReferringTask` (SSP-SAM, :func:`train`) here, ``OVSSTask`` (ESC-Net, SAM-MI,
+:func:`sspsam.engine.train_ovss.train_ovss`) in :mod:`sspsam.engine.train_ovss`. The loop owns
+seeding, the sampler's position and epoch, the RNG states, the optimizer and scheduler state, DDP,
+AMP, gradient accumulation, TensorBoard, the progress bar, atomic ``last.pt``/``model.pt`` and resume.
+
+Own loop, not Lightning Fabric: Fabric checkpoints only what it is handed, so bit-exact resume (mid-epoch sampler position, every RNG state) would stay ours anyway, for a heavy new dependency.
 
     from sspsam.config import load_config
     from sspsam.engine.trainer import train
@@ -10,7 +19,8 @@ Files in ``out_dir``:
 * ``last.pt``    — training state (trainable weights, optimizer, scheduler, step, data position and
   the RNG states of torch/numpy/random and the sampler generator), written atomically every
   ``ckpt_every`` steps and at the end; ``resume=True`` continues from it.
-* ``log.jsonl``  — one JSON line per logged optimizer step: ``{"step", "lr", "decoder_lr", <losses>}``.
+* ``log.jsonl``  — one JSON line per logged optimizer step: ``{"step", "lr", <the task's other lrs>, <losses>}``
+  (SSP-SAM: ``decoder_lr``; ESC-Net: ``lr_<group>``; SAM-MI: ``backbone_lr``).
 * ``tb/``        — TensorBoard scalars (the same numbers as log.jsonl).
 * ``model.pt``   — the final model (:func:`sspsam.io.checkpoint.save_checkpoint`), loadable with
   :meth:`sspsam.predict.segmenter.Segmenter.from_pretrained`.
@@ -392,7 +402,143 @@ def _progress_bar(steps: int, step: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# the loop
+# the loop, shared by every method: a method is a TrainTask
+
+
+class TrainTask:
+    """What a method family supplies to :func:`fit`: its model, data, optimizer groups, schedule and
+    loss, and how its final model is saved. The loop owns everything else (seeding, sampler
+    position, RNG state, DDP, AMP, accumulation, logs, checkpoints, resume).
+
+    ``frozen``: sub-module names kept out of ``last.pt`` and held in eval mode; ``clip_grad``: the
+    gradient-norm clip (``None``/0: none)."""
+
+    cfg: dict
+    frozen: list[str] = []
+    clip_grad: float | None = None
+
+    def build(self, seed: int) -> torch.nn.Module:
+        """The seeded model with its frozen parts frozen (same seed on every rank: identical init)."""
+        raise NotImplementedError
+
+    def dataset(self, core) -> torch.utils.data.Dataset:
+        raise NotImplementedError
+
+    def collate(self, samples: list[dict]) -> dict:
+        raise NotImplementedError
+
+    def param_groups(self, core) -> list[dict]:
+        raise NotImplementedError
+
+    def plan(self, batches_per_epoch: int, grad_accum: int, steps: int | None, total_steps: int) -> tuple[int, int, int]:
+        """(steps, total_steps, steps_per_epoch); ``steps_per_epoch`` 0 when the schedule counts steps."""
+        return int(steps), int(total_steps), 0
+
+    def scheduler(self, optimizer, total_steps: int, steps_per_epoch: int):
+        raise NotImplementedError
+
+    def prepare(self, step: int, core) -> bool:
+        """Called before every optimizer step; True when the trainable set changed (DDP is rebuilt)."""
+        return False
+
+    def forward_module(self, core) -> torch.nn.Module:
+        """The module DDP wraps: its forward must run every trainable parameter the loss uses."""
+        return core
+
+    def loss(self, module, core, batch: dict, autocast) -> dict[str, torch.Tensor]:
+        """The loss dict (``total`` is minimised) of one micro-batch, already on the device."""
+        raise NotImplementedError
+
+    def log_fields(self, optimizer, step: int) -> dict:
+        return {"lr": optimizer.param_groups[0]["lr"]}
+
+    def save_model(self, path: Path, core, step: int) -> None:
+        save_checkpoint(path, self.cfg, {k: v.detach().cpu() for k, v in core.state_dict().items()})
+
+
+class ReferringTask(TrainTask):
+    """SSP-SAM on a referring data set: :func:`ssp_loss` (or stage 1's box losses), two learning
+    rates (SAM's mask decoder 10x slower), the official per-epoch recipe when the config names it."""
+
+    def __init__(self, cfg: dict, data_root, *, dataset: str, st, lr: float, decoder_lr: float, weight_decay: float,
+                 warmup_steps: int, clip_grad: float | None, load_backbones: bool, init, cached_features) -> None:
+        self.cfg, self.data_root, self.dataset_name, self.st = cfg, data_root, dataset, st
+        self.lr, self.decoder_lr, self.weight_decay, self.warmup_steps = lr, decoder_lr, weight_decay, warmup_steps
+        self.clip_grad, self.load_backbones, self.init, self.cached_features = clip_grad, load_backbones, init, cached_features
+        self.tcfg = dict(cfg.get("train") or {})
+        self.frozen = list(self.tcfg.get("freeze") or [])
+        self.loss_weights = dict(cfg.get("loss") or {})
+        self.official = st is not None
+        self.box_only = self.official and st.box_only
+        self.decoder_always_frozen = any(f in ("sam", "sam.mask_decoder") for f in self.frozen)
+        self.decoder_frozen = None
+        self.steps_per_epoch = 0
+
+    def build(self, seed: int):
+        return build_training_model(self.cfg, seed, self.load_backbones, self.init)
+
+    def dataset(self, core):
+        ds = _dataset(self.dataset_name, self.data_root, core.image_size, self.tcfg, self.official)
+        if self.cached_features is not None:
+            _check_cacheable(self.cfg, core, ds, self.st if self.box_only else None)
+            cache = fc.FeatureCache(self.cached_features)
+            index = fc.image_index(ds, self.data_root)
+            want = _cache_identity(self.cfg, core, index, self.dataset_name, self.tcfg.get("split", "train"), core.image_size)
+            # a model built without SAM's image encoder (sam.image_encoder: false) cannot be checked against its weights
+            keys = ("model", "sam_config_hash", "dataset", "views") + (("encoder_hash",) if want["encoder_hash"] else ())
+            cache.check(**{k: want[k] for k in keys})
+            ds = CachedSamples(ds, cache, index.sample_rows)
+        return ds
+
+    def collate(self, samples):
+        return _to_batch(samples)
+
+    def param_groups(self, core):
+        return param_groups(core, self.lr, self.decoder_lr, self.weight_decay)
+
+    def plan(self, batches_per_epoch, grad_accum, steps, total_steps):
+        if self.st is None:
+            return int(steps), int(total_steps), 0
+        # one optimizer step = grad_accum micro-batches; the lr of a step is its epoch's lr
+        self.steps_per_epoch = max(1, batches_per_epoch // grad_accum)
+        total_steps = self.st.epochs * self.steps_per_epoch
+        return (total_steps if steps is None else int(steps)), total_steps, self.steps_per_epoch
+
+    def scheduler(self, optimizer, total_steps, steps_per_epoch):
+        if self.st is None:
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, self.warmup_steps))
+        bases = [g["lr"] for g in optimizer.param_groups]
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, official_schedule(self.st, bases, steps_per_epoch))
+
+    def prepare(self, step, core):
+        # the official recipe freezes SAM's decoder for its first epochs (DDP must then be rebuilt)
+        if self.st is None or self.st.decoder_frozen(step // self.steps_per_epoch) == self.decoder_frozen:
+            return False
+        self.decoder_frozen = self.st.decoder_frozen(step // self.steps_per_epoch)
+        core.sam.mask_decoder.requires_grad_(not self.decoder_frozen and not self.decoder_always_frozen)
+        return True
+
+    def forward_module(self, core):
+        return BoxPretraining(core) if self.box_only else core
+
+    def loss(self, module, core, batch, autocast):
+        tokens = core.tokenize(batch["text"]).to(batch["image"].device)
+        feed = fc.sam_embeddings(core.sam, batch["sam_embed"]) if "sam_embed" in batch else contextlib.nullcontext()
+        with autocast(), feed:
+            out = module(batch["image"], tokens, batch.get("valid_hw"))
+        out = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
+        box = core.box_target(batch["box"], batch.get("valid_hw"))  # the box head's frame
+        if self.box_only:
+            has = ~batch["no_target"]
+            return box_losses(out["box"][has], box[has], self.loss_weights) if has.any() else {"total": out["box"].sum() * 0}
+        return ssp_loss(out, batch["mask"], box, batch["no_target"], self.loss_weights)
+
+    def log_fields(self, optimizer, step):
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        rec = {"lr": lrs[0], "decoder_lr": lrs[1]}
+        if self.st is not None:
+            rec["epoch"] = step // self.steps_per_epoch
+        return rec
 
 
 def train(
@@ -424,9 +570,9 @@ def train(
     init: str | Path | None = None,
     cached_features: str | Path | None = None,
 ) -> dict:
-    """Train for ``steps`` optimizer steps (each of ``grad_accum`` micro-batches of ``batch_size``
-    per process). Returns ``{"step", "module" (the trained nn.Module of this rank), "losses" (this
-    call's per-step dicts), "last", "model", "log", "seconds"}``.
+    """Train SSP-SAM for ``steps`` optimizer steps (each of ``grad_accum`` micro-batches of
+    ``batch_size`` per process). Returns ``{"step", "module" (the trained nn.Module of this rank),
+    "losses" (this call's per-step dicts), "last", "model", "log", "seconds"}``.
 
     With ``train.recipe: official`` the run is by epochs (``epochs``, default the stage's) of
     ``stage`` 1 (box-only pretraining on the merged set) or 2 (full; default), the schedule is the
@@ -451,20 +597,50 @@ def train(
     if steps is None and not official:
         raise ValueError("steps is required (the number of optimizer steps to reach)")
     dataset = dataset or (st.dataset if st is not None else None) or "refcoco"
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-    if (steps is not None and steps < 1) or batch_size < 1 or grad_accum < 1 or ckpt_every < 1 or log_every < 1:
-        raise ValueError("steps, batch_size, grad_accum, ckpt_every and log_every must be >= 1")
-    out_dir = Path(out_dir)
+    if (steps is not None and steps < 1) or ckpt_every < 1:
+        raise ValueError("steps and ckpt_every must be >= 1")
     tcfg = dict(cfg.get("train") or {})
-    frozen = list(tcfg.get("freeze") or [])
     total_steps = int(total_steps or tcfg.get("total_steps") or steps or 1)
     if warmup_steps is None:
         warmup_steps = int(tcfg.get("warmup_steps", max(1, round(0.05 * total_steps))))
     clip_grad = float(tcfg.get("clip_grad", 0.1)) if clip_grad is None else clip_grad
     weight_decay = float(tcfg.get("weight_decay", 1e-4)) if weight_decay is None else weight_decay
-    loss_weights = dict(cfg.get("loss") or {})
+    task = ReferringTask(cfg, data_root, dataset=dataset, st=st, lr=lr, decoder_lr=decoder_lr, weight_decay=weight_decay,
+                         warmup_steps=warmup_steps, clip_grad=clip_grad, load_backbones=load_backbones, init=init,
+                         cached_features=cached_features)
+    return fit(task, out_dir, steps=steps, batch_size=batch_size, seed=seed, total_steps=total_steps, resume=resume,
+               ckpt_every=ckpt_every, log_every=log_every, device=device, precision=precision, grad_accum=grad_accum,
+               tensorboard=tensorboard, progress=progress)
 
+
+def fit(
+    task: TrainTask,
+    out_dir: str | Path,
+    *,
+    steps: int | None,
+    batch_size: int,
+    seed: int,
+    total_steps: int,
+    resume: bool = False,
+    ckpt_every: int = 1000,
+    log_every: int = 1,
+    device: str = "cpu",
+    precision: str = "fp32",
+    grad_accum: int = 1,
+    tensorboard: bool = True,
+    progress: bool = False,
+    time_limit: float | None = None,
+    echo=None,
+    on_step=None,
+) -> dict:
+    """Run ``task`` to optimizer step ``steps`` (``None``: the task's plan decides). ``ckpt_every``
+    0 writes no ``last.pt``; ``time_limit`` (seconds) stops early, after a checkpoint; ``echo`` gets
+    one-line messages (resume, time limit); ``on_step(rec)`` every step's record, on rank 0."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if (steps is not None and steps < 1) or batch_size < 1 or grad_accum < 1 or ckpt_every < 0 or log_every < 1:
+        raise ValueError("steps, batch_size, grad_accum and log_every must be >= 1, ckpt_every >= 0")
+    out_dir = Path(out_dir)
     rank, world, own_pg = _setup_distributed(device)
     if world > 1 and str(device).startswith("cuda"):
         local = int(os.environ.get("LOCAL_RANK", rank))
@@ -477,45 +653,28 @@ def train(
     state = read_train_state(last_path) if resume else None  # fail before any work
 
     # ---- model (same seed on every rank: identical init) -------------------------------------
-    model = build_training_model(cfg, seed, load_backbones, init)
-    model.to(dev)
-    core = model
-    groups = param_groups(model, lr, decoder_lr, weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=lr)
+    core = task.build(seed)
+    core.to(dev)
+    groups = task.param_groups(core)
+    optimizer = torch.optim.AdamW(groups, lr=groups[0]["lr"])
 
     # ---- data --------------------------------------------------------------------------------
-    ds = _dataset(dataset, data_root, core.image_size, tcfg, official)
-    if cached_features is not None:
-        _check_cacheable(cfg, core, ds, st if (st is not None and st.box_only) else None)
-        cache = fc.FeatureCache(cached_features)
-        index = fc.image_index(ds, data_root)
-        want = _cache_identity(cfg, core, index, dataset, tcfg.get("split", "train"), core.image_size)
-        # a model built without SAM's image encoder (sam.image_encoder: false) cannot be checked against its weights
-        keys = ("model", "sam_config_hash", "dataset", "views") + (("encoder_hash",) if want["encoder_hash"] else ())
-        cache.check(**{k: want[k] for k in keys})
-        ds = CachedSamples(ds, cache, index.sample_rows)
+    ds = task.dataset(core)
     if len(ds) // world < batch_size:
-        raise ValueError(f"the {dataset} training split has {len(ds)} samples: too few for batch_size {batch_size} x {world} processes")
+        raise ValueError(f"the training split has {len(ds)} samples: too few for batch_size {batch_size} x {world} processes")
     seed_everything(seed + rank)  # per-rank augmentation / dropout streams
     sampler_gen = torch.Generator().manual_seed(seed)  # same permutation on every rank
     sampler = ResumableSampler(len(ds), sampler_gen, rank, world)
     loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=0, drop_last=True,
-                        collate_fn=_to_batch, generator=torch.Generator().manual_seed(seed))
-    if st is None:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_steps))
-        steps_per_epoch = 0
-    else:
-        # one optimizer step = grad_accum micro-batches; the lr of a step is its epoch's lr
-        steps_per_epoch = max(1, len(loader) // grad_accum)
-        total_steps = st.epochs * steps_per_epoch
-        steps = total_steps if steps is None else steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, official_schedule(st, [g["lr"] for g in groups], steps_per_epoch))
+                        collate_fn=task.collate, generator=torch.Generator().manual_seed(seed))
+    steps, total_steps, steps_per_epoch = task.plan(len(loader), grad_accum, steps, total_steps)
+    scheduler = task.scheduler(optimizer, total_steps, steps_per_epoch)
 
     step, epoch, consumed = 0, 0, 0
     if state is not None:
         try:
             load_into(core, state["model"], what=f"training checkpoint {last_path}", strict=False)
-            missing = [k for k in _trainable_state(core, frozen) if k not in state["model"]]
+            missing = [k for k in _trainable_state(core, task.frozen) if k not in state["model"]]
             if missing:
                 raise CheckpointError(f"training checkpoint {last_path} lacks {len(missing)} trainable entries (e.g. {missing[0]})")
             optimizer.load_state_dict(state["optimizer"])
@@ -532,30 +691,27 @@ def train(
             warnings.warn(f"resuming with total_steps={total_steps}, the checkpoint used {state['total_steps']}: the LR schedule changes")
         if is_main:
             _truncate_log(log_path, step)
+            if echo is not None:
+                echo(f"resumed from {last_path} at step {step}")
     elif is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         log_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
 
-    box_only = st is not None and st.box_only
-    forward = BoxPretraining(core) if box_only else core
-
     def wrap():
-        # DDP fixes its parameter set when built: rebuilt whenever the decoder freezes/thaws (as the official train.py)
+        # DDP fixes its parameter set when built: rebuilt whenever the trainable set changes (as the official train.py)
+        forward = task.forward_module(core)
         if world == 1:
             return forward
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         return DDP(forward, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
 
-    decoder_frozen = None
-    decoder_always_frozen = any(f in ("sam", "sam.mask_decoder") for f in frozen)
-    if st is not None:
-        decoder_frozen = st.decoder_frozen(step // steps_per_epoch)
-        core.sam.mask_decoder.requires_grad_(not decoder_frozen and not decoder_always_frozen)
+    task.prepare(step, core)
     model = wrap()
 
     autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
     trainable = [p for p in core.parameters() if p.requires_grad]
+    saved_at = step if state is not None else -1
 
     def save_state() -> None:
         payload = {
@@ -563,13 +719,29 @@ def train(
             "step": step,
             "total_steps": total_steps,
             "seed": seed,
-            "model": _trainable_state(core, frozen),
+            "model": _trainable_state(core, task.frozen),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": _rng_state(sampler_gen),
             "data": {"epoch": epoch, "consumed": consumed, "epoch_state": sampler.epoch_state},
         }
         atomic_write(last_path, lambda tmp: torch.save(payload, tmp))
+
+    def checkpoint() -> None:
+        nonlocal saved_at
+        if is_main:
+            save_state()
+        saved_at = step
+        if world > 1:
+            dist.barrier()
+
+    def out_of_time() -> bool:
+        late = time_limit is not None and time.time() - start > time_limit
+        if time_limit is not None and world > 1:  # every rank stops at the same step
+            flag = torch.tensor([float(late)], device=dev)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            late = bool(flag.item())
+        return late
 
     it = None
     history: list[dict] = []
@@ -579,13 +751,15 @@ def train(
     bar = _progress_bar(steps, step) if (progress and is_main) else None
     try:
         while step < steps:
-            if st is not None and st.decoder_frozen(step // steps_per_epoch) != decoder_frozen:
-                decoder_frozen = not decoder_frozen
-                core.sam.mask_decoder.requires_grad_(not decoder_frozen and not decoder_always_frozen)
+            if out_of_time():
+                if echo is not None and is_main:
+                    echo(f"time limit reached at step {step}")
+                break
+            if task.prepare(step, core):
                 trainable = [p for p in core.parameters() if p.requires_grad]
                 model = wrap()
             model.train()
-            for name in frozen:
+            for name in task.frozen:
                 core.get_submodule(name).eval()
             optimizer.zero_grad(set_to_none=True)
             sums: dict[str, float] = {}
@@ -600,52 +774,38 @@ def train(
                         it, epoch, consumed = None, epoch + 1, 0
                 consumed += 1
                 batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
-                tokens = core.tokenize(batch["text"]).to(dev)
                 sync = micro == grad_accum - 1 or world == 1
-                ctx = contextlib.nullcontext() if sync else model.no_sync()
-                feed = fc.sam_embeddings(core.sam, batch["sam_embed"]) if "sam_embed" in batch else contextlib.nullcontext()
-                with ctx:
-                    with autocast(), feed:
-                        out = model(batch["image"], tokens, batch.get("valid_hw"))
-                    out = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
-                    box = core.box_target(batch["box"], batch.get("valid_hw"))  # the box head's frame
-                    if box_only:
-                        has = ~batch["no_target"]
-                        losses = (box_losses(out["box"][has], box[has], loss_weights) if has.any()
-                                  else {"total": out["box"].sum() * 0})
-                    else:
-                        losses = ssp_loss(out, batch["mask"], box, batch["no_target"], loss_weights)
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    losses = task.loss(model, core, batch, autocast)
                     (losses["total"] / grad_accum).backward()
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / grad_accum
-            if clip_grad:
-                torch.nn.utils.clip_grad_norm_(trainable, clip_grad)
-            lrs = [g["lr"] for g in optimizer.param_groups]
+            if task.clip_grad:
+                torch.nn.utils.clip_grad_norm_(trainable, task.clip_grad)
+            fields = task.log_fields(optimizer, step)
             optimizer.step()
             scheduler.step()
             step += 1
-            rec = {"step": step, "lr": lrs[0], "decoder_lr": lrs[1], **sums}
-            if st is not None:
-                rec["epoch"] = (step - 1) // steps_per_epoch
+            rec = {"step": step, **fields, **sums}
             history.append(rec)
             if log_fh is not None and (step % log_every == 0 or step == steps):
                 log_fh.write(json.dumps(rec) + "\n")
                 log_fh.flush()
-                log.info("step %d/%d loss %.4f lr %.3g", step, steps, sums.get("total", float("nan")), lrs[0])
+                log.info("step %d/%d loss %.4f lr %.3g", step, steps, sums.get("total", float("nan")), fields.get("lr", float("nan")))
             if tb is not None:
                 for k, v in rec.items():
                     if k != "step":
                         tb.add_scalar(f"train/{k}", v, step)
             if bar is not None:
                 bar[0].update(bar[1], completed=step, loss=sums.get("total", float("nan")))
-            if step % ckpt_every == 0 or step == steps:
-                if is_main:
-                    save_state()
-                if world > 1:
-                    dist.barrier()
+            if on_step is not None and is_main:
+                on_step(rec)
+            if ckpt_every and (step % ckpt_every == 0 or step == steps):
+                checkpoint()
+        if ckpt_every and saved_at != step:  # stopped early (time limit): the state it stopped in
+            checkpoint()
         if is_main:
-            sd = {k: v.detach().cpu() for k, v in core.state_dict().items()}
-            save_checkpoint(model_path, cfg, sd)
+            task.save_model(model_path, core, step)
         if world > 1:
             dist.barrier()
     finally:

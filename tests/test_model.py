@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from sspsam.backbones.clip import CLIPBackbone, TextFeatures
 from sspsam.backbones.sam import SAMBackbone
 from sspsam.backbones.tiny_vit import TinyViT
-from sspsam.models.build import read_sspsam_checkpoint
 from sspsam.io.checkpoint import read_state_dict, save_checkpoint
-from sspsam.models.build import build_model
+from sspsam.models.build import build_model, read_sspsam_checkpoint
 from sspsam.config import load_config
 from sspsam.errors import CheckpointError
 from sspsam.engine.losses import box_cxcywh_to_xyxy, dice_loss, generalized_box_iou, sigmoid_focal_loss, ssp_loss

@@ -14,7 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-from sspsam.models.build import build_model
 from sspsam.config import load_config
 from sspsam.data import DatasetLayoutError
 from sspsam.data.semseg import (
@@ -32,7 +31,7 @@ from sspsam.models.escnet.escnet import PseudoPromptGenerator, kmeans
 from sspsam.models.escnet.blocks import SwinTransformerBlock, shifted_window_mask
 from sspsam.engine.evaluate_ovss import evaluate_ovss, format_iou_table
 from sspsam.engine.train_ovss import catseg_bce_loss, param_groups, train_ovss
-from sspsam.models.build import _model_from_checkpoint
+from sspsam.models.build import _model_from_checkpoint, build_model
 from sspsam.models.sam_mi.sam_mi import shallow_mask_aggregation
 
 

@@ -54,8 +54,7 @@ from torch.utils.data import DataLoader, Sampler
 import sspsam.engine.feature_cache as fc
 import sspsam.engine.recipe as official_recipe
 from sspsam.io.checkpoint import atomic_write, load_into, save_checkpoint, torch_load
-from sspsam.models.build import read_sspsam_checkpoint
-from sspsam.models.build import build_model
+from sspsam.models.build import build_model, read_sspsam_checkpoint
 from sspsam.errors import CheckpointError, ConfigError
 from sspsam.engine.losses import box_losses, ssp_loss
 from sspsam.engine.step import param_groups

@@ -69,17 +69,23 @@ class Predictor:
                                       "use 'zeroshot' or a checkpoint path")
             return "checkpoint", path, name
         configs = list_configs()
-        if name in configs and load_config(name).get("model") == "zeroshot":
+        kind = load_config(name).get("model") if name in configs else None
+        if kind == "zeroshot":
             return "zeroshot", None, name
         path = Path(name)
         if path.suffix or path.exists():
             return "checkpoint", path, path.stem
-        if name in configs:
-            kind = load_config(name).get("model")
+        if kind is not None:
             if kind not in cls.MODEL_TYPES:
                 raise CheckpointError(f"'{name}' is a '{kind}' model, not {cls.TASK} model; {cls._other_command()}")
             return "checkpoint", variant_checkpoint(name), name
         raise CheckpointError(cls._unknown(name, configs))
+
+    @classmethod
+    def _from_checkpoint(cls, path: Path, device, name: str, **opts):
+        """The predictor for a checkpoint file; a model of another task is refused before it is built."""
+        model, meta = _model_and_meta(path, cls.MODEL_TYPES)
+        return cls(model, device, name, meta, **opts)
 
     @classmethod
     def _other_command(cls) -> str:
@@ -134,8 +140,3 @@ def variant_checkpoint(name: str) -> Path:
             f"checkpoint (`sspsam train {name} …` writes one), or use a bundled model or 'zeroshot' (see `sspsam models`)"
         )
     return weights.ensure(name)
-
-
-def _build(cls, path: Path, device, name: str, task: tuple[str, ...] | None = None, **opts):
-    model, meta = _model_and_meta(path, task)
-    return cls(model, device, name, meta, **opts)

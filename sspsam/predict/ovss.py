@@ -29,7 +29,7 @@ from PIL import Image
 from sspsam.config import load_config
 from sspsam.errors import CheckpointError, TextError
 from sspsam.io.images import ImageLike, load_image
-from sspsam.predict.base import OVSS_BUNDLED, REFERRING_BUNDLED, Predictor, _build, check_finite, domain_warnings
+from sspsam.predict.base import OVSS_BUNDLED, REFERRING_BUNDLED, Predictor, check_finite, domain_warnings
 from sspsam.io.transforms import Letterbox, image_key, letterbox_image, to_tensor
 
 MAX_CLASSES = 1000
@@ -194,7 +194,7 @@ class OVSS(Predictor):
             from sspsam.models.build import load_zeroshot
 
             return cls(load_zeroshot(name), device, name)
-        return _build(cls, path, device, name, OVSS_MODELS)
+        return cls._from_checkpoint(path, device, name)
 
     @classmethod
     def _other_command(cls) -> str:

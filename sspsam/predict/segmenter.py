@@ -21,7 +21,7 @@ from sspsam.io.images import ImageLike, load_image
 from sspsam.io.masks import min_instance_area
 from sspsam.io.transforms import Letterbox, image_key, model_input, unletterbox_logits
 from sspsam.models.build import RES_MODELS
-from sspsam.predict.base import OVSS_BUNDLED, REFERRING_BUNDLED, Predictor, _build, _is_batch, check_finite, domain_warnings
+from sspsam.predict.base import OVSS_BUNDLED, REFERRING_BUNDLED, Predictor, _is_batch, check_finite, domain_warnings
 from sspsam.predict.precision import apply_dtype, autocast, check_dtype, compile_hot_modules, resolve_dtype
 from sspsam.predict.results import Instances, Segmentation, _as_numpy, _as_tensors, clean_phrases, instances_of
 
@@ -87,7 +87,7 @@ class Segmenter(Predictor):
             from sspsam.predict.zeroshot_res import ZeroShotSegmenter
 
             return ZeroShotSegmenter.from_pretrained(name, device)
-        return _build(cls, path, device, name, RES_MODELS, dtype=dtype, compile=compile)
+        return cls._from_checkpoint(path, device, name, dtype=dtype, compile=compile)
 
     @classmethod
     def _other_command(cls) -> str:

@@ -43,16 +43,14 @@ def test_short_run_saves_resumes_and_reloads(data, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config, steps", [("escnet-tiny", 220), ("sam-mi-tiny", 220)])
-def test_learns_generated_semseg(data, tmp_path, config, steps):
-    """mIoU >= 0.8 on held-out generated images after a few CPU minutes (fixed seeds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+# Measured (one thread, held-out mIoU): ESC-Net 80 / 100 / 120 / 220 steps: 0.839 / 0.855 / 0.859 / 0.899;
+# SAM-MI 80 / 100 / 120 / 220: 0.680 / 0.850 / 0.883 / 0.932. One thread makes the run the same
+# sums on every 2-core machine, busy or not.
+@pytest.mark.parametrize("config, steps", [("escnet-tiny", 120), ("sam-mi-tiny", 120)])
+def test_learns_generated_semseg(data, tmp_path, config, steps, one_torch_thread):
+    """mIoU >= 0.8 on held-out generated images after a minute or two of CPU (fixed seeds)."""
     t0 = time.perf_counter()
-    try:
-        res = train_ovss(config, data, tmp_path, steps=steps, batch_size=4, seed=0, log_every=0)
-    finally:
-        torch.set_num_threads(threads)
+    res = train_ovss(config, data, tmp_path, steps=steps, batch_size=4, seed=0, log_every=0)
     val = SemSegDataset(data, "val")
     result = evaluate_ovss(res["model"], val)
     print(f"{config}: mIoU {result['mIoU']:.3f} after {res['steps']} steps, {time.perf_counter() - t0:.0f}s", result["per_class"])

@@ -181,9 +181,21 @@ class SAMBackbone(nn.Module):
     def decode(
         self, image_embedding: torch.Tensor, sparse: torch.Tensor, multimask: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One image's embedding [1,C,h,w] and T prompt sets [T,K,C] → low-res logits [T,1,4h,4w], IoU [T,1]."""
+        """T prompt sets [T,K,C] on one image's embedding [1,C,h,w] or on one embedding each [T,C,h,w]
+        → low-res logits [T,1,4h,4w], IoU [T,1].
+
+        SAM's decoder repeats one image embedding for every prompt set and adds the dense prompt to
+        it. For T images at once (training: one phrase per image) the embeddings travel as that
+        dense term on a zero image, so one decoder call replaces T (0 + x is exactly x, so every
+        row is the same sum SAM computes) and Meta's decoder code runs unchanged.
+        """
         t = sparse.shape[0]
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(t, -1, self.grid, self.grid)
+        if image_embedding.shape[0] != 1:
+            if image_embedding.shape[0] != t:
+                raise ValueError(f"{image_embedding.shape[0]} image embeddings for {t} prompt sets")
+            dense = image_embedding + dense
+            image_embedding = image_embedding.new_zeros((1, *image_embedding.shape[1:]))
         return self.mask_decoder(
             image_embeddings=image_embedding,
             image_pe=self.prompt_encoder.get_dense_pe(),

@@ -113,16 +113,12 @@ class SSPSAM(nn.Module):
             image_index = torch.arange(t, device=text.sentence.device)
         cls = image.clip_global[image_index] if image.clip_global is not None else None
         out = self.ssp_encoder(image.clip_patches[image_index], text, cls=cls)
-        chunks = []
-        for b in image_index.unique(sorted=True).tolist():  # SAM's decoder takes one image and many prompt sets
-            sel = (image_index == b).nonzero(as_tuple=True)[0]
-            lo, iou = self.sam.decode(image.sam[b : b + 1], out["prompts"][sel])
-            chunks.append((sel, lo, iou))
-        h, w = chunks[0][1].shape[-2:]
-        logits = out["prompts"].new_empty(t, 1, h, w)
-        ious = out["prompts"].new_empty(t, 1)
-        for sel, lo, iou in chunks:
-            logits[sel], ious[sel] = lo.to(logits.dtype), iou.to(ious.dtype)
+        first = image_index[:1]
+        if bool((image_index == first).all()):  # one image: SAM's own repeat, as the official code runs
+            logits, ious = self.sam.decode(image.sam[first], out["prompts"])
+        else:  # one decoder call for all images (training: one phrase per image)
+            logits, ious = self.sam.decode(image.sam[image_index], out["prompts"])
+        logits, ious = logits.to(out["prompts"].dtype), ious.to(out["prompts"].dtype)
         result = {"mask_logits": logits, "iou": ious[:, 0], "box": out["box"],
                   "sentence_map": out["sentence_map"], "word_weights": out["word_weights"],
                   "word_map": out["word_map"], "prompts": out["prompts"], "box_token": out["box_token"],

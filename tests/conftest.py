@@ -7,11 +7,40 @@ Set before torch loads (libgomp reads it once); test subprocesses inherit it.
 """
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+REPORTS = "SSPSAM_TEST_REPORTS"
+
+
+def pytest_configure(config):
+    """One folder for the tables tests leave for the end of the run (the fuzz summary): xdist
+    workers inherit the controller's, so what a worker writes reaches the controller's terminal."""
+    if REPORTS not in os.environ:
+        os.environ[REPORTS] = tempfile.mkdtemp(prefix="sspsam-test-reports-")
+        config._sspsam_reports_owner = True
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    for f in sorted(Path(os.environ[REPORTS]).glob("*.txt")):
+        for line in f.read_text().splitlines():
+            terminalreporter.write_line(line)
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_sspsam_reports_owner", False):
+        shutil.rmtree(os.environ.pop(REPORTS), ignore_errors=True)
+
+
+def write_report(name: str, lines: list[str]) -> None:
+    """Leave ``lines`` for the end-of-run summary (see ``pytest_terminal_summary``)."""
+    (Path(os.environ[REPORTS]) / f"{name}.txt").write_text("\n".join(lines) + "\n")
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 import hostile  # noqa: E402
 
 from sspsam.errors import SSPSamError  # noqa: E402
+from conftest import write_report  # noqa: E402
 
 GUARD_S = 120  # per case: generous, only to turn a hang into a failure instead of a stuck suite
 MEM_MB = 600  # per case: growth of the process's peak RSS; a decoded bomb would be several GB
@@ -119,9 +120,8 @@ def _own_failures():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def summary(request):
+def summary():
     yield
-    rep = request.config.pluginmanager.get_plugin("terminalreporter")
     outcomes = ["ok", "named error", "crash", "hang", "memory", "bad result"]
     lines = ["", "fuzz summary (runs per input kind × surface × outcome):",
              f"{'kind':<11} {'surface':<8} " + " ".join(f"{o:>11}" for o in outcomes) + f" {'runs':>6}"]
@@ -130,10 +130,7 @@ def summary(request):
         lines.append(f"{kind:<11} {surface:<8} " + " ".join(f"{c[o]:>11}" for o in outcomes) + f" {sum(c.values()):>6}")
         total.update(c)
     lines.append(f"{'total':<20} " + " ".join(f"{total[o]:>11}" for o in outcomes) + f" {sum(total.values()):>6}")
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled() if capture else __import__("contextlib").nullcontext():
-        for line in lines:
-            (rep.write_line(line) if rep else print(line))
+    write_report("fuzz", lines)
 
 
 def _sensible_segmentation(res, hw) -> str | None:

@@ -369,6 +369,44 @@ def test_a_model_halved_by_hand_still_runs(demo):
     assert res.masks.shape == (1, 72, 96) and 0 <= float(res.scores[0]) <= 1
 
 
+OVSS_CLASSES = ["background", "red", "green", "blue", "yellow"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ovss_half_precision_agrees_with_fp32(ovss, dtype):
+    """The OVSS demo in half precision labels >= 99 % of pixels as fp32 does (measured: bf16
+    99.86 %, fp16 99.94 % on these scenes), single images, a batch and SCLIP's protocol alike."""
+    from sspsam.predict.ovss import OVSS
+
+    half = OVSS.from_pretrained("ovss-shapes-demo", device="cpu", dtype=dtype)
+    assert half.model.clip.model.visual.conv1.weight.dtype == dtype  # the towers run in half
+    norms = [m for m in half.model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(p.dtype == torch.float32 for m in norms for p in m.parameters())  # norms stay fp32
+    scenes = [make_scene(seed, width=128, height=96).render() for seed in range(3)]
+    agree = total = 0
+    for rgb, batched in zip(scenes, half.segment(scenes, OVSS_CLASSES)):
+        a, b = ovss.segment(rgb, OVSS_CLASSES), half.segment(rgb, OVSS_CLASSES)
+        assert b.labels.dtype == np.int32 and b.scores.dtype == np.float32
+        assert np.array_equal(batched.labels, b.labels)
+        agree += int((a.labels == b.labels).sum())
+        total += a.labels.size
+    print(f"OVSS {dtype}: label agreement {agree / total:.5f}")
+    assert agree / total >= 0.99
+    sclip = OVSS(half.model, "cpu", "ovss-shapes-demo", protocol="sclip", dtype=dtype)
+    ref = OVSS(ovss.model, "cpu", "ovss-shapes-demo", protocol="sclip")
+    assert (sclip.segment(scenes[0], OVSS_CLASSES).labels == ref.segment(scenes[0], OVSS_CLASSES).labels).mean() >= 0.99
+
+
+def test_an_ovss_model_halved_by_hand_still_runs(ovss):
+    import copy
+
+    from sspsam.predict.ovss import OVSS
+
+    rgb = make_scene(3, width=96, height=72).render()
+    res = OVSS(copy.deepcopy(ovss.model).half(), "cpu", "ovss-shapes-demo").segment(rgb, OVSS_CLASSES)
+    assert res.labels.shape == (72, 96) and (res.labels == ovss.segment(rgb, OVSS_CLASSES).labels).mean() >= 0.99
+
+
 def test_compile_that_fails_falls_back_with_one_warning(demo, monkeypatch):
     import warnings
 
@@ -388,3 +426,26 @@ def test_compile_that_fails_falls_back_with_one_warning(demo, monkeypatch):
     assert len(msgs) == 1 and "running eagerly" in msgs[0] and seg.compiled == []
     rgb = make_scene(3, width=96, height=72).render()
     assert np.array_equal(seg.segment(rgb, "the red circle").masks, demo.segment(rgb, "the red circle").masks)
+
+
+def test_ovss_compile_that_fails_falls_back_with_one_warning(ovss, monkeypatch):
+    import warnings
+
+    from sspsam.predict.ovss import OVSS
+
+    class Broken(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self._orig_mod = inner
+
+        def forward(self, *a, **k):
+            raise RuntimeError("inductor says no")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: Broken(module))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = OVSS.from_pretrained("ovss-shapes-demo", device="cpu", compile=True)
+    msgs = [str(w.message) for w in caught if "compile" in str(w.message)]
+    assert len(msgs) == 1 and "running eagerly" in msgs[0] and model.compiled == []
+    rgb = make_scene(3, width=96, height=72).render()
+    assert np.array_equal(model.segment(rgb, OVSS_CLASSES).labels, ovss.segment(rgb, OVSS_CLASSES).labels)

@@ -34,6 +34,55 @@ class Predictor:
     BUNDLED: dict[str, str] = {}
     MODEL_TYPES: tuple[str, ...] = ()
     TASK = ""
+    #: the modules ``compile=True`` wraps with torch.compile: the image towers, where the time goes
+    HOT_MODULES: tuple[str, ...] = ()
+
+    def _place(self, model, device, dtype) -> None:
+        """Put ``model`` on ``device`` in ``dtype`` (see :mod:`sspsam.predict.precision`): sets
+        ``self.device``, ``self.dtype`` and ``self.model`` (in eval mode)."""
+        from sspsam.predict.device import resolve_device
+        from sspsam.predict.precision import apply_dtype, check_dtype, resolve_dtype
+
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype)
+        check_dtype(self.device, self.dtype)
+        model = model.to(self.device)
+        self.model = (apply_dtype(model, self.dtype) if dtype is not None else model).eval()
+        self.compiled: list[str] = []
+
+    def _run_dtype(self) -> torch.dtype:
+        """The dtype to autocast to: the one asked for, or what the weights hold (``model.half()``)."""
+        from sspsam.predict.precision import model_dtype
+
+        return self.dtype if self.dtype != torch.float32 else model_dtype(self.model)
+
+    def _autocast(self):
+        from sspsam.predict.precision import autocast
+
+        return autocast(self.device, self._run_dtype())
+
+    def _compile(self) -> None:
+        """``compile=True``: wrap HOT_MODULES and warm up once, since compile is lazy and a graph it
+        cannot handle fails on the first call; then it runs eagerly again, with one warning."""
+        import warnings
+
+        from sspsam.predict.precision import compile_hot_modules, uncompile
+
+        self.compiled = compile_hot_modules(self.model, [m for m in self.HOT_MODULES if _has_module(self.model, m)])
+        if not self.compiled:
+            return
+        try:
+            self._warm_up()
+        except Exception as exc:  # noqa: BLE001
+            uncompile(self.model, self.compiled)
+            self.compiled = []
+            warnings.warn(f"torch.compile did not work for this model ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+                          "running eagerly", stacklevel=3)
+        self.clear_cache()
+
+    def _warm_up(self) -> None:
+        """One small call through every compiled module."""
+        raise NotImplementedError
 
     def _identify(self, model, name: str | None, meta: dict | None, default: str) -> None:
         self.name = name or model.config.get("name", default)
@@ -53,6 +102,9 @@ class Predictor:
 
     def _check_device(self) -> None:
         """Refuse a device the predictor's settings cannot run on (e.g. fp16 on a CPU)."""
+        from sspsam.predict.precision import check_dtype
+
+        check_dtype(self.device, self.dtype)
 
     def clear_cache(self) -> None:
         raise NotImplementedError
@@ -94,6 +146,14 @@ class Predictor:
     @classmethod
     def _unknown(cls, name: str, configs: list[str]) -> str:
         raise NotImplementedError
+
+
+def _has_module(model, dotted: str) -> bool:
+    try:
+        model.get_submodule(dotted)
+    except AttributeError:
+        return False
+    return True
 
 
 def model_domain(name: str | None, meta: dict | None) -> str | None:

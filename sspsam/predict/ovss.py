@@ -152,14 +152,17 @@ class OVSS(Predictor):
     BUNDLED = OVSS_BUNDLED
     MODEL_TYPES = OVSS_MODELS
     TASK = "an OVSS"
+    HOT_MODULES = ("clip", "sam.image_encoder")
 
     def __init__(self, model, device: str | torch.device = "auto", name: str | None = None, meta: dict | None = None,
-                 protocol: str = "sspsam", sclip_options: dict | None = None):
+                 protocol: str = "sspsam", sclip_options: dict | None = None,
+                 dtype: torch.dtype | str | None = None, compile: bool = False):
         """``protocol``: 'sspsam' (the model's own inference: letterbox, windows when large) or
         'sclip' (SCLIP's training-free protocol on the model's CLIP, see :mod:`sspsam.models.zeroshot.sclip`;
-        ``sclip_options`` go to :class:`~sspsam.models.zeroshot.sclip.SCLIPProtocol`, e.g. prob_thd, area_thd)."""
-        from sspsam.predict.device import resolve_device
-
+        ``sclip_options`` go to :class:`~sspsam.models.zeroshot.sclip.SCLIPProtocol`, e.g. prob_thd, area_thd).
+        ``dtype``: torch.float32 (default), torch.bfloat16 or torch.float16, as for :class:`Segmenter`
+        (norms stay fp32, the model runs under autocast; logits and labels come out fp32);
+        ``compile``: wrap the image towers with torch.compile, falling back to eager with a warning."""
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown OVSS inference protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
         if protocol == "sclip" and not hasattr(model, "clip"):
@@ -172,8 +175,7 @@ class OVSS(Predictor):
                 f"model '{name or getattr(model, 'config', {}).get('name')}' is a '{kind}' model, not an OVSS model "
                 f"({', '.join(OVSS_MODELS)}); referring models go through `sspsam segment` / Segmenter"
             )
-        self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
+        self._place(model, device, dtype)
         self._identify(model, name, meta, kind)
         inf = model.config.get("inference", {})
         self.slide_above = float(inf.get("slide_above", 1.5))
@@ -183,18 +185,25 @@ class OVSS(Predictor):
         self._image: _ImageEntry | None = None
         self._classes: tuple[tuple[str, ...], torch.Tensor] | None = None
         self._logits: tuple[str, tuple[str, ...], torch.Tensor] | None = None
+        if compile:
+            self._compile()
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.device = "auto") -> "OVSS":
+    def from_pretrained(cls, name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.device = "auto",
+                        dtype: torch.dtype | str | None = None, compile: bool = False) -> "OVSS":
         """A bundled model, 'zeroshot' (CLIP + SAM from the weights cache), a published OVSS variant
-        (downloaded on first use) or an sspsam checkpoint path (see :meth:`Predictor.resolve`)."""
+        (downloaded on first use) or an sspsam checkpoint path (see :meth:`Predictor.resolve`).
+        ``dtype`` and ``compile`` as in :class:`OVSS`."""
         kind, path, name = cls.resolve(name_or_path)
         if kind == "zeroshot":
             from sspsam.models.build import load_zeroshot
 
-            return cls(load_zeroshot(name), device, name)
-        return cls._from_checkpoint(path, device, name)
+            return cls(load_zeroshot(name), device, name, dtype=dtype, compile=compile)
+        return cls._from_checkpoint(path, device, name, dtype=dtype, compile=compile)
+
+    def _warm_up(self) -> None:
+        self.segment(np.full((64, 64, 3), 128, np.uint8), ["background", "thing"])
 
     @classmethod
     def _other_command(cls) -> str:
@@ -220,12 +229,13 @@ class OVSS(Predictor):
         list (a service asks the same classes of many images)."""
         key = tuple(classes)
         if self._classes is None or self._classes[0] != key:
-            if hasattr(self.model, "class_embeddings"):
-                emb = self.model.class_embeddings(list(classes))
-            else:
-                from sspsam.models.cost import class_embeddings
+            with self._autocast():
+                if hasattr(self.model, "class_embeddings"):
+                    emb = self.model.class_embeddings(list(classes))
+                else:
+                    from sspsam.models.cost import class_embeddings
 
-                emb = class_embeddings(self.model.clip, list(classes))
+                    emb = class_embeddings(self.model.clip, list(classes))
             self._classes = (key, emb.to(self.device))
         return self._classes[1]
 
@@ -265,15 +275,20 @@ class OVSS(Predictor):
     def _view(self, square: np.ndarray, hw: tuple[int, int], y0: int, x0: int, is_global: bool) -> _View:
         x = to_tensor(square)[None].to(self.device)
         valid = torch.tensor([hw], device=self.device)
-        feats = self.model.encode_image(x, valid) if self._split else (x, valid)
+        if self._split:
+            with self._autocast():
+                feats = self.model.encode_image(x, valid)
+        else:
+            feats = (x, valid)
         return _View(feats, y0, x0, (int(hw[0]), int(hw[1])), is_global)
 
     def _run(self, view: _View, emb: torch.Tensor) -> torch.Tensor:
-        if self._split:
-            out = self.model.decode_classes(view.features, emb)
-        else:
-            x, valid = view.features
-            out = self.model(x, emb, valid_hw=valid) if self._forward_takes_valid else self.model(x, emb)
+        with self._autocast():
+            if self._split:
+                out = self.model.decode_classes(view.features, emb)
+            else:
+                x, valid = view.features
+                out = self.model(x, emb, valid_hw=valid) if self._forward_takes_valid else self.model(x, emb)
         logits = out["logits"][0].float()
         check_finite(self.name, logits)
         return logits
@@ -352,10 +367,11 @@ class OVSS(Predictor):
         """Several views through the model at once (the image towers batched): logits [K, o, o] each."""
         x = torch.cat([to_tensor(sq)[None] for sq, *_ in pieces]).to(self.device)
         valid = torch.tensor([list(hw) for _, hw, *_ in pieces], device=self.device)
-        if self._split:
-            out = self.model.decode_classes(self.model.encode_image(x, valid), emb)
-        else:
-            out = self.model(x, emb, valid_hw=valid) if self._forward_takes_valid else self.model(x, emb)
+        with self._autocast():
+            if self._split:
+                out = self.model.decode_classes(self.model.encode_image(x, valid), emb)
+            else:
+                out = self.model(x, emb, valid_hw=valid) if self._forward_takes_valid else self.model(x, emb)
         logits = out["logits"].float()
         check_finite(self.name, logits)
         return list(logits)
@@ -368,11 +384,12 @@ class OVSS(Predictor):
         if isinstance(classes, str) and "\n" not in classes.strip():
             classes = clean_classes(classes)
         key = tuple(classes.splitlines()) if isinstance(classes, str) else tuple(classes)
-        if self._sclip is None or self._sclip[0] != key:
-            self._sclip = (key, SCLIPProtocol(self.model.clip, list(key), **self.sclip_options))
-        proto = self._sclip[1]
-        rgb = load_image(image, allow_urls=allow_urls)
-        labels, scores = proto(rgb)
+        with self._autocast():
+            if self._sclip is None or self._sclip[0] != key:
+                self._sclip = (key, SCLIPProtocol(self.model.clip, list(key), **self.sclip_options))
+            proto = self._sclip[1]
+            rgb = load_image(image, allow_urls=allow_urls)
+            labels, scores = proto(rgb)
         h, w = labels.shape
         counts = np.bincount(labels.ravel(), minlength=proto.num_classes)
         shares = {c: float(n) / (h * w) for c, n in zip(proto.class_names, counts)}

@@ -8,7 +8,6 @@ does with ``set_image``; a list of images goes through the towers in batches.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,7 +21,6 @@ from sspsam.io.masks import min_instance_area
 from sspsam.io.transforms import Letterbox, image_key, model_input, unletterbox_logits
 from sspsam.models.build import RES_MODELS
 from sspsam.predict.base import OVSS_BUNDLED, REFERRING_BUNDLED, Predictor, _is_batch, check_finite, domain_warnings
-from sspsam.predict.precision import apply_dtype, autocast, check_dtype, compile_hot_modules, resolve_dtype
 from sspsam.predict.results import Instances, Segmentation, _as_numpy, _as_tensors, clean_phrases, instances_of
 
 DEFAULT_MODEL = "shapes-demo"
@@ -57,12 +55,7 @@ class Segmenter(Predictor):
 
     def __init__(self, model, device: str | torch.device = "auto", name: str | None = None, meta: dict | None = None,
                  dtype: torch.dtype | str | None = None, compile: bool = False):
-        from sspsam.predict.device import resolve_device
-
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype)
-        check_dtype(self.device, self.dtype)
-        self.model = apply_dtype(model.to(self.device), self.dtype).eval() if dtype is not None else model.to(self.device).eval()
+        self._place(model, device, dtype)
         self._identify(model, name, meta, "ssp-sam")
         inf = model.config.get("inference", {})
         self.mask_threshold = float(inf.get("mask_threshold", 0.0))
@@ -70,7 +63,6 @@ class Segmenter(Predictor):
         self.no_target_prob = float(inf.get("no_target_prob", 0.5))
         self.min_instance_area: int | None = None  # pixels; None = masks.MIN_INSTANCE_FRACTION of the image
         self._cache: _Encoded | None = None
-        self.compiled: list[str] = []
         if compile:
             self._compile()
 
@@ -101,35 +93,12 @@ class Segmenter(Predictor):
         return (f"unknown model '{name}': use a checkpoint path, a bundled model ({', '.join(cls.BUNDLED)}) "
                 f"or a variant ({', '.join(c for c in configs if c != 'ssp-sam-tiny')})")
 
-    def _check_device(self) -> None:
-        check_dtype(self.device, self.dtype)
-
     def clear_cache(self) -> None:
         """Forget the cached image features (the next call encodes its image again)."""
         self._cache = None
 
-    def _compile(self) -> None:
-        self.compiled = compile_hot_modules(self.model, list(self.HOT_MODULES))
-        if not self.compiled:
-            return
-        try:  # compile is lazy: a graph it cannot handle fails here, on a warm-up, not in a user's call
-            self.segment(np.full((64, 64, 3), 128, np.uint8), "warm up")
-        except Exception as exc:  # noqa: BLE001
-            from sspsam.predict.precision import uncompile
-
-            uncompile(self.model, self.compiled)
-            self.compiled = []
-            warnings.warn(f"torch.compile did not work for this model ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
-                          "running eagerly", stacklevel=3)
-        self._cache = None
-
-    def _run_dtype(self) -> torch.dtype:
-        """The dtype to autocast to: the one asked for, or what the weights hold (``model.half()``)."""
-        if self.dtype != torch.float32:
-            return self.dtype
-        from sspsam.predict.precision import model_dtype
-
-        return model_dtype(self.model)
+    def _warm_up(self) -> None:
+        self.segment(np.full((64, 64, 3), 128, np.uint8), "warm up")
 
     # ---- inference ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -148,7 +117,7 @@ class Segmenter(Predictor):
         x = torch.cat([i[0] for i in inputs])
         valid = torch.cat([i[1] for i in inputs])
         clip_x = self.model.clip_input(rgbs, self.device) if hasattr(self.model, "clip_input") else None
-        with autocast(self.device, self._run_dtype()):
+        with self._autocast():
             feats = self.model.encode_image(x, valid, clip_images=clip_x)
         return [_Encoded(k, _slice_features(feats, b), i[2]) for b, (k, i) in enumerate(zip(keys, inputs))]
 
@@ -193,7 +162,7 @@ class Segmenter(Predictor):
     def _decode_phrases(self, enc: _Encoded, rgb: np.ndarray, phrases: list[str], batch_size: int,
                         return_tensors: str) -> Segmentation:
         masks, scores, no_target, nt_probs, instances = [], [], [], [], []
-        with autocast(self.device, self._run_dtype()):
+        with self._autocast():
             for i in range(0, len(phrases), batch_size):
                 chunk = phrases[i : i + batch_size]
                 tokens = self.model.tokenize(chunk).to(self.device)

@@ -200,7 +200,7 @@ def dense_features(
     else:
         raise ConfigError(f"unknown dense mode '{mode}'; choose one of {', '.join(DENSE_MODES)}")
     b, n, e = patches.shape
-    g = int(round(n**0.5))
+    g = int(round(int(n) ** 0.5))  # int(): under the ONNX tracer a size is a tensor; the grid is fixed per input size
     return F.normalize(patches.float(), dim=-1).transpose(1, 2).reshape(b, e, g, g)
 
 
@@ -263,6 +263,6 @@ def similarity_map(sim: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     lo, hi = sim.min(1, keepdim=True).values, sim.max(1, keepdim=True).values
     sim = (sim - lo) / (hi - lo)
     b, n, k = sim.shape
-    side = int(round(n**0.5))
+    side = int(round(int(n) ** 0.5))
     grid = sim.reshape(b, side, side, k).permute(0, 3, 1, 2)
     return F.interpolate(grid, size=tuple(size), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)

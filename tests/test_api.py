@@ -407,28 +407,8 @@ def test_an_ovss_model_halved_by_hand_still_runs(ovss):
     assert res.labels.shape == (72, 96) and (res.labels == ovss.segment(rgb, OVSS_CLASSES).labels).mean() >= 0.99
 
 
-def test_compile_that_fails_falls_back_with_one_warning(demo, monkeypatch):
-    import warnings
-
-    class Broken(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self._orig_mod = inner
-
-        def forward(self, *a, **k):
-            raise RuntimeError("inductor says no")
-
-    monkeypatch.setattr(torch, "compile", lambda module, **kw: Broken(module))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        seg = Segmenter.from_pretrained("shapes-demo", device="cpu", compile=True)
-    msgs = [str(w.message) for w in caught if "compile" in str(w.message)]
-    assert len(msgs) == 1 and "running eagerly" in msgs[0] and seg.compiled == []
-    rgb = make_scene(3, width=96, height=72).render()
-    assert np.array_equal(seg.segment(rgb, "the red circle").masks, demo.segment(rgb, "the red circle").masks)
-
-
-def test_ovss_compile_that_fails_falls_back_with_one_warning(ovss, monkeypatch):
+@pytest.mark.parametrize("task", ["segment", "ovss"])
+def test_compile_that_fails_falls_back_with_one_warning(demo, ovss, monkeypatch, task):
     import warnings
 
     from sspsam.predict.ovss import OVSS
@@ -442,10 +422,14 @@ def test_ovss_compile_that_fails_falls_back_with_one_warning(ovss, monkeypatch):
             raise RuntimeError("inductor says no")
 
     monkeypatch.setattr(torch, "compile", lambda module, **kw: Broken(module))
+    cls, name, eager = (Segmenter, "shapes-demo", demo) if task == "segment" else (OVSS, "ovss-shapes-demo", ovss)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = OVSS.from_pretrained("ovss-shapes-demo", device="cpu", compile=True)
+        model = cls.from_pretrained(name, device="cpu", compile=True)
     msgs = [str(w.message) for w in caught if "compile" in str(w.message)]
     assert len(msgs) == 1 and "running eagerly" in msgs[0] and model.compiled == []
     rgb = make_scene(3, width=96, height=72).render()
-    assert np.array_equal(model.segment(rgb, OVSS_CLASSES).labels, ovss.segment(rgb, OVSS_CLASSES).labels)
+    if task == "segment":
+        assert np.array_equal(model.segment(rgb, "the red circle").masks, eager.segment(rgb, "the red circle").masks)
+    else:
+        assert np.array_equal(model.segment(rgb, OVSS_CLASSES).labels, eager.segment(rgb, OVSS_CLASSES).labels)

@@ -433,3 +433,17 @@ def test_compile_that_fails_falls_back_with_one_warning(demo, ovss, monkeypatch,
         assert np.array_equal(model.segment(rgb, "the red circle").masks, eager.segment(rgb, "the red circle").masks)
     else:
         assert np.array_equal(model.segment(rgb, OVSS_CLASSES).labels, eager.segment(rgb, OVSS_CLASSES).labels)
+
+
+def test_compile_skips_modules_the_model_lacks(monkeypatch):
+    """HOT_MODULES name the image towers; a model without one (no `sam` at all, or SAM built without
+    its image encoder) has it skipped rather than failing."""
+    from sspsam.predict.precision import compile_hot_modules
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: module)
+    owner = torch.nn.Module()
+    owner.clip = torch.nn.Linear(2, 2)
+    assert compile_hot_modules(owner, ["clip", "sam.image_encoder"]) == ["clip"]
+    owner.sam = torch.nn.Module()
+    owner.sam.image_encoder = None
+    assert compile_hot_modules(owner, ["clip", "sam.image_encoder"]) == ["clip"]

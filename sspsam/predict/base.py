@@ -68,7 +68,7 @@ class Predictor:
 
         from sspsam.predict.precision import compile_hot_modules, uncompile
 
-        self.compiled = compile_hot_modules(self.model, [m for m in self.HOT_MODULES if _has_module(self.model, m)])
+        self.compiled = compile_hot_modules(self.model, list(self.HOT_MODULES))
         if not self.compiled:
             return
         try:
@@ -146,14 +146,6 @@ class Predictor:
     @classmethod
     def _unknown(cls, name: str, configs: list[str]) -> str:
         raise NotImplementedError
-
-
-def _has_module(model, dotted: str) -> bool:
-    try:
-        model.get_submodule(dotted)
-    except AttributeError:
-        return False
-    return True
 
 
 def model_domain(name: str | None, meta: dict | None) -> str | None:

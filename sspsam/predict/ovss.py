@@ -384,11 +384,11 @@ class OVSS(Predictor):
         if isinstance(classes, str) and "\n" not in classes.strip():
             classes = clean_classes(classes)
         key = tuple(classes.splitlines()) if isinstance(classes, str) else tuple(classes)
+        rgb = load_image(image, allow_urls=allow_urls)
         with self._autocast():
             if self._sclip is None or self._sclip[0] != key:
                 self._sclip = (key, SCLIPProtocol(self.model.clip, list(key), **self.sclip_options))
             proto = self._sclip[1]
-            rgb = load_image(image, allow_urls=allow_urls)
             labels, scores = proto(rgb)
         h, w = labels.shape
         counts = np.bincount(labels.ravel(), minlength=proto.num_classes)

@@ -89,7 +89,8 @@ def compile_hot_modules(owner, names: list[str]) -> list[str]:
     """Wrap ``owner.<name>`` modules (dotted names) with ``torch.compile``; returns the ones wrapped.
 
     compile is lazy — errors surface on the first call — so the caller runs one warm-up and calls
-    :func:`uncompile` on failure. A missing attribute or a torch without ``compile`` only warns.
+    :func:`uncompile` on failure. A name the model lacks (no such module, or ``None``, e.g. a
+    model built without SAM's image encoder) is skipped; a torch without ``compile`` only warns.
     """
     if not hasattr(torch, "compile"):
         warnings.warn("torch.compile is not available in this torch build; running eagerly", stacklevel=3)
@@ -97,7 +98,10 @@ def compile_hot_modules(owner, names: list[str]) -> list[str]:
     done = []
     for name in names:
         parent, _, attr = name.rpartition(".")
-        holder = owner.get_submodule(parent) if parent else owner
+        try:
+            holder = owner.get_submodule(parent) if parent else owner
+        except AttributeError:
+            continue
         module = getattr(holder, attr, None)
         if not isinstance(module, nn.Module):
             continue

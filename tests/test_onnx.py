@@ -162,3 +162,41 @@ def test_export_over_an_older_export_replaces_every_file(exports, tmp_path):
     assert np.array_equal(res.masks, torch_seg.segment(_scene(), PHRASES[3]).masks)
     assert (folder / "notes.txt").read_text() == "mine"
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_an_export_folder_is_a_model_name_for_the_api_and_the_cli(exports, tmp_path):
+    """`Segmenter.from_pretrained(DIR)` and `sspsam segment -m DIR` run the export on ONNX Runtime
+    (the fast CPU path): the same masks and JSON as the bundled PyTorch model, the threads torch
+    has, and one-line refusals where an export cannot serve."""
+    from sspsam.errors import ConfigError, SSPSamError
+    from sspsam.predict.onnx import OnnxGraphs
+    from sspsam.predict.ovss import OVSS
+
+    torch_seg, _, folder = exports["shapes-demo"]
+    seg = Segmenter.from_pretrained(folder, device="cpu")
+    assert isinstance(seg, Segmenter) and isinstance(seg.model, OnnxGraphs) and seg.name == "shapes-demo"
+    assert seg.model.providers == ["CPUExecutionProvider"]
+    sess = seg.model.sessions["sam_image"]
+    assert sess.get_session_options().intra_op_num_threads == torch.get_num_threads()
+    a, b = torch_seg.segment(_scene(), PHRASES[3]), seg.segment(_scene(), PHRASES[3])
+    assert np.array_equal(a.masks, b.masks) and np.array_equal(a.no_target, b.no_target)
+    with pytest.raises(ConfigError, match="fp32"):
+        Segmenter.from_pretrained(folder, dtype=torch.bfloat16)
+    with pytest.raises(SSPSamError, match="referring"):
+        OVSS.from_pretrained(folder)
+
+    out = {}
+    for label, model in (("torch", "shapes-demo"), ("onnx", str(folder))):
+        r = runner.invoke(app, ["segment", str(ROOT / "examples/shapes.png"), "the blue circle", "the purple triangle",
+                                "-m", model, "--device", "cpu", "-o", str(tmp_path / label)])
+        assert r.exit_code == 0, r.output
+        out[label] = json.loads((tmp_path / label / "shapes.segment.json").read_text())
+        out[label]["mask"] = np.asarray(Image.open(tmp_path / label / "shapes.segment.mask0.png"))
+    assert out["onnx"]["model"] == "shapes-demo" and np.array_equal(out["onnx"]["mask"], out["torch"]["mask"])
+    assert [r["no_target"] for r in out["onnx"]["results"]] == [False, True]
+    for args, needle in ((["--quantize", "int8"], "ONNX export"), ([], "ONNX export of a referring model")):
+        cmd = "segment" if args else "ovss"
+        tail = ["the blue circle"] if args else ["-c", "red,blue"]
+        r = runner.invoke(app, [cmd, str(ROOT / "examples/shapes.png"), *tail, "-m", str(folder), *args,
+                                "-o", str(tmp_path / "x")])
+        assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1 and needle in r.stderr, r.stderr

@@ -17,7 +17,7 @@ def batch(
     phrases: Optional[Path] = typer.Option(None, "--phrases", help="Text file, one phrase per line, asked of every "
                                            "image of a folder (and of manifest lines without their own)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder: results.jsonl (and masks/ with --png)."),
-    model: str = typer.Option("shapes-demo", "--model", "-m", help="Bundled model name, variant name or checkpoint path."),
+    model: str = typer.Option("shapes-demo", "--model", "-m", help="Bundled model name, variant name, checkpoint path or `sspsam export onnx` folder."),
     device: str = typer.Option("auto", "--device", help="torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps."),
     png: bool = typer.Option(False, "--png", help="Also write one mask PNG per item, OUT/masks/<id>.png."),
     ray: bool = typer.Option(False, "--ray", help="Run on Ray Data (local, or the cluster in RAY_ADDRESS)."),

@@ -125,6 +125,8 @@ def apply_quantize(predictor, quantize: str) -> None:
 
         if predictor.device.type != "cpu":
             raise SSPSamError(f"--quantize int8 runs on CPU only; the model is on {predictor.device} (add --device cpu)")
+        if not any(True for _ in predictor.model.parameters()):
+            raise SSPSamError("--quantize int8 applies to PyTorch models; an ONNX export runs its graphs in fp32")
         runtime.quantize(predictor.model, quantize)
 
 

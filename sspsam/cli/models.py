@@ -18,5 +18,5 @@ def models() -> None:
         for r in rows:
             if command in r["commands"]:
                 print(f"  {r['name']:<{width}}  {r['kind']:<8}  {r['weights']}")
-    print("Any sspsam checkpoint path works too. Weights: `sspsam weights list`; missing ones are downloaded "
-          "on first use unless --offline / SSPSAM_OFFLINE=1.")
+    print("Any sspsam checkpoint path works too, and for `segment` a folder `sspsam export onnx` wrote (ONNX Runtime). "
+          "Weights: `sspsam weights list`; missing ones are downloaded on first use unless --offline / SSPSAM_OFFLINE=1.")

@@ -49,7 +49,7 @@ def segment(
     image: Path = typer.Argument(..., help="Image file (JPEG, PNG, TIFF, WebP…; EXIF orientation is applied)."),
     text: list[str] = typer.Argument(..., help="One or more phrases, each quoted: \"the man holding the baby\"."),
     output: Path = typer.Option(Path("out"), "-o", "--output", help="Folder for <name>.segment.json, .segment.overlay.png and .segment.mask<i>.png."),
-    model: str = typer.Option("shapes-demo", "--model", "-m", help="Bundled model name, variant name, 'zeroshot' or a checkpoint path (see `sspsam models`)."),
+    model: str = typer.Option("shapes-demo", "--model", "-m", help="Bundled model name, variant name, 'zeroshot', a checkpoint path or an `sspsam export onnx` folder (ONNX Runtime; see `sspsam models`)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     offline: bool = typer.Option(False, "--offline", help="Never download missing weights (also: SSPSAM_OFFLINE=1)."),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),

@@ -13,7 +13,7 @@ DEFAULT_OVSS = "ovss-shapes-demo"
 def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 exposes it to the network."),
     port: int = typer.Option(8000, "--port", "-p", help="TCP port."),
-    model: str = typer.Option("shapes-demo", "--model", "-m", help="Referring model: bundled name, variant or checkpoint."),
+    model: str = typer.Option("shapes-demo", "--model", "-m", help="Referring model: bundled name, variant, checkpoint or `sspsam export onnx` folder."),
     ovss_model: str = typer.Option(DEFAULT_OVSS, "--ovss-model", help="OVSS model for /v1/ovss; 'none' to run without."),
     device: str = typer.Option("auto", "--device", help="torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps."),
     queue_size: int = typer.Option(64, "--queue-size", min=1, help="Requests that may wait; beyond it: 503 + Retry-After."),

@@ -15,6 +15,9 @@ from sspsam.errors import CheckpointError, ModelOutputError
 from sspsam.io.images import is_tensor
 from sspsam.models.build import _model_and_meta
 
+#: the manifest that marks a folder as an `sspsam export onnx` export (sspsam.predict.onnx.MANIFEST;
+#: named here so that resolving a name never imports the exporter)
+ONNX_MANIFEST = "sspsam-onnx.json"
 #: the demo models shipped inside the package, by task
 REFERRING_BUNDLED = {"shapes-demo": "assets/shapes-demo.pt"}
 OVSS_BUNDLED = {"ovss-shapes-demo": "assets/ovss-shapes-demo.pt"}
@@ -26,13 +29,15 @@ class Predictor:
 
     A subclass sets ``BUNDLED`` (its demo models), ``MODEL_TYPES`` (the config ``model`` types it
     runs) and ``TASK``, and implements ``clear_cache`` (its cached image/text features) and
-    ``segment``. Name resolution, in order: a bundled demo, a training-free ``zeroshot`` config, a
-    checkpoint path, a published variant (downloaded on first use); anything else is an error
-    listing what would work.
+    ``segment``. Name resolution, in order: an ONNX export folder (where ``RUNTIMES`` allows it), a
+    bundled demo, a training-free ``zeroshot`` config, a checkpoint path, a published variant
+    (downloaded on first use); anything else is an error listing what would work.
     """
 
     BUNDLED: dict[str, str] = {}
     MODEL_TYPES: tuple[str, ...] = ()
+    #: other runtimes than PyTorch this predictor can load ('onnx': an `sspsam export onnx` folder)
+    RUNTIMES: tuple[str, ...] = ()
     TASK = ""
     #: the modules ``compile=True`` wraps with torch.compile: the image towers, where the time goes
     HOT_MODULES: tuple[str, ...] = ()
@@ -111,9 +116,14 @@ class Predictor:
 
     @classmethod
     def resolve(cls, name_or_path: str | Path) -> tuple[str, Path | None, str]:
-        """``(kind, checkpoint path, display name)``; kind is 'checkpoint' or 'zeroshot' (no file:
-        CLIP and SAM come from the weights cache)."""
+        """``(kind, checkpoint path, display name)``; kind is 'checkpoint', 'zeroshot' (no file:
+        CLIP and SAM come from the weights cache) or 'onnx' (a folder `sspsam export onnx` wrote)."""
         name = str(name_or_path)
+        folder = Path(name)
+        if folder.is_dir() and (folder / ONNX_MANIFEST).is_file():
+            if "onnx" not in cls.RUNTIMES:
+                raise CheckpointError(f"{folder} is an ONNX export of a referring model: use it with `sspsam segment` / Segmenter")
+            return "onnx", folder, folder.name
         if name in cls.BUNDLED:
             path = Path(str(resources.files("sspsam") / cls.BUNDLED[name]))
             if not path.is_file():

@@ -16,14 +16,14 @@ is decoded against its features, so the export keeps that split rather than one 
 ``sspsam-onnx.json`` (the manifest) names the model, input sizes, opset, tokenizer and context
 length, the config the runner needs (thresholds, phrase format) and the sha256 of every file.
 
-The runner plugs the graphs into :class:`sspsam.Segmenter` in place of the torch model, so the
-letterbox, tokenisation and post-processing (thresholds, no-target rule, un-letterboxing) are the
-predictor's own code, not a copy that could drift.
+The runner (:mod:`sspsam.predict.onnx_runtime`) plugs the graphs into :class:`sspsam.Segmenter` in
+place of the torch model, so the letterbox, tokenisation and post-processing (thresholds,
+no-target rule, un-letterboxing) are the predictor's own code, not a copy that could drift; an
+export folder is therefore also a model name (``Segmenter.from_pretrained(folder)``, ``-m folder``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -31,22 +31,21 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from sspsam.errors import CheckpointError, SSPSamError
+from sspsam.errors import SSPSamError
+from sspsam.predict.onnx_runtime import (  # noqa: F401 — the runtime side, re-exported for old imports
+    EXPORTABLE, FORMAT, FORMAT_VERSION, MANIFEST, OnnxGraphs, _sha256, default_providers, default_session_options,
+    device_providers, load_graphs, read_manifest,
+)
 
-MANIFEST = "sspsam-onnx.json"
-FORMAT = "sspsam-onnx"
-FORMAT_VERSION = 1
 OPSET = 18  # the first opset whose Resize has `antialias` (CLIP's resize of the letterbox)
 GRAPHS = {
     "sam_image": "sam_image_encoder.onnx",
     "clip_image": "clip_image_encoder.onnx",
     "decoder": "text_prompt_decoder.onnx",
 }
-EXPORTABLE = ("ssp-sam",)
 
 
 class ExportError(SSPSamError):
@@ -137,14 +136,6 @@ class _Decoder(nn.Module):
 
 
 # ---- export ------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _upsample_bilinear_aa(g, x, output_size, align_corners, scale_factors):
     """``F.interpolate(..., mode="bilinear", antialias=True)`` (how CLIP shrinks SAM's letterbox) as
     ONNX ``Resize`` with ``antialias=1`` (opset 18), which the TorchScript exporter lacks. Both
@@ -275,128 +266,6 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
         os.replace(p, out_dir / p.name)
 
 
-# ---- runtime -----------------------------------------------------------------------------------
-def read_manifest(path: str | os.PathLike, verify: bool = True) -> dict:
-    """The manifest of an export folder, after checking each file's size (and sha256 with ``verify``)."""
-    folder = Path(path)
-    file = folder / MANIFEST
-    if not file.is_file():
-        raise CheckpointError(f"{folder} is not an sspsam ONNX export: no {MANIFEST} (make one with `sspsam export onnx MODEL -o {folder}`)")
-    try:
-        manifest = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {file}: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{file} is not an sspsam ONNX manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{file} has format version {manifest.get('format_version')}; this sspsam reads {FORMAT_VERSION}")
-    for fname, info in manifest.get("files", {}).items():
-        p = folder / fname
-        if not p.is_file() or p.stat().st_size != info.get("bytes"):
-            raise CheckpointError(f"{p} is missing or has the wrong size; export again")
-        if verify and _sha256(p) != info.get("sha256"):
-            raise CheckpointError(f"{p} does not match the sha256 in {MANIFEST}; export again")
-    return manifest
-
-
-def default_providers() -> list[str]:
-    """CUDA first where this onnxruntime has it, then the CPU."""
-    import onnxruntime as ort
-
-    have = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
-
-
-class OnnxGraphs(nn.Module):
-    """The exported graphs behind the interface :class:`sspsam.Segmenter` calls on its model
-    (``encode_image``, ``clip_input``, ``tokenize``, ``encode_text``, ``decode``). An ``nn.Module``
-    without parameters only so that ``.to()``/``.eval()`` work; tensors in and out are CPU torch."""
-
-    def __init__(self, folder: Path, manifest: dict, providers: list[str] | None = None,
-                 session_options=None):
-        super().__init__()
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise SSPSamError("onnxruntime is not installed: pip install 'sspsam[onnx]'") from None
-        from sspsam.backbones._imports import open_clip_modules
-
-        self.manifest = manifest
-        self.config = dict(manifest.get("config") or {})
-        self.providers = list(providers or default_providers())
-        self.sessions = {}
-        for key, graph in manifest["graphs"].items():
-            try:
-                self.sessions[key] = ort.InferenceSession(str(folder / graph["file"]), sess_options=session_options,
-                                                          providers=self.providers)
-            except Exception as exc:  # noqa: BLE001 — onnxruntime raises its own exception types
-                raise CheckpointError(f"onnxruntime cannot load {folder / graph['file']}: {str(exc).splitlines()[0][:200]}") from None
-        self.tokenizer = open_clip_modules()[1].SimpleTokenizer(context_length=int(manifest["context_length"]))
-
-    @property
-    def image_size(self) -> int:
-        return int(self.manifest["image_size"])
-
-    def _run(self, key: str, **inputs) -> list[np.ndarray]:
-        sess = self.sessions[key]
-        feed = {i.name: inputs[i.name].detach().cpu().numpy() for i in sess.get_inputs()}
-        return sess.run(None, feed)
-
-    def encode_image(self, images: torch.Tensor, valid_hw: torch.Tensor | None = None,
-                     clip_images: torch.Tensor | None = None):
-        from sspsam.models.ssp_sam.model import ImageFeatures
-        from sspsam.models.ssp_sam.official_inputs import clip_input_from_letterbox
-
-        if valid_hw is None:
-            valid_hw = torch.full((images.shape[0], 2), self.image_size)
-        if self.manifest["clip_input"] == "centered":
-            if clip_images is None:
-                clip_images = clip_input_from_letterbox(images, valid_hw, int(self.manifest["clip_image_size"]))
-        else:
-            clip_images = images
-        (sam,) = self._run("sam_image", images=images.float(), valid_hw=valid_hw.long())
-        patches, glob = self._run("clip_image", clip_images=clip_images.float())
-        return ImageFeatures(sam=torch.from_numpy(sam), clip_patches=torch.from_numpy(patches),
-                             clip_global=torch.from_numpy(glob))
-
-    def clip_input(self, rgbs: list, device="cpu"):
-        if self.manifest["clip_input"] != "centered":
-            return None
-        from sspsam.models.ssp_sam.official_inputs import clip_input
-
-        return torch.stack([clip_input(rgb, int(self.manifest["clip_image_size"])) for rgb in rgbs])
-
-    def tokenize(self, phrases: list[str]) -> torch.Tensor:
-        if self.manifest.get("phrase_format") == "official":
-            from sspsam.models.ssp_sam.official_inputs import format_phrase
-
-            phrases = [format_phrase(p) for p in phrases]
-        return self.tokenizer(phrases)
-
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens  # the text tower is inside the decoder graph
-
-    def decode(self, image, tokens: torch.Tensor, image_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Phrase t against image ``image_index[t]`` (default: image 0 for all)."""
-        if image_index is None:
-            image_index = torch.zeros(len(tokens), dtype=torch.long)
-        names = self.manifest["graphs"]["decoder"]["outputs"]
-        parts = []
-        for b in image_index.unique(sorted=True).tolist():
-            sel = (image_index == b).nonzero(as_tuple=True)[0]
-            outs = self._run("decoder", tokens=tokens[sel].long(), sam_features=image.sam[b : b + 1],
-                             clip_patches=image.clip_patches[b : b + 1], clip_global=image.clip_global[b : b + 1])
-            parts.append((sel, outs))
-        result = {}
-        for i, n in enumerate(names):
-            first = parts[0][1][i]
-            full = torch.empty((len(tokens), *first.shape[1:]), dtype=torch.float32)
-            for sel, outs in parts:
-                full[sel] = torch.from_numpy(outs[i])
-            result[n] = full
-        return result
-
-
 class OnnxSegmenter:
     """:class:`sspsam.Segmenter` on ONNX Runtime: same inputs, same :class:`Segmentation` out.
 
@@ -414,13 +283,9 @@ class OnnxSegmenter:
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike, providers: list[str] | None = None, verify: bool = True,
-                 session_options=None) -> "OnnxSegmenter":
-        """Load an export folder; ``verify`` re-hashes every file against the manifest first."""
-        folder = Path(path)
-        manifest = read_manifest(folder, verify)
-        if manifest.get("model_type") not in EXPORTABLE:
-            raise CheckpointError(f"{folder} holds a '{manifest.get('model_type')}' export; OnnxSegmenter runs {', '.join(EXPORTABLE)}")
-        return cls(OnnxGraphs(folder, manifest, providers, session_options))
+                 session_options=None, device=None) -> "OnnxSegmenter":
+        """Load an export folder (see :func:`sspsam.predict.onnx_runtime.load_graphs`)."""
+        return cls(load_graphs(path, verify, providers, session_options, device))
 
     @property
     def name(self) -> str:

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from sspsam.errors import TextError
+from sspsam.errors import ConfigError, TextError
 from sspsam.io.images import ImageLike, load_image
 from sspsam.io.masks import min_instance_area
 from sspsam.io.transforms import Letterbox, image_key, model_input, unletterbox_logits
@@ -51,6 +51,7 @@ class Segmenter(Predictor):
     HOT_MODULES = ("clip", "sam.image_encoder")
     BUNDLED = REFERRING_BUNDLED
     MODEL_TYPES = RES_MODELS
+    RUNTIMES = ("onnx",)
     TASK = "a referring"
 
     def __init__(self, model, device: str | torch.device = "auto", name: str | None = None, meta: dict | None = None,
@@ -71,14 +72,23 @@ class Segmenter(Predictor):
     def from_pretrained(cls, name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.device = "auto",
                         dtype: torch.dtype | str | None = None, compile: bool = False) -> "Segmenter":
         """A bundled model name, 'zeroshot' (training-free), a published variant (downloaded on first
-        use) or a checkpoint path (see :meth:`Predictor.resolve`).
+        use), a checkpoint path or a folder `sspsam export onnx` wrote (see :meth:`Predictor.resolve`).
 
-        ``dtype`` (torch.bfloat16 / torch.float16) and ``compile`` as in :class:`Segmenter`."""
+        ``dtype`` (torch.bfloat16 / torch.float16) and ``compile`` as in :class:`Segmenter`; an
+        ONNX folder runs its graphs on ONNX Runtime in fp32 (the fast CPU path), with as many
+        intra-op threads as torch has (``--threads``)."""
         kind, path, name = cls.resolve(name_or_path)
         if kind == "zeroshot":  # training-free: CLIP + SAM from the cache
             from sspsam.predict.zeroshot_res import ZeroShotSegmenter
 
             return ZeroShotSegmenter.from_pretrained(name, device)
+        if kind == "onnx":
+            from sspsam.predict.onnx_runtime import load_graphs
+
+            if dtype is not None or compile:
+                raise ConfigError("an ONNX export runs in fp32 on ONNX Runtime: dtype and compile apply to PyTorch models")
+            graphs = load_graphs(path, device=device)
+            return cls(graphs, "cpu", graphs.manifest["model"], graphs.manifest.get("meta"))
         return cls._from_checkpoint(path, device, name, dtype=dtype, compile=compile)
 
     @classmethod

@@ -1,5 +1,6 @@
 """Images per second through ``Segmenter.segment(images, phrases)`` at several batch sizes, for
-fp32, bf16 and ``compile=True`` in the same run (the modes are interleaved per repeat, so a
+fp32, bf16, ``compile=True`` and ONNX Runtime (the model exported, then loaded as an export
+folder; not timed) in the same run (the modes are interleaved per repeat, so a
 machine whose load changes hurts them alike: compare the columns, not runs).
 
 Examples::
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -31,7 +33,7 @@ from sspsam.models.build import build_model  # noqa: E402
 from sspsam.predict.segmenter import Segmenter  # noqa: E402
 
 PHRASES = ["the red circle", "the blue square on the left"]
-MODES = {"fp32": {}, "bf16": {"dtype": torch.bfloat16}, "compile": {"compile": True}}
+MODES = {"fp32": {}, "bf16": {"dtype": torch.bfloat16}, "compile": {"compile": True}, "onnx": {"onnx": True}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,6 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_segmenter(name: str, device: str, opts: dict) -> Segmenter:
+    if opts.get("onnx"):  # the same weights exported, run as an export folder (ONNX Runtime)
+        from sspsam.predict.onnx import export_onnx
+
+        folder = Path(tempfile.mkdtemp(prefix="sspsam-bench-onnx-")) / name
+        export_onnx(make_segmenter(name, "cpu", {}).model, folder, name=name)
+        return Segmenter.from_pretrained(folder, device=device)
     if name == "shapes-demo":
         return Segmenter.from_pretrained(name, device=device, **opts)
     torch.manual_seed(0)

@@ -407,32 +407,80 @@ def test_an_ovss_model_halved_by_hand_still_runs(ovss):
     assert res.labels.shape == (72, 96) and (res.labels == ovss.segment(rgb, OVSS_CLASSES).labels).mean() >= 0.99
 
 
+class _FakeCompiled(torch.nn.Module):
+    """What torch.compile returns, as far as sspsam relies on it: ``_orig_mod``, attribute access
+    passed through, and a lazy compiler that fails on the calls ``fails(call_number)`` picks."""
+
+    def __init__(self, inner, fails):
+        super().__init__()
+        self._orig_mod = inner
+        self.fails, self.calls = fails, 0
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["_orig_mod"], name)
+
+    def forward(self, *a, **k):
+        self.calls += 1
+        if self.fails(self.calls):
+            raise RuntimeError("inductor says no")
+        return self._orig_mod(*a, **k)
+
+
+def _fake_compile(fails):
+    def compile(target, **kw):
+        if isinstance(target, torch.nn.Module):
+            return _FakeCompiled(target, fails)
+        calls = [0]
+
+        def method(*a, **k):  # a compiled bound method (CLIP's encode_image)
+            calls[0] += 1
+            if fails(calls[0]):
+                raise RuntimeError("inductor says no")
+            return target(*a, **k)
+        return method
+    return compile
+
+
 @pytest.mark.parametrize("task", ["segment", "ovss"])
 def test_compile_that_fails_falls_back_with_one_warning(demo, ovss, monkeypatch, task):
     import warnings
 
     from sspsam.predict.ovss import OVSS
 
-    class Broken(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self._orig_mod = inner
-
-        def forward(self, *a, **k):
-            raise RuntimeError("inductor says no")
-
-    monkeypatch.setattr(torch, "compile", lambda module, **kw: Broken(module))
+    monkeypatch.setattr(torch, "compile", _fake_compile(lambda n: True))
     cls, name, eager = (Segmenter, "shapes-demo", demo) if task == "segment" else (OVSS, "ovss-shapes-demo", ovss)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = cls.from_pretrained(name, device="cpu", compile=True)
     msgs = [str(w.message) for w in caught if "compile" in str(w.message)]
     assert len(msgs) == 1 and "running eagerly" in msgs[0] and model.compiled == []
+    assert "encode_image" not in vars(model.model.clip) and not hasattr(model.model.sam.image_encoder, "_orig_mod")
     rgb = make_scene(3, width=96, height=72).render()
     if task == "segment":
         assert np.array_equal(model.segment(rgb, "the red circle").masks, eager.segment(rgb, "the red circle").masks)
     else:
         assert np.array_equal(model.segment(rgb, OVSS_CLASSES).labels, eager.segment(rgb, OVSS_CLASSES).labels)
+
+
+def test_compile_that_fails_later_answers_that_call_eagerly(demo, monkeypatch):
+    """A compiled model whose compiler gives up at a later call (a new batch size compiles again:
+    TinyViT failed so at batch 4) answers that call eagerly, warns once, and stays eager."""
+    import warnings
+
+    monkeypatch.setattr(torch, "compile", _fake_compile(lambda n: n >= 2))  # the warm-up works, the next call not
+    model = Segmenter.from_pretrained("shapes-demo", device="cpu", compile=True)
+    assert model.compiled == ["clip.encode_image", "sam.image_encoder"]
+    scenes = [make_scene(s, width=96, height=72).render() for s in range(4)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = model.segment(scenes, "the red circle")
+    msgs = [str(w.message) for w in caught if "compile" in str(w.message)]
+    assert len(msgs) == 1 and "running eagerly" in msgs[0] and model.compiled == []
+    for g, w in zip(got, demo.segment(scenes, "the red circle")):
+        assert np.array_equal(g.masks, w.masks)
 
 
 def test_compile_skips_modules_the_model_lacks(monkeypatch):

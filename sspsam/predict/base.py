@@ -67,23 +67,27 @@ class Predictor:
         return autocast(self.device, self._run_dtype())
 
     def _compile(self) -> None:
-        """``compile=True``: wrap HOT_MODULES and warm up once, since compile is lazy and a graph it
-        cannot handle fails on the first call; then it runs eagerly again, with one warning."""
+        """``compile=True``: wrap HOT_MODULES and warm up once (compile is lazy). Wherever the
+        compiler fails, at the warm-up or at a later call with a new batch size, every module runs
+        eagerly again from then on, with one warning, and that call is answered eagerly."""
+        from sspsam.predict.precision import compile_hot_modules
+
+        self.compiled = compile_hot_modules(self.model, list(self.HOT_MODULES), on_failure=self._compile_failed)
+        if self.compiled:
+            self._warm_up()
+            self.clear_cache()
+
+    def _compile_failed(self, exc: BaseException) -> None:
         import warnings
 
-        from sspsam.predict.precision import compile_hot_modules, uncompile
+        from sspsam.predict.precision import uncompile
 
-        self.compiled = compile_hot_modules(self.model, list(self.HOT_MODULES))
         if not self.compiled:
             return
-        try:
-            self._warm_up()
-        except Exception as exc:  # noqa: BLE001
-            uncompile(self.model, self.compiled)
-            self.compiled = []
-            warnings.warn(f"torch.compile did not work for this model ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
-                          "running eagerly", stacklevel=3)
-        self.clear_cache()
+        uncompile(self.model, self.compiled)
+        self.compiled = []
+        warnings.warn(f"torch.compile did not work for this model ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); "
+                      "running eagerly", stacklevel=2)
 
     def _warm_up(self) -> None:
         """One small call through every compiled module."""

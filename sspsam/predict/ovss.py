@@ -152,7 +152,7 @@ class OVSS(Predictor):
     BUNDLED = OVSS_BUNDLED
     MODEL_TYPES = OVSS_MODELS
     TASK = "an OVSS"
-    HOT_MODULES = ("clip", "sam.image_encoder")
+    HOT_MODULES = ("clip.encode_image", "sam.image_encoder")
 
     def __init__(self, model, device: str | torch.device = "auto", name: str | None = None, meta: dict | None = None,
                  protocol: str = "sspsam", sclip_options: dict | None = None,

@@ -11,6 +11,7 @@ made inside the model (positional tables, masks) mix with half weights without a
 from __future__ import annotations
 
 import contextlib
+import types
 import warnings
 
 import torch
@@ -85,12 +86,17 @@ def check_dtype(device: torch.device, dtype: torch.dtype) -> None:
         raise ValueError(f"{dtype} is not supported on {device} by this torch build ({str(exc).splitlines()[0][:160]})") from None
 
 
-def compile_hot_modules(owner, names: list[str]) -> list[str]:
+def compile_hot_modules(owner, names: list[str], on_failure=None) -> list[str]:
     """Wrap ``owner.<name>`` modules (dotted names) with ``torch.compile``; returns the ones wrapped.
 
-    compile is lazy — errors surface on the first call — so the caller runs one warm-up and calls
-    :func:`uncompile` on failure. A name the model lacks (no such module, or ``None``, e.g. a
-    model built without SAM's image encoder) is skipped; a torch without ``compile`` only warns.
+    compile is lazy: errors surface on a call, the first one or a later one whose new shape makes
+    it compile again. With ``on_failure`` set, a compiled call that raises calls
+    ``on_failure(exc)`` (which is expected to :func:`uncompile`) and runs the eager module
+    instead, so a user's call never fails because of the compiler. Shapes are static
+    (``dynamic=False``): the towers see one input size per batch size, and symbolic shapes failed
+    on TinyViT at a second batch size (InductorError, torch 2.13). A name the model lacks (no such
+    module, or ``None``, e.g. a model built without SAM's image encoder) is skipped; a torch
+    without ``compile`` only warns.
     """
     if not hasattr(torch, "compile"):
         warnings.warn("torch.compile is not available in this torch build; running eagerly", stacklevel=3)
@@ -103,20 +109,48 @@ def compile_hot_modules(owner, names: list[str]) -> list[str]:
         except AttributeError:
             continue
         module = getattr(holder, attr, None)
-        if not isinstance(module, nn.Module):
+        is_method = isinstance(module, types.MethodType) and module.__self__ is holder
+        if not (isinstance(module, nn.Module) or is_method):
             continue
         try:
-            setattr(holder, attr, torch.compile(module, dynamic=True))
-            done.append(name)
+            compiled = torch.compile(module, dynamic=False)
         except Exception as exc:  # noqa: BLE001 — any failure means "run eagerly", said once
             warnings.warn(f"torch.compile failed for {name} ({type(exc).__name__}: {str(exc)[:160]}); running it eagerly", stacklevel=3)
+            continue
+        if on_failure is not None:
+            compiled = _fall_back_on_failure(compiled, module, on_failure)
+        setattr(holder, attr, compiled)  # a method: an instance attribute over the class's method
+        done.append(name)
     return done
 
 
+def _fall_back_on_failure(compiled, eager, on_failure):
+    """``compiled`` behind a guard: an exception calls ``on_failure`` and the call is answered by
+    ``eager`` (a genuine error then comes from the eager run, as without compile). A module keeps
+    its type (its ``forward`` is routed); a compiled method becomes a plain function."""
+    compiled_call = compiled.forward if isinstance(compiled, nn.Module) else compiled
+
+    def call(*args, **kwargs):
+        try:
+            return compiled_call(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 — whatever the compiler raised, eager answers
+            on_failure(exc)
+            return eager(*args, **kwargs)
+
+    if isinstance(compiled, nn.Module):
+        compiled.forward = call
+        return compiled
+    return call
+
+
 def uncompile(owner, names: list[str]) -> None:
-    """Undo :func:`compile_hot_modules`: put each module's eager original back."""
+    """Undo :func:`compile_hot_modules`: put each module's eager original back (a compiled method:
+    drop the instance attribute, so the class's method answers again)."""
     for name in names:
         parent, _, attr = name.rpartition(".")
         holder = owner.get_submodule(parent) if parent else owner
+        if attr in vars(holder) and callable(vars(holder)[attr]) and not isinstance(vars(holder)[attr], nn.Module):
+            del holder.__dict__[attr]
+            continue
         module = getattr(holder, attr)
         setattr(holder, attr, getattr(module, "_orig_mod", module))

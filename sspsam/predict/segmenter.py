@@ -47,8 +47,9 @@ class Segmenter(Predictor):
     ``compile``: wrap the image towers with torch.compile, falling back to eager with a warning.
     """
 
-    #: the modules torch.compile wraps: the image towers, where the time goes
-    HOT_MODULES = ("clip", "sam.image_encoder")
+    #: what torch.compile wraps: the image towers, where the time goes (CLIP's wrapper has no
+    #: forward, so its image method is compiled; SAM's encoder as a module)
+    HOT_MODULES = ("clip.encode_image", "sam.image_encoder")
     BUNDLED = REFERRING_BUNDLED
     MODEL_TYPES = RES_MODELS
     RUNTIMES = ("onnx",)

@@ -82,9 +82,8 @@ def _interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
 
 
 def bench(name: str, args) -> list[tuple]:
-    import onnxruntime as ort
 
-    from sspsam.predict.onnx import OnnxSegmenter, export_onnx
+    from sspsam.predict.onnx import OnnxSegmenter, default_session_options, export_onnx
     from sspsam.io.transforms import model_input
 
     seg = _load(name)
@@ -93,9 +92,7 @@ def bench(name: str, args) -> list[tuple]:
     t0 = time.perf_counter()
     export_onnx(m, folder / "export", name=name)
     export_s = time.perf_counter() - t0
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = args.threads
-    opts.inter_op_num_threads = 1
+    opts = default_session_options()  # what sspsam runs with: threads = torch's (--threads), no spinning
     onnx_seg = OnnxSegmenter.from_dir(folder / "export", providers=["CPUExecutionProvider"], session_options=opts)
     g = onnx_seg.graphs
     rng = np.random.default_rng(0)

@@ -88,12 +88,16 @@ def device_providers(device) -> list[str]:
 def default_session_options():
     """One session's threads = torch's (what ``--threads`` / ``torch.set_num_threads`` chose), so
     the ONNX path and the PyTorch path are sized alike; the graphs run one after another, so one
-    inter-op thread."""
+    inter-op thread. No spinning: ORT's threads otherwise busy-wait after each run and take the
+    cores from the torch pre/post-processing that follows (and from anything else in the process:
+    in benchmarks/batch_throughput.py, PyTorch calls right after an ORT call ran at 15 instead of
+    ~35 images/s)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 

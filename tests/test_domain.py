@@ -63,6 +63,42 @@ def test_photo_like_images_are_out_of_domain():
     assert out_of_domain_warning("shapes-demo", make_scene(1).render()) is None
 
 
+def test_fraction_is_the_per_pixel_rule():
+    """The table lookup in ``in_domain_fraction`` gives the rule written out pixel by pixel: grey
+    (channel spread <= 8, mean level in [92, 243]) or within 28 per channel of a palette colour;
+    on noise, photos, scenes and the grey levels at the range's edges."""
+    from sspsam.predict import domain
+
+    def rule(rgb):
+        px = rgb.reshape(-1, 3).astype(int)
+        pal = domain._palette().astype(int)
+        grey = (px.max(1) - px.min(1) <= 8) & (px.mean(1) >= 92) & (px.mean(1) <= 243)
+        near = (np.abs(px[:, None] - pal[None]).max(2) <= 28).any(1)
+        return float((grey | near).mean())
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (120, 160, 3), dtype=np.uint8), photo_like(), make_scene(4).render()]
+    images += [np.full((4, 4, 3), v, np.uint8) for v in (91, 92, 243, 244)] + [np.array([[[92, 92, 93], [91, 92, 93]]], np.uint8)]
+    for im in images:
+        assert in_domain_fraction(im) == rule(im)
+
+
+def test_the_domain_check_runs_once_per_image(monkeypatch):
+    """Every further phrase on a cached image reuses its warning (the check was most of a demo
+    phrase's time)."""
+    import sspsam.predict.domain as domain
+
+    calls = []
+    real = domain.out_of_domain_warning
+    monkeypatch.setattr(domain, "out_of_domain_warning", lambda *a: calls.append(1) or real(*a))
+    seg = Segmenter.from_pretrained("shapes-demo")
+    first = seg.segment(photo_like(), "the red circle")
+    again = seg.segment(photo_like(), "the blue square")
+    assert len(calls) == 1 and first.warnings == again.warnings and len(first.warnings) == 1
+    seg.segment(make_scene(2).render(), "the red circle")
+    assert len(calls) == 2
+
+
 def test_segmenter_warns_on_a_photo_only():
     seg = Segmenter.from_pretrained("shapes-demo")
     assert seg.domain == DOMAIN and isinstance(seg.meta, dict) and "steps" in seg.meta

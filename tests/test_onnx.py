@@ -184,6 +184,8 @@ def test_an_export_folder_is_a_model_name_for_the_api_and_the_cli(exports, tmp_p
         Segmenter.from_pretrained(folder, dtype=torch.bfloat16)
     with pytest.raises(SSPSamError, match="referring"):
         OVSS.from_pretrained(folder)
+    with pytest.raises(SSPSamError, match="no sspsam-onnx.json"):  # any other folder: named, not "not found"
+        Segmenter.from_pretrained(tmp_path)
 
     out = {}
     for label, model in (("torch", "shapes-demo"), ("onnx", str(folder))):

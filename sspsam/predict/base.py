@@ -128,6 +128,9 @@ class Predictor:
             if "onnx" not in cls.RUNTIMES:
                 raise CheckpointError(f"{folder} is an ONNX export of a referring model: use it with `sspsam segment` / Segmenter")
             return "onnx", folder, folder.name
+        if folder.is_dir():
+            raise CheckpointError(f"{folder} is a folder, not a checkpoint file"
+                                  + (f" or an ONNX export (no {ONNX_MANIFEST} in it)" if "onnx" in cls.RUNTIMES else ""))
         if name in cls.BUNDLED:
             path = Path(str(resources.files("sspsam") / cls.BUNDLED[name]))
             if not path.is_file():

@@ -32,6 +32,7 @@ class _Encoded:
     key: str
     features: object
     box: Letterbox
+    warnings: list[str] | None = None  # the image's domain warnings, worked out once per image
 
 
 class Segmenter(Predictor):
@@ -173,6 +174,8 @@ class Segmenter(Predictor):
     def _decode_phrases(self, enc: _Encoded, rgb: np.ndarray, phrases: list[str], batch_size: int,
                         return_tensors: str) -> Segmentation:
         masks, scores, no_target, nt_probs, instances = [], [], [], [], []
+        if enc.warnings is None:
+            enc.warnings = domain_warnings(self.name, self.domain, rgb, "segment")
         with self._autocast():
             for i in range(0, len(phrases), batch_size):
                 chunk = phrases[i : i + batch_size]
@@ -189,7 +192,7 @@ class Segmenter(Predictor):
             scores=torch.cat(scores),
             no_target=torch.cat(no_target),
             no_target_prob=torch.cat(nt_probs) if has_head else None,
-            warnings=domain_warnings(self.name, self.domain, rgb, "segment"),
+            warnings=list(enc.warnings),
             instances=instances,
         )
         return _as_tensors(res, self.device) if return_tensors == "pt" else _as_numpy(res)

@@ -164,7 +164,7 @@ def test_export_over_an_older_export_replaces_every_file(exports, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_an_export_folder_is_a_model_name_for_the_api_and_the_cli(exports, tmp_path):
+def test_an_export_folder_is_a_model_name_for_the_api_and_the_cli(exports, tmp_path, monkeypatch):
     """`Segmenter.from_pretrained(DIR)` and `sspsam segment -m DIR` run the export on ONNX Runtime
     (the fast CPU path): the same masks and JSON as the bundled PyTorch model, the threads torch
     has, and one-line refusals where an export cannot serve."""
@@ -186,6 +186,9 @@ def test_an_export_folder_is_a_model_name_for_the_api_and_the_cli(exports, tmp_p
         OVSS.from_pretrained(folder)
     with pytest.raises(SSPSamError, match="no sspsam-onnx.json"):  # any other folder: named, not "not found"
         Segmenter.from_pretrained(tmp_path)
+    (tmp_path / "shapes-demo").mkdir()  # a folder that happens to carry a bundled name does not shadow it
+    monkeypatch.chdir(tmp_path)
+    assert Segmenter.from_pretrained("shapes-demo", device="cpu").model.__class__ is torch_seg.model.__class__
 
     out = {}
     for label, model in (("torch", "shapes-demo"), ("onnx", str(folder))):

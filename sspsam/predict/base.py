@@ -29,8 +29,8 @@ class Predictor:
 
     A subclass sets ``BUNDLED`` (its demo models), ``MODEL_TYPES`` (the config ``model`` types it
     runs) and ``TASK``, and implements ``clear_cache`` (its cached image/text features) and
-    ``segment``. Name resolution, in order: an ONNX export folder (where ``RUNTIMES`` allows it), a
-    bundled demo, a training-free ``zeroshot`` config, a checkpoint path, a published variant
+    ``segment``. Name resolution, in order: a bundled demo, a training-free ``zeroshot`` config, an
+    ONNX export folder (where ``RUNTIMES`` allows it), a checkpoint path, a published variant
     (downloaded on first use); anything else is an error listing what would work.
     """
 
@@ -123,14 +123,6 @@ class Predictor:
         """``(kind, checkpoint path, display name)``; kind is 'checkpoint', 'zeroshot' (no file:
         CLIP and SAM come from the weights cache) or 'onnx' (a folder `sspsam export onnx` wrote)."""
         name = str(name_or_path)
-        folder = Path(name)
-        if folder.is_dir() and (folder / ONNX_MANIFEST).is_file():
-            if "onnx" not in cls.RUNTIMES:
-                raise CheckpointError(f"{folder} is an ONNX export of a referring model: use it with `sspsam segment` / Segmenter")
-            return "onnx", folder, folder.name
-        if folder.is_dir():
-            raise CheckpointError(f"{folder} is a folder, not a checkpoint file"
-                                  + (f" or an ONNX export (no {ONNX_MANIFEST} in it)" if "onnx" in cls.RUNTIMES else ""))
         if name in cls.BUNDLED:
             path = Path(str(resources.files("sspsam") / cls.BUNDLED[name]))
             if not path.is_file():
@@ -142,6 +134,13 @@ class Predictor:
         if kind == "zeroshot":
             return "zeroshot", None, name
         path = Path(name)
+        if path.is_dir() and (path / ONNX_MANIFEST).is_file():
+            if "onnx" not in cls.RUNTIMES:
+                raise CheckpointError(f"{path} is an ONNX export of a referring model: use it with `sspsam segment` / Segmenter")
+            return "onnx", path, path.name
+        if path.is_dir():
+            raise CheckpointError(f"{path} is a folder, not a checkpoint file"
+                                  + (f" or an ONNX export (no {ONNX_MANIFEST} in it)" if "onnx" in cls.RUNTIMES else ""))
         if path.suffix or path.exists():
             return "checkpoint", path, path.stem
         if kind is not None:

@@ -9,7 +9,6 @@ importing each other. The graphs and the manifest are described there.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -19,21 +18,13 @@ import torch
 from torch import nn
 
 from sspsam.errors import CheckpointError, SSPSamError
+from sspsam.io.weights import sha256_file as _sha256
 from sspsam.predict.base import ONNX_MANIFEST as MANIFEST
 
 FORMAT = "sspsam-onnx"
 FORMAT_VERSION = 1
 #: the config ``model`` types that export (and that an export folder may hold)
 EXPORTABLE = ("ssp-sam",)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 
 def read_manifest(path: str | os.PathLike, verify: bool = True) -> dict:

@@ -18,6 +18,8 @@ there for GPUs.
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import statistics
 import sys
 import tempfile
@@ -53,7 +55,9 @@ def make_segmenter(name: str, device: str, opts: dict) -> Segmenter:
     if opts.get("onnx"):  # the same weights exported, run as an export folder (ONNX Runtime)
         from sspsam.predict.onnx import export_onnx
 
-        folder = Path(tempfile.mkdtemp(prefix="sspsam-bench-onnx-")) / name
+        tmp = tempfile.mkdtemp(prefix="sspsam-bench-onnx-")
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # graphs of a real-size model are ~100 MB
+        folder = Path(tmp) / name
         export_onnx(make_segmenter(name, "cpu", {}).model, folder, name=name)
         return Segmenter.from_pretrained(folder, device=device)
     if name == "shapes-demo":

@@ -24,6 +24,7 @@ of the mask logits and the share of equal mask pixels (ORT against torch) on the
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import subprocess
@@ -133,7 +134,7 @@ def bench(name: str, args) -> list[tuple]:
 
         def further(s):  # … and each further phrase on the same image (features cached)
             s.segment(rgb, PHRASES[0])
-            turn = iter(range(10**9))
+            turn = itertools.count()
 
             def run():
                 s.segment(rgb, PHRASES[1 + next(turn) % (len(PHRASES) - 1)])

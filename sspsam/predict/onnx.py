@@ -35,8 +35,9 @@ import torch
 from torch import nn
 
 from sspsam.errors import SSPSamError
+from sspsam.io.weights import sha256_file
 from sspsam.predict.onnx_runtime import (  # noqa: F401 — the runtime side, re-exported for old imports
-    EXPORTABLE, FORMAT, FORMAT_VERSION, MANIFEST, OnnxGraphs, _sha256, default_providers, default_session_options,
+    EXPORTABLE, FORMAT, FORMAT_VERSION, MANIFEST, OnnxGraphs, default_providers, default_session_options,
     device_providers, load_graphs, read_manifest,
 )
 
@@ -237,7 +238,7 @@ def export_onnx(model, out_dir: str | os.PathLike, name: str | None = None, meta
                 "decoder": {"file": GRAPHS["decoder"], "inputs": {"tokens": ["T", int(m.clip.context_length)]},
                             "outputs": outputs},
             },
-            "files": {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())},
+            "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())},
             "config": config,
             "meta": json.loads(json.dumps(meta or {}, default=str)),
             "torch": torch.__version__,

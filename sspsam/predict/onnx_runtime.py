@@ -50,26 +50,31 @@ def read_manifest(path: str | os.PathLike, verify: bool = True) -> dict:
     return manifest
 
 
+def _ort():
+    """onnxruntime, or a one-line error naming the extra that installs it (never an ImportError traceback)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise SSPSamError("onnxruntime is not installed: pip install 'sspsam[onnx]'") from None
+    return onnxruntime
+
+
 def default_providers() -> list[str]:
     """CUDA first where this onnxruntime has it, then the CPU."""
-    import onnxruntime as ort
-
-    have = ort.get_available_providers()
+    have = _ort().get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
 
 
 def device_providers(device) -> list[str]:
     """The providers for a torch-style device: 'auto' = :func:`default_providers`, 'cpu' = the CPU
     only, 'cuda[:N]' = CUDA (an error where this onnxruntime has none) then the CPU."""
-    import onnxruntime as ort
-
     name = str(device).strip().lower()
     if name in ("", "auto"):
         return default_providers()
     if name == "cpu":
         return ["CPUExecutionProvider"]
     if name.startswith("cuda"):
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
+        if "CUDAExecutionProvider" not in _ort().get_available_providers():
             raise SSPSamError(f"device {device!r}: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu), "
                               "or use --device cpu")
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -83,9 +88,7 @@ def default_session_options():
     cores from the torch pre/post-processing that follows (and from anything else in the process:
     in benchmarks/batch_throughput.py, PyTorch calls right after an ORT call ran at 15 instead of
     ~35 images/s)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
+    opts = _ort().SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -100,10 +103,7 @@ class OnnxGraphs(nn.Module):
     def __init__(self, folder: Path, manifest: dict, providers: list[str] | None = None,
                  session_options=None):
         super().__init__()
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise SSPSamError("onnxruntime is not installed: pip install 'sspsam[onnx]'") from None
+        ort = _ort()
         from sspsam.backbones._imports import open_clip_modules
 
         self.manifest = manifest
@@ -193,10 +193,6 @@ def load_graphs(path: str | os.PathLike, verify: bool = True, providers: list[st
     if manifest.get("model_type") not in EXPORTABLE:
         raise CheckpointError(f"{folder} holds a '{manifest.get('model_type')}' export; sspsam runs exports of "
                               f"{', '.join(EXPORTABLE)} models")
-    try:
-        import onnxruntime  # noqa: F401 — one line, not an ImportError traceback
-    except ImportError:
-        raise SSPSamError("onnxruntime is not installed: pip install 'sspsam[onnx]'") from None
     if providers is None and device is not None:
         providers = device_providers(device)
     return OnnxGraphs(folder, manifest, providers, session_options)

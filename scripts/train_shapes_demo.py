@@ -52,11 +52,11 @@ bit for bit, by ``python scripts/train_shapes_demo.py --example``.
 from __future__ import annotations
 
 import argparse
-import re
 import datetime
 import math
 import os
 import random
+import re
 import time
 from pathlib import Path
 
@@ -69,7 +69,8 @@ from sspsam.io.checkpoint import atomic_write, save_checkpoint
 from sspsam.models.build import build_model
 from sspsam.config import load_config, merge
 from sspsam.data.shapes import FAMILIES, expressions_by_family, make_scene
-from sspsam.engine.shapes_eval import TRAIN_SEED_LIMIT, demo_scene, evaluate, format_table, pick_phrases, target_mask
+from sspsam.engine.metrics import RESMeter
+from sspsam.engine.shapes_eval import TRAIN_SEED_LIMIT, answers, demo_scene, evaluate, format_table, target_mask
 from sspsam.engine.losses import ssp_loss
 from sspsam.engine.step import collate, make_sample, param_groups
 
@@ -190,17 +191,12 @@ def calibrate_no_target(segmenter, n_scenes: int = 200, seed0: int = TRAIN_SEED_
     is the one whose weakest family is strongest — family by family, as the held-out table scores
     them: pooled over phrases, "the blue circle" (present) would be sacrificed to "the purple
     circle" (absent), since the two read alike and colour–shape is one family among seven."""
-    rng = random.Random(seed0)
     saved, segmenter.no_target_prob = segmenter.no_target_prob, 2.0  # masks for every phrase
+    scorer = RESMeter()  # the held-out table's IoU
     rows = []  # (family, no-target prob, IoU if answered)
     try:
-        for k in range(n_scenes):
-            scene = demo_scene(seed0 + k)
-            phrases = pick_phrases(scene, rng)
-            res = segmenter.segment(scene.render(), [e.text for e in phrases])
-            for e, mask, p in zip(phrases, res.masks, res.no_target_prob):
-                gt = target_mask(scene, e)
-                rows.append((e.family, float(p), 0.0 if e.no_target else float((mask & gt).sum() / max((mask | gt).sum(), 1))))
+        for scene, e, mask, _, p in answers(segmenter, n_scenes, seed0):
+            rows.append((e.family, float(p), 0.0 if e.no_target else scorer.update(mask, target_mask(scene, e))))
     finally:
         segmenter.no_target_prob = saved
 

@@ -46,29 +46,38 @@ def target_mask(scene: Scene, expr: Expression) -> np.ndarray:
     return out
 
 
+def answers(segmenter, n_scenes: int, seed0: int, families: tuple[str, ...] = FAMILIES):
+    """Yield (scene, phrase, mask, said "no target", no-target prob or None) for one phrase per
+    family on each of ``n_scenes`` scenes from ``seed0``: the loop the held-out table and the
+    demo's threshold calibration (scripts/train_shapes_demo.py) share."""
+    rng = random.Random(seed0)
+    for k in range(n_scenes):
+        scene = demo_scene(seed0 + k)
+        phrases = pick_phrases(scene, rng, families)
+        res = segmenter.segment(scene.render(), [e.text for e in phrases])
+        probs = [None] * len(phrases) if res.no_target_prob is None else res.no_target_prob
+        for e, mask, said_none, prob in zip(phrases, res.masks, res.no_target, probs):
+            yield scene, e, mask, bool(said_none), prob
+
+
 def evaluate(segmenter, n_scenes: int = 200, seed0: int = HELDOUT_SEED0, families: tuple[str, ...] = FAMILIES) -> dict:
     """Per-family and overall scores of ``segmenter`` (a :class:`sspsam.Segmenter`) on
     ``n_scenes`` held-out scenes. A family's ``score`` is its mIoU, or for ``absent`` its
     no-target accuracy."""
     if seed0 < TRAIN_SEED_LIMIT:
         raise ValueError(f"held-out seeds must start at {TRAIN_SEED_LIMIT} or above (training uses the ones below)")
-    rng = random.Random(seed0)
     meters = {f: RESMeter() for f in families}
     overall = RESMeter()
     nt_right = {f: 0 for f in families}
     nt_n = {f: 0 for f in families}
-    for k in range(n_scenes):
-        scene = demo_scene(seed0 + k)
-        phrases = pick_phrases(scene, rng, families)
-        res = segmenter.segment(scene.render(), [e.text for e in phrases])
-        for e, mask, said_none in zip(phrases, res.masks, res.no_target):
-            if e.no_target:
-                nt_n[e.family] += 1
-                nt_right[e.family] += bool(said_none)
-            else:
-                gt = target_mask(scene, e)
-                meters[e.family].update(mask, gt)
-                overall.update(mask, gt)
+    for scene, e, mask, said_none, _ in answers(segmenter, n_scenes, seed0, families):
+        if e.no_target:
+            nt_n[e.family] += 1
+            nt_right[e.family] += said_none
+        else:
+            gt = target_mask(scene, e)
+            meters[e.family].update(mask, gt)
+            overall.update(mask, gt)
     rows = {}
     for f in families:
         n_t, n_nt = len(meters[f]), nt_n[f]

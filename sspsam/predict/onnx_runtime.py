@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sspsam.errors import CheckpointError, SSPSamError
-from sspsam.io.weights import sha256_file as _sha256
+from sspsam.io.weights import sha256_file
 from sspsam.predict.base import ONNX_MANIFEST as MANIFEST
 
 FORMAT = "sspsam-onnx"
@@ -45,7 +45,7 @@ def read_manifest(path: str | os.PathLike, verify: bool = True) -> dict:
         p = folder / fname
         if not p.is_file() or p.stat().st_size != info.get("bytes"):
             raise CheckpointError(f"{p} is missing or has the wrong size; export again")
-        if verify and _sha256(p) != info.get("sha256"):
+        if verify and sha256_file(p) != info.get("sha256"):
             raise CheckpointError(f"{p} does not match the sha256 in {MANIFEST}; export again")
     return manifest
 

@@ -55,7 +55,8 @@ def answers(segmenter, n_scenes: int, seed0: int, families: tuple[str, ...] = FA
         scene = demo_scene(seed0 + k)
         phrases = pick_phrases(scene, rng, families)
         res = segmenter.segment(scene.render(), [e.text for e in phrases])
-        probs = [None] * len(phrases) if res.no_target_prob is None else res.no_target_prob
+        probs = getattr(res, "no_target_prob", None)  # only a no-target head has one
+        probs = [None] * len(phrases) if probs is None else probs
         for e, mask, said_none, prob in zip(phrases, res.masks, res.no_target, probs):
             yield scene, e, mask, bool(said_none), prob
 

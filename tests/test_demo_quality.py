@@ -60,18 +60,16 @@ def shapes_demo_result():
     return evaluate(Segmenter.from_pretrained("shapes-demo"), n_scenes=200, seed0=HELDOUT_SEED0 + 7_000_000)
 
 
-def test_shapes_demo_beats_the_first_demo(shapes_demo_result):
-    """Where the shipped demo stands (the first one: colour+shape 0.00, overall 0.21; the 128-px one
-    at step 15000: 0.74 overall, colour+shape 0.71, no-target 0.85; the 256-px one: 0.87 overall,
-    no-target 0.975, every family 0.70 or more on these scenes — colour+shape is the weakest, as
-    it trades against no-target: "the blue circle" reads like "the purple circle"): a floor so
-    that a retrain cannot silently go back. On the script's held-out seeds the model meets issue
-    9's targets (0.883 / 0.970 / every family 0.75 or more)."""
+def test_shapes_demo_meets_issue_9_on_held_out_scenes(shapes_demo_result):
+    """Issue 9's bar on 200 scenes no training run drew (seeds of their own, not the ones the
+    threshold was chosen on): mIoU >= 0.85 over target phrases, no-target accuracy >= 0.9, every
+    phrase family >= 0.75. Where it stands: 0.897 / 0.970, weakest size 0.79 and multi 0.84 (the
+    first demo: colour+shape 0.00, overall 0.21)."""
     r = shapes_demo_result
     print(format_table(r))
     assert set(r["families"]) == set(FAMILIES) and all(row["n"] >= 30 for row in r["families"].values())
     assert r["mIoU"] >= 0.85 and r["families"]["colour"]["score"] >= 0.9
-    assert all(row["score"] >= 0.65 for row in r["families"].values()), {f: row["score"] for f, row in r["families"].items()}
+    assert all(row["score"] >= 0.75 for row in r["families"].values()), {f: row["score"] for f, row in r["families"].items()}
     assert r["no_target_acc"] >= 0.9
 
 
@@ -113,7 +111,7 @@ def test_ovss_demo_on_held_out_scenes(tmp_path):
     meta = read_sspsam_checkpoint(ROOT / "sspsam/assets/ovss-shapes-demo.pt")["meta"]
     classes = meta["example_classes"]
     assert meta["domain"] == "generated-shapes" and classes[0] == "background"
-    generate_semseg(tmp_path, n=100, size=128, seed=987_654, splits=("val",), classes=tuple(classes))
+    generate_semseg(tmp_path, n=200, size=128, seed=987_654, splits=("val",), classes=tuple(classes))
     ovss = OVSS.from_pretrained("ovss-shapes-demo")
     res = evaluate_ovss(ovss.model, SemSegDataset(tmp_path, "val"), classes=classes)
     assert res["mIoU"] >= 0.85, res["per_class"]

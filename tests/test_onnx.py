@@ -157,7 +157,10 @@ def test_export_over_an_older_export_replaces_every_file(exports, tmp_path):
     (folder / "text_prompt_decoder.onnx").write_bytes(b"stale")
     (folder / "notes.txt").write_text("mine")
     export_onnx(torch_seg.model, folder, name="ssp-sam-tiny")
-    again = OnnxSegmenter.from_dir(folder)  # verify=True: every sha256 checked
+    import sspsam
+
+    assert sspsam.onnx.OnnxSegmenter is OnnxSegmenter and sspsam.onnx.export_onnx is export_onnx  # the public name
+    again = sspsam.onnx.OnnxSegmenter.from_dir(folder)  # verify=True: every sha256 checked
     res = again.segment(_scene(), PHRASES[3])
     assert np.array_equal(res.masks, torch_seg.segment(_scene(), PHRASES[3]).masks)
     assert (folder / "notes.txt").read_text() == "mine"

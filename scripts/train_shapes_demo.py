@@ -90,9 +90,6 @@ OVERRIDES = {
 # none: they are drawn more often. Absent objects too, so that "the C S" is not a no-target cue.
 FAMILY_WEIGHTS = {"colour": 2.0, "shape": 1.5, "colour-shape": 2.0, "position": 1.0, "relation": 1.0,
                   "size": 0.5, "multi": 1.0, "absent": 1.5}
-# How often a drawn colour–shape phrase comes with an absent twin in the same scene ("the red
-# circle" beside "the red square"): only the conjunction tells the two apart (--pair-rate).
-PAIR_RATE = 0.0
 EXAMPLE_PHRASES = ["the blue circle", "the yellow shape", "the triangle", "the yellow circle on the right",
                    "the blue circle left of the red square", "the purple triangle"]
 EXAMPLE_SEED = 12
@@ -106,9 +103,13 @@ def example_scene():
                       palette=("red", "green", "blue", "yellow"))
 
 
-def sample_scene(rng: random.Random, size: int, phrases: int) -> list[dict]:
+def sample_scene(rng: random.Random, size: int, phrases: int, pair_rate: float = 0.0) -> list[dict]:
     """``phrases`` phrases of different families on one training scene: the model must read the
-    phrase to tell their masks apart, and the image towers run once for all of them."""
+    phrase to tell their masks apart, and the image towers run once for all of them.
+
+    ``pair_rate``: how often a drawn colour–shape phrase comes with an absent twin in the same
+    scene ("the red circle" beside "the red square"): only the conjunction tells the two apart.
+    At 0 the draws are the ones the recipe made before the option existed."""
     scene = demo_scene(rng.randrange(TRAIN_SEED_LIMIT))
     by_family = {f: es for f, es in expressions_by_family(scene).items() if es}
     fams = list(by_family)
@@ -117,8 +118,10 @@ def sample_scene(rng: random.Random, size: int, phrases: int) -> list[dict]:
         fam = rng.choices(fams, weights=[FAMILY_WEIGHTS.get(f, 1.0) for f in fams])[0]
         e = rng.choice(by_family[fam])
         out.append(make_sample(image, target_mask(scene, e), e.text, size))
+        if not (pair_rate and fam == "colour-shape" and len(out) < phrases):
+            continue
         twins = [a for a in by_family.get("absent", ()) if _shares_a_word(a.text, e.text)]
-        if fam == "colour-shape" and twins and len(out) < phrases and rng.random() < PAIR_RATE:
+        if twins and rng.random() < pair_rate:
             a = rng.choice(twins)
             out.append(make_sample(image, target_mask(scene, a), a.text, size))
     return out
@@ -241,14 +244,14 @@ def calibrate_no_target(segmenter, n_scenes: int = 200, seed0: int = TRAIN_SEED_
     return best
 
 
-def recalibrate(path: str, n_calibrate: int, n_eval: int) -> None:
+def recalibrate(path: str, n_calibrate: int, n_eval: int, threads: int) -> None:
     """Rewrite a trained demo checkpoint with a newly chosen no-target threshold and its held-out scores."""
     from sspsam.models.build import read_sspsam_checkpoint
     from sspsam.predict.segmenter import Segmenter
 
+    torch.set_num_threads(threads)
     ck = read_sspsam_checkpoint(path)
     segmenter = Segmenter.from_pretrained(path)
-    torch.set_num_threads(1)
     threshold = calibrate_no_target(segmenter, n_calibrate)
     ck["config"]["inference"]["no_target_prob"] = segmenter.no_target_prob = threshold
     result = evaluate(segmenter, n_eval)
@@ -297,7 +300,7 @@ def main() -> None:
                     "(--calibrate scenes) and rescore it on --eval held-out scenes; the weights stay bit for bit")
     args = ap.parse_args()
     if args.recalibrate:
-        recalibrate(args.out, args.calibrate, args.eval)
+        recalibrate(args.out, args.calibrate, args.eval, args.threads)
         return
     if args.example:
         scene = example_scene()
@@ -313,8 +316,6 @@ def main() -> None:
         if fam not in FAMILY_WEIGHTS:
             ap.error(f"--family-weights: unknown family {fam!r} (one of {', '.join(FAMILY_WEIGHTS)})")
         FAMILY_WEIGHTS[fam] = float(w)
-    global PAIR_RATE
-    PAIR_RATE = args.pair_rate
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
@@ -348,7 +349,7 @@ def main() -> None:
     while step < args.steps and time.time() < stop_at:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr)
-        scenes = [sample_scene(rng, model.image_size, args.phrases) for _ in range(args.batch)]
+        scenes = [sample_scene(rng, model.image_size, args.phrases, args.pair_rate) for _ in range(args.batch)]
         losses = train_step(model, scenes, opt, cfg["loss"], args.align if step >= args.align_from else 0.0)
         step += 1
         if step % 25 == 0:

@@ -38,6 +38,24 @@ def pytest_unconfigure(config):
         shutil.rmtree(os.environ.pop(REPORTS), ignore_errors=True)
 
 
+# Seconds per test file in a quiet 2-core run (`pytest --durations`, 2026-12-05), the long files
+# only. xdist's loadfile hands files out with the most tests first, which put the few-test training
+# files (two or three tests, minutes each) last: one worker idled for about a minute at the end while
+# the other trained. With `--no-loadscope-reorder` (pyproject) files go out in collection order, and
+# this puts the longest first: the longest-processing-time-first schedule. A file not listed keeps
+# its place among the short ones; a stale figure only costs balance, never a result.
+LONG_FILES = {
+    "test_ovss_train.py": 270, "test_e2e.py": 231, "test_fuzz.py": 95, "test_golden_ssp.py": 92,
+    "test_trainer_ovss.py": 91, "test_golden_clip.py": 71, "test_demo_quality.py": 58, "test_api.py": 45,
+    "test_batch.py": 40, "test_onnx.py": 30, "test_faults.py": 28, "test_feature_cache.py": 20,
+    "test_golden_recipe.py": 18, "test_distributed.py": 11,
+}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: -LONG_FILES.get(item.path.name, 0))  # stable: files stay whole, in order
+
+
 def write_report(name: str, lines: list[str]) -> None:
     """Leave ``lines`` for the end-of-run summary (see ``pytest_terminal_summary``)."""
     (Path(os.environ[REPORTS]) / f"{name}.txt").write_text("\n".join(lines) + "\n")

@@ -25,8 +25,9 @@ from sspsam.cli.main import app
 
 # The learning run. Training is chaotic in float rounding (two builds whose kernels differ in the
 # last bit diverge from step 9), so the recipe must clear the bar by a margin, not on one
-# lucky rounding. A tiny model's step is dispatch-bound, so a batch of 16 costs ~1.5x a batch of 8:
-# 600 steps of 16 see 0.8x the samples of 1500 steps of 8 in 0.6x the time, and land higher.
+# lucky rounding. A tiny model's step is dispatch-bound, so a batch of 16 costs ~1.4x a batch of 8
+# (40-step runs: 422 against 305 ms a step): 600 steps of 16 see 0.8x the samples of 1500 steps of 8,
+# and land higher, in 0.62x the time in the suite (313 -> 195 s; 187 s alone on a quiet core).
 # Measured (1 thread, held-out val: mIoU_target / N-acc), one SAM decoder call per batch:
 #   600 steps, batch 16: seed 1: 0.891 / 1.0; seed 2: 0.884 / 0.979; seed 3407: 0.849 / 0.936
 #     (lr 2e-3, seed 1: 0.379 / 0.0: diverges; 300 steps of 32, seed 1: 0.829 / 1.0)

@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 from sspsam.cli.main import app
 
 HELPER = Path(__file__).parent / "helpers" / "ddp_ovss_worker.py"
-# 12 training images / batch 2 = 6 steps an epoch: the resume point (step 8) is mid-epoch and the
-# resumed run crosses two epoch boundaries (12, 18), so the sampler's position and epoch are both restored.
-SHORT, CKPT, KILL_AT = 20, 8, 11
+# 6 training images / batch 2 = 3 steps an epoch: the resume point (step 4) is mid-epoch and the
+# resumed run crosses three epoch boundaries (6, 9, 12), so the sampler's position and epoch are both restored.
+SHORT, CKPT, KILL_AT = 12, 4, 6
 ARGS = ["--steps", str(SHORT), "--ckpt-every", str(CKPT), "--batch-size", "2", "--device", "cpu"]
 
 
@@ -31,7 +31,7 @@ def semseg(tmp_path_factory):
     from sspsam.data.semseg import generate_semseg
 
     root = tmp_path_factory.mktemp("semseg")
-    generate_semseg(root, n=12, size=96, seed=0, splits=("train",))
+    generate_semseg(root, n=6, size=96, seed=0, splits=("train",))
     generate_semseg(root, n=6, size=96, seed=1, splits=("val",))
     return root
 

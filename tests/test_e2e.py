@@ -111,6 +111,9 @@ def test_kill9_then_resume_gives_identical_weights_and_metrics(small):
     import torch
 
     root, cfg_path, base = small
+    grefs = json.loads(next(root.rglob("grefs*.json")).read_text())
+    phrases = sum(len(r["sentences"]) for r in grefs if r["split"] == "train")
+    assert phrases // 8 == 5, phrases  # the epoch length SHORT, CKPT, KILL_AT are chosen for
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: never oversubscribed on a busy machine
 
     # run A: uninterrupted

@@ -90,6 +90,7 @@ def test_kill9_then_resume_gives_identical_weights_and_metrics(semseg, tmp_path)
     from sspsam.engine.evaluate_ovss import evaluate_ovss
     from sspsam.models.build import _model_from_checkpoint
 
+    assert len(SemSegDataset(semseg, "train")) // 2 == 3  # the epoch length SHORT, CKPT, KILL_AT are chosen for
     env = _env()
     a = tmp_path / "a"
     done = subprocess.run(_sspsam("train", "escnet-tiny", "--data", str(semseg), "--out", str(a), *ARGS),

@@ -33,11 +33,23 @@ ONLY_224 = {"clip_image_tokens", "clip_words"}  # the 336 fixture does not store
 SMALL = {"phrase_attn_weights", "similarity_map", "verify_score"}
 
 
+# The opt-in speed settings (issue 12) must keep >= 99 % of the official masks. Checked on the 224
+# fixture: the 336 one's CLIP-L forward alone takes ~30 s in fp32 here, and bf16 autocast runs
+# several times slower on a CPU without bf16 matmul units (`python -m sspsam.tools.fidelity
+# --fixture ssp_sam_336 --precision bf16 int8` measures it).
+PRECISIONS = {"ssp_sam_224": ("bf16", "int8"), "ssp_sam_336": ()}
+
+
 @pytest.mark.parametrize("name", ["ssp_sam_224", "ssp_sam_336"])
 def test_matches_official_code(name, tmp_path, monkeypatch):
-    rows = fidelity.CHECKS[name](tmp_path)
+    rows = fidelity.CHECKS[name](tmp_path, PRECISIONS[name])
     by_q = {r["quantity"]: r for r in rows}
-    assert set(by_q) == QUANTITIES | (ONLY_224 if name == "ssp_sam_224" else set())
+    reduced = {f"pred_masks, {p} vs official fp32" for p in PRECISIONS[name]}
+    assert set(by_q) == QUANTITIES | (ONLY_224 if name == "ssp_sam_224" else set()) | reduced
+    for q in reduced:
+        r = by_q.pop(q)
+        # the fraction of decided pixels (|official logit| >= 1e-4) whose mask decision differs
+        assert r["mask_disagreement"] <= 0.01 and r["flips_all_pixels"] <= 0.01 * 2 * 512 * 512, r
     for q, r in by_q.items():  # the tolerances asked of the reimplementation (fixtures' README)
         expected = 0.0 if q.startswith("word_id") else 1e-5 if q in SMALL or q.startswith("clip_image (") else 1e-4
         assert r["tolerance"] == expected, q

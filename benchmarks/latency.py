@@ -190,8 +190,11 @@ def matmul_peak(bench: Bench, counts: list[int], n: int = 1024) -> dict[int, flo
 def _out_tensor(out) -> torch.Tensor | None:
     if isinstance(out, torch.Tensor):
         return out
-    if isinstance(out, dict):
-        return _out_tensor(out.get("mask_logits", out.get("logits")))
+    if isinstance(out, dict):  # decoders give mask logits, OVSS heads logits, the SSP encoder prompts
+        for key in ("mask_logits", "logits", "prompts"):
+            if key in out:
+                return _out_tensor(out[key])
+        return None
     if isinstance(out, (tuple, list)) and out:
         return _out_tensor(out[0])
     if hasattr(out, "sentence"):  # TextFeatures

@@ -200,6 +200,28 @@ def test_int8_agrees_with_fp32_on_the_demo_model(one_torch_thread):
     assert agree / total >= 0.99, agree / total
 
 
+def test_int8_leaves_the_mask_decoder_score_heads_and_attention_out_proj_fp32():
+    """What ``--quantize int8`` touches: the Linear layers of the towers and the SSP head, not SAM's
+    mask decoder or the no-target head (on the golden fixture the decoder alone flipped 2.1 % of
+    the official mask pixels), nor ``nn.MultiheadAttention``'s ``out_proj`` (its forward reads
+    ``out_proj.weight`` as a tensor)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    model = build_model(load_config("ssp-sam-tiny")).eval()  # has a no-target head
+    mha = torch.nn.MultiheadAttention(8, 2)
+    model.add_module("extra_attention", mha)
+    q = runtime.quantize(model, "int8")
+    int8 = {name for name, m in q.named_modules() if isinstance(m, DynamicInt8Linear)}
+    tops = {name.split(".")[0] for name in int8}
+    assert {"clip", "ssp_encoder"} <= tops, tops
+    assert not [n for n in int8 if set(n.split(".")) & set(runtime.INT8_FP32_MODULES)]
+    assert sum(type(m) is torch.nn.Linear for m in q.sam.mask_decoder.modules()) > 0
+    assert sum(type(m) is torch.nn.Linear for m in q.no_target_head.modules()) > 0
+    assert "extra_attention.out_proj" not in int8 and isinstance(mha.out_proj.weight, torch.Tensor)
+    x = torch.randn(3, 1, 8)
+    assert mha(x, x, x)[0].shape == (3, 1, 8)
+
+
 def test_quantize_rejects_unknown_mode():
     from sspsam.errors import ConfigError
 

@@ -59,10 +59,20 @@ def test_matches_official_code(name, tmp_path, monkeypatch):
     # binarised masks identical at 512x512 except where the official logit is within 1e-4 of 0
     assert masks["mask_disagreement"] == 0.0 and masks["flips_all_pixels"] <= 0.0002 * 2 * 512 * 512, masks
     if name == "ssp_sam_224":
-        # The same file through the predictor: without sam.image_encoder.* it needs SAM ViT-H from the cache.
+        # The same file through the predictor. Its CLIP comes from the weights cache (the file's
+        # encoder.* keys are dropped, as the official test.py drops them): with an empty cache the
+        # one error names both backbones; with the fixture's CLIP there, only SAM ViT-H is missing
+        # (the file carries no sam.image_encoder.*), so the CLIP step was passed.
+        ckpt = tmp_path / f"{name}_official.pth"
         monkeypatch.setenv("SSPSAM_HOME", str(tmp_path / "empty-cache"))
-        with pytest.raises(SSPSamError, match="sam-vit-h"):
-            Segmenter.from_pretrained(tmp_path / f"{name}_official.pth")
+        monkeypatch.setenv("SSPSAM_OFFLINE", "1")
+        with pytest.raises(SSPSamError, match="clip-vit-b16.*sam-vit-h") as err:
+            Segmenter.from_pretrained(ckpt)
+        assert "\n" not in str(err.value)
+        with fidelity.pretrained_clip(tmp_path / "cached", golden.generate(name)):
+            with pytest.raises(SSPSamError, match="sam-vit-h") as err:
+                Segmenter.from_pretrained(ckpt)
+        assert "clip-vit-b16" not in str(err.value)
 
 
 # ---- preprocessing and the checkpoint layout, without the big towers ---------------------------
@@ -98,20 +108,81 @@ def _official_shapes(name: str) -> dict[str, torch.Tensor]:
     return {e["key"]: torch.empty(e["shape"], device="meta") for e in man["entries"]}
 
 
-@pytest.mark.parametrize("name, variant", [("ssp_sam_224", "ssp-sam-b16-h"), ("ssp_sam_336", "ssp-sam-l14-336-h")])
-def test_official_layout_is_recognised_and_mapped(name, variant):
-    sd = _official_shapes(name)
-    assert official_checkpoint.is_official(sd)
-    ckpt = build.to_sspsam_checkpoint(sd, sam_image_encoder=False)
-    assert ckpt["config"]["name"] == variant and ckpt["config"]["ssp"]["head"] == "official"
-    # exactly the two unused official modules are dropped, nothing else
-    assert sorted(ckpt["official"]["dropped"]) == sorted(k for k in sd if k.startswith(("img2img_attn.", "norm_text_cond_img.")))
-    assert len(ckpt["state_dict"]) == len(sd) - len(ckpt["official"]["dropped"])
-    pg = "ssp_encoder.prompt_generator."
-    assert ckpt["state_dict"][pg + "prompt_tokens"].shape == (1, 128, 256)
-    assert ckpt["state_dict"][pg + "box_token"].shape == (1, 1, 256)
-    # without SAM's image encoder in the file, the full model takes SAM from the weights cache
-    assert build.to_sspsam_checkpoint(sd)["external_backbones"] == ["sam"]
+def _trained_shapes(size: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's state dict exactly as ``official_trained_layout/keys.json`` lists it (meta tensors)."""
+    dtypes = {"float32": torch.float32, "float64": torch.float64, "int64": torch.int64}
+    return {k: torch.empty(shape, dtype=dtypes[dt], device="meta")
+            for k, shape, dt in golden.trained_layout_keys(size)["state_dict_keys_after_training"]}
+
+
+@pytest.mark.parametrize("name, size, variant", [("ssp_sam_224", "224", "ssp-sam-b16-h"),
+                                                 ("ssp_sam_336", "336", "ssp-sam-l14-336-h")])
+def test_official_layout_is_recognised_and_mapped(name, size, variant):
+    """Both layouts (before the first forward: the fixtures' manifests; as training writes it:
+    keys.json) map onto sspsam's model; CLIP is dropped (taken from the weights cache) and SAM's
+    image encoder is used when the file carries it."""
+    before = _official_shapes(name)
+    trained = _trained_shapes(size)
+    spec = golden.trained_layout_keys(size)
+    # the fixture helper writes exactly the keys training writes (keys.json also has SAM's image encoder)
+    made = golden.trained_layout(before)
+    assert set(made) == {k for k in trained if not k.startswith("sam.image_encoder.")}
+    assert set(made) - set(before) == set(spec["keys_only_after_first_forward"])
+    assert set(before) - set(made) == set(spec["keys_only_before_first_forward"])
+    assert all(tuple(made[k].shape) == tuple(trained[k].shape) for k in made)
+    for sd, layout in ((before, "before-first-forward"), (trained, "trained")):
+        assert official_checkpoint.is_official(sd)
+        assert official_checkpoint.normalise_layout(sd)[1] == layout
+        ckpt = build.to_sspsam_checkpoint(sd, sam_image_encoder=False)
+        assert ckpt["config"]["name"] == variant and ckpt["config"]["ssp"]["head"] == "official"
+        assert ckpt["external_backbones"] == ["clip"] and ckpt["official"]["clip"] == ckpt["config"]["clip"]["weights"]
+        # besides CLIP, exactly the two unused official modules are dropped, nothing else
+        assert sorted(ckpt["official"]["dropped"]) == sorted(k for k in sd if k.startswith(("img2img_attn.", "norm_text_cond_img.")))
+        assert not any(k.startswith("clip.") for k in ckpt["state_dict"])
+        pg = "ssp_encoder.prompt_generator."
+        assert ckpt["state_dict"][pg + "prompt_tokens"].shape == (1, 128, 256)
+        assert ckpt["state_dict"][pg + "box_token"].shape == (1, 1, 256)
+    # keys.json's file carries SAM ViT-H's image encoder, which the full model then uses; the
+    # fixture's file does not, so SAM comes from the weights cache
+    full = build.to_sspsam_checkpoint(trained)
+    assert full["external_backbones"] == ["clip"]
+    n_enc = sum(k.startswith("sam.image_encoder.") for k in trained)
+    assert n_enc > 400 and sum(k.startswith("sam.image_encoder.") for k in full["state_dict"]) == n_enc
+    assert build.to_sspsam_checkpoint(before)["external_backbones"] == ["clip", "sam"]
+
+
+def test_trained_checkpoint_containers_load_weights_only(tmp_path):
+    """The container training writes ({'model', 'epoch', 'args': argparse.Namespace}) reads with
+    weights_only=True; what authors re-upload (bare, under 'state_dict', DDP's 'module.' prefixes,
+    .safetensors) reads the same. Small stand-in tensors: only the containers are under test."""
+    import argparse
+    import fractions
+
+    from safetensors.torch import save_file
+
+    from sspsam.io.checkpoint import _unwrap, torch_load
+
+    sd = {"phrase_attn.fc.weight": torch.ones(1, 1024), "reg_token.weight": torch.zeros(1, 256),
+          "vl_transformer.encoder.layers.0.linear1.weight": torch.zeros(4, 4)}
+    forms = {
+        "trained.pth": {"model": sd, "epoch": 19, "args": argparse.Namespace(lr=1e-4, dataset="unc")},
+        "bare.pt": sd,
+        "nested.pth": {"state_dict": sd},
+        "ddp.pth": {"model": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3},
+    }
+    for fname, obj in forms.items():
+        torch.save(obj, tmp_path / fname)
+        got = _unwrap(torch_load(tmp_path / fname, "checkpoint"))
+        assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd), fname
+        with pytest.raises(CheckpointError, match="official SSP-SAM checkpoint"):  # recognised, then named as incomplete
+            read_sspsam_checkpoint(tmp_path / fname)
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    with pytest.raises(CheckpointError, match="official SSP-SAM checkpoint"):
+        read_sspsam_checkpoint(tmp_path / "w.safetensors")
+    # any other class pickled beside the weights is still refused by the weights-only reader
+    torch.save({"model": sd, "args": argparse.Namespace(lr=fractions.Fraction(1, 3))}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        torch_load(tmp_path / "evil.pth", "checkpoint")
 
 
 def test_official_layout_errors_name_the_keys():
@@ -125,8 +196,11 @@ def test_official_layout_errors_name_the_keys():
     with pytest.raises(CheckpointError, match=r"shape mismatch.*fusion\.proj\.weight"):
         build.to_sspsam_checkpoint(bad, sam_image_encoder=False)
     other = {**sd, "encoder.visual.conv1.weight": torch.empty(768, 3, 32, 32, device="meta")}
-    with pytest.raises(CheckpointError, match=r"unknown CLIP tower: conv1 \(768, 3, 32, 32\)"):
+    with pytest.raises(CheckpointError, match=r"SSP head is ViT-B/16@224.*CLIP tower is unknown: conv1 \(768, 3, 32, 32\)"):
         build.to_sspsam_checkpoint(other)
+    head = {**sd, "vl_pos_embed.weight": torch.empty(300, 256, device="meta")}
+    with pytest.raises(CheckpointError, match=r"unknown SSP head: 300 prompt-generator positions"):
+        build.to_sspsam_checkpoint(head)
 
 
 def test_incomplete_official_file_is_a_one_line_error(tmp_path):

@@ -18,7 +18,8 @@ from torch import nn
 from sspsam.config import load_config, validate_config
 from sspsam.errors import CheckpointError, ConfigError
 from sspsam.io.checkpoint import FORMAT_VERSION, _check_crc, _unwrap, load_into, torch_load
-from sspsam.models.ssp_sam.official_checkpoint import SAM_ENCODER_PREFIX, _few, convert, variant
+from sspsam.models.ssp_sam.official_checkpoint import (CLIP_PREFIX, SAM_ENCODER_PREFIX, _few, convert, normalise_layout,
+                                                       variant)
 
 #: the model types that do referring segmentation (phrases); the others do OVSS (class names)
 RES_MODELS = ("ssp-sam",)
@@ -91,7 +92,7 @@ def read_sspsam_checkpoint(path: str | os.PathLike, sam_image_encoder: bool = Tr
     if not path.is_file():
         raise CheckpointError(f"model checkpoint not found: {path}")
     _check_crc(path)
-    obj = torch_load(path, "model checkpoint")
+    obj = _read_safetensors(path) if path.suffix == ".safetensors" else torch_load(path, "model checkpoint")
     if isinstance(obj, Mapping) and "sspsam" not in obj:
         import sspsam.models.ssp_sam.official_checkpoint as official_checkpoint
 
@@ -110,6 +111,18 @@ def read_sspsam_checkpoint(path: str | os.PathLike, sam_image_encoder: bool = Tr
             "nor an official SSP-SAM one; backbone files (SAM .pth, CLIP .pt) go through `sspsam weights import`"
         )
     return validate_checkpoint(dict(obj), path)
+
+
+def _read_safetensors(path: Path) -> dict:
+    """A .safetensors file holds a bare state dict (how authors often re-upload weights)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return dict(load_file(str(path)))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"model checkpoint {path} is truncated or corrupt ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
 
 
 def validate_checkpoint(ckpt: dict, path: str | os.PathLike) -> dict:
@@ -164,10 +177,11 @@ def _model_and_meta(path: Path, task: tuple[str, ...] | None = None, sam_image_e
     external = ckpt.get("external_backbones", [])
     files = {}
     if external:  # frozen backbones are not copied into every checkpoint: load them from the weights cache
-        from sspsam.io.weights import ensure
+        from sspsam.io.weights import ensure_all
 
-        # found (or downloaded on first use, unless offline) before a large model is built
-        files = {part: ensure(ckpt["config"][part].get("weights")) for part in external}
+        # found (or downloaded on first use, unless offline) before a large model is built; one
+        # error names every missing file
+        files = dict(zip(external, ensure_all([ckpt["config"][part].get("weights") for part in external])))
     # every key comes from the file (load_into is strict); external backbones may load non-strictly, so keep their init
     with contextlib.nullcontext() if external else _no_random_init():
         model = build_model(ckpt["config"])
@@ -228,22 +242,28 @@ def load_zeroshot(name_or_cfg: str | Path | dict):
 
 
 def to_sspsam_checkpoint(state_dict: Mapping[str, torch.Tensor], sam_image_encoder: bool = True) -> dict:
-    """An official state dict → an in-memory sspsam checkpoint (config + renamed weights).
+    """An official state dict (either layout, see ``official_checkpoint``) → an in-memory sspsam
+    checkpoint (config + renamed weights), as the official ``test.py`` loads it.
 
-    Without ``sam.image_encoder.*`` keys the SAM part is marked external (filled from the
-    weights cache by the predictor) unless ``sam_image_encoder=False`` builds no encoder at all.
+    CLIP is external (the file's ``encoder.*`` keys are dropped; the weights cache's OpenAI CLIP of
+    the variant is loaded instead). Without ``sam.image_encoder.*`` keys SAM is external too
+    (``sam-vit-h`` from the weights cache) unless ``sam_image_encoder=False`` builds no encoder at all.
     """
     from sspsam.config import load_config
 
+    state_dict, layout = normalise_layout(state_dict)
     name = variant(state_dict)
     cfg = load_config(name)
-    sd, dropped = convert(state_dict)
-    has_encoder = any(k.startswith(SAM_ENCODER_PREFIX) for k in state_dict)
-    extra: dict = {}
+    clip_keys = [k for k in state_dict if k.startswith(CLIP_PREFIX)]
+    sd, dropped = convert({k: v for k, v in state_dict.items() if not k.startswith(CLIP_PREFIX)})
+    has_encoder = any(k.startswith(SAM_ENCODER_PREFIX) for k in sd)
+    external = ["clip"]
     if not sam_image_encoder:
         cfg["sam"]["image_encoder"] = False
         sd = {k: v for k, v in sd.items() if not k.startswith(SAM_ENCODER_PREFIX)}
     elif not has_encoder:
-        extra["external_backbones"] = ["sam"]
-    _check_complete(cfg, sd, external=extra.get("external_backbones", []))
-    return {"sspsam": 1, "config": cfg, "state_dict": sd, "official": {"variant": name, "dropped": dropped}, **extra}
+        external.append("sam")
+    _check_complete(cfg, sd, external=external)
+    official = {"variant": name, "layout": layout, "dropped": dropped, "clip": cfg["clip"]["weights"],
+                "clip_keys_dropped": len(clip_keys)}
+    return {"sspsam": 1, "config": cfg, "state_dict": sd, "official": official, "external_backbones": external}

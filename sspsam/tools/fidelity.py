@@ -14,6 +14,7 @@ written as an official-layout checkpoint file and loaded with the official-check
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import sys
@@ -88,20 +89,62 @@ def _precision_row(name: str, model, mode: str, inp: dict, emb, ref_masks) -> di
     return r
 
 
+@contextlib.contextmanager
+def pretrained_clip(workdir: Path, official: dict):
+    """A weights cache (``SSPSAM_HOME``) in ``workdir`` whose OpenAI CLIP of the variant is the
+    fixture's CLIP tower, offline: the loader takes CLIP from the cache as the official ``test.py``
+    takes it from the pretrained CLIP-Surgery file, and here that file is the fixture's."""
+    import os
+
+    import torch
+
+    import sspsam.io.weights as weights
+    from sspsam.config import load_config
+    from sspsam.models.ssp_sam.official_checkpoint import CLIP_PREFIX, variant
+
+    home = Path(workdir) / "sspsam-home"
+    dest = home / "weights" / weights.get_spec(load_config(variant(official))["clip"]["weights"]).filename
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k[len(CLIP_PREFIX):]: v for k, v in official.items() if k.startswith(CLIP_PREFIX)}, dest)
+    saved = {k: os.environ.get(k) for k in ("SSPSAM_HOME", "SSPSAM_OFFLINE")}
+    os.environ.update(SSPSAM_HOME=str(home), SSPSAM_OFFLINE="1")
+    try:
+        yield home
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def write_trained_checkpoint(name: str, path: Path) -> dict:
+    """The fixture's official weights in the container and layout official training writes
+    (``{'model', 'epoch', 'args'}``, CLIP-Surgery's rebuilt attention names); returns the state dict
+    in the layout before any forward."""
+    import torch
+
+    sd = golden.generate(name)
+    torch.save({"model": golden.trained_layout(sd), "epoch": 19,
+                "args": argparse.Namespace(is_pretrain=False, dataset="unc", clip_pretrained="CS-ViT-B-16.pt")}, path)
+    return sd
+
+
 def ssp_sam(name: str, workdir: Path, precisions: tuple[str, ...] = ()) -> list[dict]:
     """Official SSP-SAM (224 or 336 fixture): preprocessing, every intermediate, masks; plus one
-    mask row per reduced ``precisions`` setting."""
+    mask row per reduced ``precisions`` setting. The weights go through the public loading path:
+    a checkpoint as official training writes it, CLIP from the weights cache."""
     import torch
 
     from sspsam.models.ssp_sam.model import official_mask_logits
     from sspsam.models.build import load_official
 
     path = Path(workdir) / f"{name}_official.pth"
-    sd = golden.generate(name)
-    torch.save({"model": sd, "epoch": 0, "args": argparse.Namespace(is_pretrain=False)}, path)
-    del sd
-    gc.collect()
-    model = load_official(path, sam_image_encoder=False).eval()
+    sd = write_trained_checkpoint(name, path)
+    with pretrained_clip(workdir, sd):
+        del sd
+        gc.collect()
+        model = load_official(path, sam_image_encoder=False).eval()
     inp, ref, meta = golden.arrays(name, "inputs"), golden.arrays(name, "outputs"), golden.run_meta(name)
     emb = golden.generate(name, "inputs")["sam_image_embedding"]
     rows = []

@@ -114,6 +114,38 @@ def verify(d: Path | str, tensors: dict, section: str = "entries") -> list[tuple
     return bad
 
 
+#: CLIP-Surgery rebuilds the attention of this many last visual blocks on the model's first forward
+SURGERY_BLOCKS = 6
+
+
+def trained_layout(state_dict: dict) -> dict:
+    """A fixture's official state dict (the layout before any forward) as official training writes it
+    (``official_trained_layout/``): the rebuilt blocks' ``attn.in_proj_*`` / ``attn.out_proj.*`` named
+    ``attn.qkv.*`` / ``attn.proj.*`` (the same tensors), plus ``encoder.visual.attn.*``, the first
+    rebuilt block's attention registered once more."""
+    import re
+
+    blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"^encoder\.visual\.transformer\.resblocks\.(\d+)\.", k))}
+    first = max(blocks) + 1 - SURGERY_BLOCKS
+    names = {"in_proj_weight": "qkv.weight", "in_proj_bias": "qkv.bias", "out_proj.weight": "proj.weight", "out_proj.bias": "proj.bias"}
+    out = {}
+    for key, value in state_dict.items():
+        m = re.match(r"^(encoder\.visual\.transformer\.resblocks\.(\d+)\.attn)\.(.+)$", key)
+        if m and int(m.group(2)) >= first and m.group(3) in names:
+            out[f"{m.group(1)}.{names[m.group(3)]}"] = value
+        else:
+            out[key] = value
+    prefix = f"encoder.visual.transformer.resblocks.{first}.attn."
+    for name in names.values():
+        out["encoder.visual.attn." + name] = out[prefix + name]
+    return out
+
+
+def trained_layout_keys(size: str) -> dict:
+    """``official_trained_layout/keys.json`` for ``size`` '224' or '336'."""
+    return json.loads((GOLDEN_DIR / "official_trained_layout" / "keys.json").read_text(encoding="utf-8"))[size]
+
+
 def arrays(name: str, which: str) -> dict[str, np.ndarray]:
     """``inputs.npz`` / ``outputs.npz`` of a fixture as a plain dict."""
     with np.load(fixture_dir(name) / f"{which}.npz") as z:

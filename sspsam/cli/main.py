@@ -1,5 +1,5 @@
 """`sspsam` command line: the typer app, with one module per command (segment, ovss, batch,
-serve, train, cache-features, evaluate, models, weights, export) in this package.
+serve, train, cache-features, evaluate, models, push, weights, export) in this package.
 
 Only typer and click load at start-up: torch, numpy and the model code are imported inside the
 command that needs them, so `sspsam --help` answers at once. Every error is one `error: …` line
@@ -18,6 +18,7 @@ import sspsam.cli.evaluate as cli_evaluate
 import sspsam.cli.export as cli_export
 import sspsam.cli.models as cli_models
 import sspsam.cli.ovss as cli_ovss
+import sspsam.cli.push as cli_push
 import sspsam.cli.segment as cli_segment
 import sspsam.cli.serve as cli_serve
 import sspsam.cli.train as cli_train
@@ -59,6 +60,7 @@ app.command("train")(cli_train.train)
 app.command("cache-features")(cli_cache.cache_features)
 app.command("evaluate")(cli_evaluate.evaluate)
 app.command("models")(cli_models.models)
+app.command("push")(cli_push.push)
 
 
 app.add_typer(cli_weights.app, name="weights", help="List, fetch, import and verify checkpoint files (offline-friendly).")

@@ -33,7 +33,7 @@ app = typer.Typer(
 )
 
 T = TypeVar("T")
-NameArg = Annotated[str, typer.Argument(help="Registered weights name, e.g. sam-vit-b (see `sspsam weights list`).")]
+NameArg = Annotated[str, typer.Argument(help="Registered weights name, e.g. sam-vit-b (see `sspsam weights list`); fetch also takes hf-hub:OWNER/REPO[/PATH][@REVISION].")]
 _STATUS_STYLE = {"verified": "green", "recorded": "yellow", "unchecked": "yellow", "missing": "dim"}
 
 
@@ -86,7 +86,16 @@ def list_cmd() -> None:
         table.add_row(
             row["name"], row["kind"], _human(row["size"]), f"[{style}]{row['status']}[/]", row["licence"]
         )
+    from sspsam.io.hub import cache_dir, cached_models
+
+    hub = cached_models()
+    if hub:
+        table.add_section()
+        for row in hub:
+            table.add_row(row["name"], "hub", _human(row["size"]), "[green]cached[/]", "see its model card")
     Console().print(table)
+    if hub:
+        Console().print(Text(f"hub checkpoints from {cache_dir()}"))
 
 
 @app.command()
@@ -102,6 +111,13 @@ def fetch(
 
     An interrupted download resumes on the next run. A file with the wrong sha256 is deleted, never cached.
     """
+    if name.startswith("hf-hub:"):
+        from sspsam.io.hub import download
+
+        if url is not None or force:
+            raise fail("--url and --force are for registered weights; a hub file is fetched through huggingface_hub's cache")
+        typer.echo(_run(lambda: download(name, progress=not quiet)))
+        return
     typer.echo(_run(lambda: weights.fetch(name, url=url, progress=not quiet, force=force)))
 
 

@@ -31,7 +31,8 @@ class Predictor:
     runs) and ``TASK``, and implements ``clear_cache`` (its cached image/text features) and
     ``segment``. Name resolution, in order: a bundled demo, a training-free ``zeroshot`` config, an
     ONNX export folder (where ``RUNTIMES`` allows it), a checkpoint path, a published variant
-    (downloaded on first use); anything else is an error listing what would work.
+    (downloaded on first use), ``hf-hub:OWNER/REPO[/PATH][@REVISION]`` (:mod:`sspsam.io.hub`);
+    anything else is an error listing what would work.
     """
 
     BUNDLED: dict[str, str] = {}
@@ -123,6 +124,10 @@ class Predictor:
         """``(kind, checkpoint path, display name)``; kind is 'checkpoint', 'zeroshot' (no file:
         CLIP and SAM come from the weights cache) or 'onnx' (a folder `sspsam export onnx` wrote)."""
         name = str(name_or_path)
+        if name.startswith("hf-hub:"):  # a checkpoint on the Hugging Face Hub (downloaded once into its cache)
+            from sspsam.io.hub import download, parse
+
+            return "checkpoint", download(name), str(parse(name))
         if name in cls.BUNDLED:
             path = Path(str(resources.files("sspsam") / cls.BUNDLED[name]))
             if not path.is_file():

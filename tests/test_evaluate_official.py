@@ -239,3 +239,16 @@ def test_cli_bad_input_is_one_error_line(refer_pair, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error:") and text in lines[0], r.output
     r = CliRunner().invoke(app, ["evaluate", "shapes-demo", "--protocol", "lavt", "--data", str(off_root)])
     assert r.exit_code == 2 and "unknown --protocol 'lavt'" in r.output
+
+
+def test_cli_default_protocol_reads_the_official_layout_too(refer_pair, tmp_path):
+    from sspsam.cli.main import app
+
+    refer_root, off_root, _ = refer_pair
+    metrics = []
+    for name, root in (("refer", refer_root), ("official", off_root)):
+        r = CliRunner().invoke(app, ["evaluate", "shapes-demo", "--dataset", "refcoco", "--split", "val",
+                                     "--data", str(root), "-o", str(tmp_path / name)])
+        assert r.exit_code == 0, r.output
+        metrics.append(json.loads((tmp_path / name / "metrics.json").read_text())["metrics"])
+    assert metrics[0] == metrics[1] and "Pr@0.55" not in metrics[0]  # sspsam's RES row, not the official one

@@ -12,7 +12,7 @@ from sspsam.errors import SSPSamError
 
 def evaluate(
     model: str = typer.Argument(..., help="Checkpoint path (e.g. runs/x/model.pt), bundled model name, or variant with weights in the cache."),
-    data: Path = typer.Option(..., "--data", help="Dataset root (refer / gRefCOCO / PhraseCut layout)."),
+    data: Path = typer.Option(..., "--data", help="Dataset root (refer / gRefCOCO / PhraseCut layout, or the official SSP-SAM root holding data_seg/anns and data/)."),
     dataset: str = typer.Option("refcoco", "--dataset", help="refcoco | refcoco+ | refcocog | grefcoco | phrasecut; OVSS: semseg | ade150 | ade847 | voc20 | voc21 | pc59 | pc459 | cocostuff171."),
     split: str = typer.Option("val", "--split", help="val | testA | testB | test (refer), val/testA/testB (gRefCOCO), val/test (PhraseCut)."),
     split_by: Optional[str] = typer.Option(None, "--split-by", help="refer split scheme: unc (RefCOCO/+), umd or google (RefCOCOg)."),
@@ -50,7 +50,12 @@ def evaluate(
         task = ev.task_of(dataset)
         with _offline(offline):
             seg = Segmenter.from_pretrained(model, device=device)
-        ds = ev.open_dataset(dataset, data, split, seg.model.image_size, split_by)
+        from sspsam.data.official_anns import OfficialAnnsDataset, is_official_layout
+
+        if is_official_layout(data):  # the official SSP-SAM data_seg/anns files, scored with sspsam's protocol
+            ds = OfficialAnnsDataset(data, dataset, split, seg.model.image_size, split_by=split_by)
+        else:
+            ds = ev.open_dataset(dataset, data, split, seg.model.image_size, split_by)
         with Progress(console=Console(stderr=True), transient=True) as bar:
             job = bar.add_task(escape(f"{dataset} {split}"), total=len(ds) if max_samples is None else min(len(ds), max_samples))
             res = ev.evaluate(seg, ds, task, max_samples=max_samples, progress=lambda d, t: bar.update(job, completed=d))

@@ -165,7 +165,9 @@ def predict_frame(segmenter, image: np.ndarray, texts: list[str], batch_size: in
     An SSP-SAM :class:`~sspsam.predict.segmenter.Segmenter` gives the decoder's square logits
     exactly as the official model's ``pred_masks`` (a no-target head, when the model has one
     and says "nothing", empties its mask: that is the model's answer). Any other predictor's
-    original-size mask is carried into the frame by nearest neighbour.
+    original-size mask is carried into the frame by nearest neighbour. The ground truth is
+    always built for SAM's 1024 square, so every model is scored against the same masks; a
+    model with a smaller input square covers the same (letterboxed) area of the frame.
     """
     from sspsam.predict.segmenter import Segmenter
 

@@ -12,7 +12,7 @@ from sspsam.errors import SSPSamError
 
 def evaluate(
     model: str = typer.Argument(..., help="Checkpoint path (e.g. runs/x/model.pt), bundled model name, or variant with weights in the cache."),
-    data: Path = typer.Option(..., "--data", help="Dataset root (refer / gRefCOCO / PhraseCut layout)."),
+    data: Path = typer.Option(..., "--data", help="Dataset root (refer / gRefCOCO / PhraseCut layout, or the official SSP-SAM root holding data_seg/anns and data/)."),
     dataset: str = typer.Option("refcoco", "--dataset", help="refcoco | refcoco+ | refcocog | grefcoco | phrasecut; OVSS: semseg | ade150 | ade847 | voc20 | voc21 | pc59 | pc459 | cocostuff171."),
     split: str = typer.Option("val", "--split", help="val | testA | testB | test (refer), val/testA/testB (gRefCOCO), val/test (PhraseCut)."),
     split_by: Optional[str] = typer.Option(None, "--split-by", help="refer split scheme: unc (RefCOCO/+), umd or google (RefCOCOg)."),
@@ -20,7 +20,7 @@ def evaluate(
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Stop after this many (image, sentence) samples."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     offline: bool = typer.Option(False, "--offline", help="Never download missing weights (also: SSPSAM_OFFLINE=1)."),
-    protocol: str = typer.Option("detectron2", "--protocol", help="OVSS only: detectron2 (trained protocol) | mmseg (mmseg's metric) | sclip (SCLIP's whole inference protocol + mmseg's metric)."),
+    protocol: Optional[str] = typer.Option(None, "--protocol", help="Referring: ssp-sam (the official SSP-SAM test.py: 512x512 mask frame, its mIoU/oIoU/Pr@X, data_seg/anns or refer layout; default: sspsam's protocol at the original size). OVSS: detectron2 (default, trained protocol) | mmseg (mmseg's metric) | sclip (SCLIP's whole inference protocol + mmseg's metric)."),
     slide: bool = typer.Option(False, "--slide/--no-slide", help="OVSS only: sliding-window inference (plus a global view)."),
     class_names: Optional[Path] = typer.Option(None, "--class-names", help="--protocol sclip: SCLIP class-name file, one class per line, synonyms split by ', '."),
     prob_thd: float = typer.Option(0.0, "--prob-thd", help="--protocol sclip: pixels whose best class probability is below this become class 0 (SCLIP: 0.1 with a background class)."),
@@ -41,12 +41,21 @@ def evaluate(
         _fail(exc)
     if dataset in ev.SEMSEG_DATASETS:
         sclip = {"class_names": class_names, "prob_thd": prob_thd, "area_thd": area_thd}
-        return _evaluate_ovss(model, data, dataset, split, output, max_samples, device, protocol, slide, sclip, offline)
+        return _evaluate_ovss(model, data, dataset, split, output, max_samples, device, protocol or "detectron2", slide, sclip, offline)
+    if protocol is not None:
+        if protocol != "ssp-sam":
+            _fail(ValueError(f"unknown --protocol {protocol!r} for a referring dataset; use ssp-sam, or leave it out for sspsam's protocol"))
+        return _evaluate_sspsam_protocol(model, data, dataset, split, split_by, output, max_samples, device, offline)
     try:
         task = ev.task_of(dataset)
         with _offline(offline):
             seg = Segmenter.from_pretrained(model, device=device)
-        ds = ev.open_dataset(dataset, data, split, seg.model.image_size, split_by)
+        from sspsam.data.official_anns import OfficialAnnsDataset, is_official_layout
+
+        if is_official_layout(data):  # the official SSP-SAM data_seg/anns files, scored with sspsam's protocol
+            ds = OfficialAnnsDataset(data, dataset, split, seg.model.image_size, split_by=split_by)
+        else:
+            ds = ev.open_dataset(dataset, data, split, seg.model.image_size, split_by)
         with Progress(console=Console(stderr=True), transient=True) as bar:
             job = bar.add_task(escape(f"{dataset} {split}"), total=len(ds) if max_samples is None else min(len(ds), max_samples))
             res = ev.evaluate(seg, ds, task, max_samples=max_samples, progress=lambda d, t: bar.update(job, completed=d))
@@ -97,3 +106,44 @@ def _evaluate_ovss(model, data, dataset, split, output, max_samples, device, pro
     print(f"{ovss.name} · {dataset} {split}: mIoU {100 * res['mIoU']:.2f}, pixel acc {100 * res['pACC']:.2f}")
     for w in written:
         print(f"wrote {w}")
+
+
+def _evaluate_sspsam_protocol(model, data, dataset, split, split_by, output, max_samples, device, offline) -> None:
+    """``--protocol ssp-sam``: the official test.py's numbers, on the official or the refer/ReLA layout."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import Progress
+
+    import sspsam.engine.evaluate_official as off
+    from sspsam.data.official_anns import OfficialAnnsDataset, is_official_layout
+    from sspsam.predict.segmenter import Segmenter
+
+    try:
+        if dataset not in off.DATASETS:
+            raise ValueError(f"--protocol ssp-sam covers {', '.join(off.DATASETS)}, not {dataset!r}")
+        with _offline(offline):
+            seg = Segmenter.from_pretrained(model, device=device)
+        size = getattr(getattr(seg, "model", None), "image_size", 1024)
+        if is_official_layout(data):
+            layout = "official data_seg/anns"
+            ds = OfficialAnnsDataset(data, dataset, split, size, split_by=split_by)
+        elif dataset == "refclef":
+            from sspsam.data.refer import RefCOCODataset
+
+            layout = "refer"
+            ds = RefCOCODataset(data, "refclef", split_by, split, size)
+        else:
+            import sspsam.engine.evaluate as ev
+
+            layout = "refer" if dataset != "grefcoco" else "ReLA"
+            ds = ev.open_dataset(dataset, data, split, size, split_by)
+        with Progress(console=Console(stderr=True), transient=True) as bar:
+            job = bar.add_task(escape(f"{dataset} {split}"), total=len(ds) if max_samples is None else min(len(ds), max_samples))
+            res = off.evaluate_official(seg, ds, max_samples=max_samples, progress=lambda d, t: bar.update(job, completed=d))
+        files = off.write_report(output, res, seg.name, dataset, split, layout)
+    except (SSPSamError, ValueError) as exc:
+        _fail(exc)
+    print(off.markdown_table(res["metrics"], seg.name, dataset, split), end="")
+    print(f"{res['n']} samples ({layout} layout) in {res['seconds']:.1f} s")
+    for f in files.values():
+        print(f"wrote {f}")

@@ -7,6 +7,8 @@ Readers (``torch.utils.data.Dataset``; one sample per (referent, sentence)):
 * :class:`GRefCOCODataset` — gRefCOCO in ReLA's layout (``ROOT/grefcoco/grefs(unc).json`` +
   ``instances.json``; multi-target and no-target refs).
 * :class:`PhraseCutDataset` — VGPhraseCut (``refer_<split>.json`` + ``image_data_split.json``).
+* :class:`OfficialAnnsDataset` — the official SSP-SAM layout (``data_seg/anns/<dataset>.json`` +
+  ``data_seg/masks/<dataset>/<mask_id>.npy``); :func:`write_official_anns` converts to it.
 
 Generators writing the same layouts from synthetic shape scenes: :func:`generate_refer`,
 :func:`generate_grefcoco`, :func:`generate_phrasecut` (also ``python -m sspsam.data.generate``).
@@ -57,6 +59,8 @@ _LAZY = {
     "GRefCOCODataset": ".grefcoco",
     "PhraseCutDataset": ".phrasecut",
     "RefCOCODataset": ".refer",
+    "OfficialAnnsDataset": ".official_anns",
+    "write_official_anns": ".official_anns",
 }
 
 

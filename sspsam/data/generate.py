@@ -4,6 +4,7 @@
     python -m sspsam.data.generate refcocog  ROOT --n 20 --split-by umd
     python -m sspsam.data.generate grefcoco  ROOT --n 20            # ROOT/grefcoco/..., ROOT/images/train2014/
     python -m sspsam.data.generate phrasecut ROOT --n 20            # ROOT is the VGPhraseCut_v0 folder
+    python -m sspsam.data.generate refcoco   ROOT --official        # + ROOT/data_seg/anns/refcoco.json etc. (SSP-SAM layout)
 
 Images are scenes of coloured shapes (:mod:`sspsam.data.shapes`); every sentence is true of its
 scene. Each image's colours are painted exactly on the masks its annotation decodes to (COCO's
@@ -461,9 +462,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-by", default=None, help="unc / umd / google (RefCOCO family)")
     p.add_argument("--ext", default="jpg", choices=["jpg", "png"])
+    p.add_argument("--official", action="store_true",
+                   help="also write the official SSP-SAM layout (ROOT/data_seg/anns, ROOT/data_seg/masks, ROOT/data/) of the same data")
     a = p.parse_args(argv)
     if a.n < 1:
         p.error("--n must be at least 1")
+    if a.official and a.kind == "phrasecut":
+        p.error("--official: the SSP-SAM layout is written for the RefCOCO family and gRefCOCO")
     if a.kind in ("refcoco", "refcoco+", "refcocog"):
         split_by = a.split_by or ("umd" if a.kind == "refcocog" else "unc")
         try:
@@ -474,6 +479,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = generate_grefcoco(a.root, a.n, a.seed, split_by=a.split_by or "unc", image_ext=a.ext)
     else:
         summary = generate_phrasecut(a.root, a.n, a.seed, image_ext=a.ext)
+    if a.official:
+        from sspsam.data.official_anns import write_official_anns
+
+        summary["official"] = write_official_anns(a.root, a.root, a.kind, a.split_by)
     json.dump(summary, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

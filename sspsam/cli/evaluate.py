@@ -140,10 +140,11 @@ def _evaluate_sspsam_protocol(model, data, dataset, split, split_by, output, max
         with Progress(console=Console(stderr=True), transient=True) as bar:
             job = bar.add_task(escape(f"{dataset} {split}"), total=len(ds) if max_samples is None else min(len(ds), max_samples))
             res = off.evaluate_official(seg, ds, max_samples=max_samples, progress=lambda d, t: bar.update(job, completed=d))
-        files = off.write_report(output, res, seg.name, dataset, split, layout)
+        variant = getattr(seg.model, "config", {}).get("name")
+        files = off.write_report(output, res, seg.name, dataset, split, layout, variant)
     except (SSPSamError, ValueError) as exc:
         _fail(exc)
-    print(off.markdown_table(res["metrics"], seg.name, dataset, split), end="")
+    print(off.markdown_table(res["metrics"], seg.name, dataset, split, variant), end="")
     print(f"{res['n']} samples ({layout} layout) in {res['seconds']:.1f} s")
     for f in files.values():
         print(f"wrote {f}")

@@ -237,19 +237,22 @@ def table_keys(metrics: dict) -> list[str]:
     return TABLE_KEYS + (["No_target_acc", "target_acc"] if "No_target_acc" in metrics else [])
 
 
-def markdown_table(metrics: dict, model: str, dataset: str, split: str) -> str:
-    """Our row beside the paper's (its cells "—" where no figure is known), percentages to two decimals."""
+def markdown_table(metrics: dict, model: str, dataset: str, split: str, variant: str | None = None) -> str:
+    """Our row beside the paper's (its cells "—" where no figure is known), percentages to two decimals.
+    ``variant``: the model's config name, which says which of the paper's models it is (a
+    checkpoint's display name, e.g. a hub name, does not)."""
     from sspsam.engine.paper_numbers import SOURCE, paper_row
 
     keys = table_keys(metrics)
     lines = format_table(metrics, keys, header=True, label=f"{model} · {dataset} {split} (ssp-sam protocol)").splitlines()
-    row = paper_row(model, dataset, split) or {}
+    row = paper_row(variant or model, dataset, split) or {}
     cells = [("—" if row.get(k) is None else f"{float(row[k]):.2f}") for k in keys]
     lines.append("| " + " | ".join([f"paper: {SOURCE}", *cells]) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_report(out_dir: str | Path, result: dict, model: str, dataset: str, split: str, layout: str) -> dict[str, Path]:
+def write_report(out_dir: str | Path, result: dict, model: str, dataset: str, split: str, layout: str,
+                 variant: str | None = None) -> dict[str, Path]:
     from sspsam.engine.evaluate import json_safe
     from sspsam.engine.paper_numbers import SOURCE, paper_row
     from sspsam.io.checkpoint import atomic_write
@@ -258,10 +261,10 @@ def write_report(out_dir: str | Path, result: dict, model: str, dataset: str, sp
     out.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": model, "dataset": dataset, "split": split, "protocol": "ssp-sam", "layout": layout,
-        "metrics": result["metrics"], "paper": {"source": SOURCE, "row": paper_row(model, dataset, split)},
+        "metrics": result["metrics"], "paper": {"source": SOURCE, "row": paper_row(variant or model, dataset, split)},
         "seconds": result["seconds"], "ious": result["ious"],
     }
-    table = markdown_table(result["metrics"], model, dataset, split)
+    table = markdown_table(result["metrics"], model, dataset, split, variant)
     return {
         "json": atomic_write(out / "metrics.json", lambda p: Path(p).write_text(json.dumps(json_safe(payload), indent=1, default=float))),
         "table": atomic_write(out / "table.md", lambda p: Path(p).write_text(table)),

@@ -27,6 +27,9 @@ _SPLITS = {
 PAPER: dict[tuple[str, str, str], dict[str, float | None]] = {
     (v, d, s): {m: None for m in METRICS} for v in VARIANTS for d, splits in _SPLITS.items() for s in splits
 }
+# The paper's text: "On the RefCOCO val split, SSP-SAM-336 achieves a Pr@0.9 of 47.77 %"
+# (shared/papers/ssp-sam-summary.txt quotes it).
+PAPER[("ssp-sam-l14-336-h", "refcoco", "val")]["Pr@0.9"] = 47.77
 
 
 def paper_row(model_name: str, dataset: str, split: str) -> dict[str, float | None] | None:

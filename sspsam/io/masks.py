@@ -85,9 +85,9 @@ def require_supervision():
             warnings.filterwarnings("ignore", message=".*OpenCV.*", category=UserWarning)
             import supervision
     except ImportError:
-        from sspsam.errors import SSPSamError
+        from sspsam.errors import MissingExtraError
 
-        raise SSPSamError("this needs the optional package 'supervision': pip install sspsam[interop]") from None
+        raise MissingExtraError("this needs the optional package 'supervision': pip install sspsam[interop]") from None
     return supervision
 
 

@@ -97,6 +97,9 @@ class Predictor:
         self.name = name or model.config.get("name", default)
         self.meta = dict(meta or {})  # the checkpoint's "meta" entry (training data, domain, …)
         self.domain = model_domain(self.name, self.meta)
+        from sspsam.predict.vocabulary import Vocabulary
+
+        self.vocabulary = Vocabulary.from_meta(self.meta)  # None: an open-vocabulary model, nothing to check
 
     def to(self, device: str | torch.device):
         """Move the model to ``device`` ('auto', 'cpu', 'cuda:1', …) and drop the cached features
@@ -174,12 +177,24 @@ def model_domain(name: str | None, meta: dict | None) -> str | None:
     return domain if isinstance(domain, str) else None
 
 
+def model_warnings(name: str, model) -> list[str]:
+    """A model built with random weights (a test config such as ``zeroshot-tiny`` names no CLIP or
+    SAM weights) answers every phrase with noise that looks like a mask: say so on every answer."""
+    parts = list(getattr(model, "random_init", None) or [])
+    if not parts:
+        return []
+    return [f"model '{name}' has random weights ({' and '.join(p.upper() for p in parts)} untrained: its config names no "
+            "weights); its masks are noise — it exists to test code paths, not to segment"]
+
+
 def domain_warnings(name: str, domain: str | None, rgb: np.ndarray, command: str) -> list[str]:
     from sspsam.predict.domain import DOMAIN, out_of_domain_warning
 
+    from sspsam.predict.domain import grayscale_warning
+
     if domain != DOMAIN:
         return []
-    warning = out_of_domain_warning(name, rgb, command)
+    warning = out_of_domain_warning(name, rgb, command) or grayscale_warning(name, rgb)
     return [warning] if warning else []
 
 

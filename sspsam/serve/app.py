@@ -117,15 +117,7 @@ class _Job:
 
 
 def _subset(res: Segmentation, idx: list[int]) -> Segmentation:
-    return Segmentation(
-        phrases=[res.phrases[i] for i in idx],
-        masks=res.masks[idx],
-        scores=res.scores[idx],
-        no_target=res.no_target[idx],
-        no_target_prob=None if res.no_target_prob is None else res.no_target_prob[idx],
-        warnings=list(res.warnings),
-        instances=[res.instances[i] for i in idx],
-    )
+    return res.subset(idx)
 
 
 class _Worker:

@@ -150,7 +150,7 @@ class Predictor:
             if kind not in cls.MODEL_TYPES:
                 raise CheckpointError(f"'{name}' is a '{kind}' model, not {cls.TASK} model; {cls._other_command()}")
             return "checkpoint", variant_checkpoint(name), name
-        raise CheckpointError(cls._unknown(name, configs))
+        raise CheckpointError(cls._unknown(name, configs) + _did_you_mean(name, [*cls.BUNDLED, *configs]))
 
     @classmethod
     def _from_checkpoint(cls, path: Path, device, name: str, **opts):
@@ -175,6 +175,14 @@ def model_domain(name: str | None, meta: dict | None) -> str | None:
     if domain is None and name in ("shapes-demo", "ovss-shapes-demo"):
         return DOMAIN
     return domain if isinstance(domain, str) else None
+
+
+def _did_you_mean(name: str, known: list[str]) -> str:
+    """'; did you mean shapes-demo?' for a near miss (a typo in -m), else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), known, n=2, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 def model_warnings(name: str, model) -> list[str]:

@@ -67,6 +67,8 @@ class Segmenter(Predictor):
         self.no_target_prob = float(inf.get("no_target_prob", 0.5))
         self.min_instance_area: int | None = None  # pixels; None = masks.MIN_INSTANCE_FRACTION of the image
         self._cache: _Encoded | None = None
+        #: who reads the warnings ("python", "cli", "http"): they name the switch that reader can use
+        self.surface = "python"
         if compile:
             self._compile()
 
@@ -223,7 +225,7 @@ class Segmenter(Predictor):
         if enc.warnings is None:
             enc.warnings = self.image_warnings(rgb)
         refuse, phrase_warnings = check_phrases(self.name, getattr(self, "vocabulary", None), phrases,
-                                                bool(opts.get("allow_unknown_words")))
+                                                bool(opts.get("allow_unknown_words")), self.surface)
         thr = self.mask_threshold if opts.get("mask_threshold") is None else float(opts["mask_threshold"])
         nt_thr = self.no_target_prob if opts.get("no_target_threshold") is None else float(opts["no_target_threshold"])
         asked = [i for i, r in enumerate(refuse) if not r]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 STOPWORDS = frozenset(
     "a an the of on at in to and or with is are that which this these those one ones its it thing things".split())
 _WORD = re.compile(r"\w+", re.UNICODE)
-_SHOW = 24  # known words quoted in a warning, at most
+_SHOW = 40  # known words quoted in a warning, at most
 
 
 def words(text: str) -> list[str]:
@@ -53,13 +53,17 @@ class Vocabulary:
         return unknown, bool(unknown) and len(unknown) == len(set(content))
 
     def known_words(self) -> str:
-        shown = sorted(w for w in self.words if w not in STOPWORDS)
+        shown = sorted((w for w in self.words if w not in STOPWORDS), key=lambda w: (len(w) > 7, w))
         return ", ".join(shown[:_SHOW]) + (", …" if len(shown) > _SHOW else "")
 
 
-def phrase_warning(model: str, vocab: Vocabulary, phrase: str, unknown: list[str], refused: bool, python: bool) -> str:
+#: how each surface spells the opt-in, so a warning names the switch its reader can use
+OPT_IN = {"python": "allow_unknown_words=True", "cli": "--allow-unknown", "http": "the field allow_unknown=true"}
+
+
+def phrase_warning(model: str, vocab: Vocabulary, phrase: str, unknown: list[str], refused: bool, surface: str) -> str:
     """The warning for one referring phrase with unknown words; ``refused``: answered "no match"."""
-    opt = "allow_unknown_words=True" if python else "--allow-unknown"
+    opt = OPT_IN.get(surface, OPT_IN["python"])
     listed = ", ".join(f"'{w}'" for w in unknown[:6]) + (", …" if len(unknown) > 6 else "")
     head = f"phrase '{phrase}': {listed} {'is' if len(unknown) == 1 else 'are'} not in the vocabulary of '{model}' (it knows: {vocab.known_words()})"
     if refused:
@@ -73,14 +77,14 @@ def class_warning(model: str, vocab: Vocabulary, name: str) -> str:
 
 
 def check_phrases(model: str, vocab: Vocabulary | None, phrases: list[str], allow_unknown: bool,
-                  python: bool = True) -> tuple[list[bool], list[list[str]]]:
+                  surface: str = "python") -> tuple[list[bool], list[list[str]]]:
     """Per phrase: (answer "no match" without asking the model, its warnings)."""
     refuse, warns = [], []
     for p in phrases:
         unknown, none_known = vocab.unknown(p) if vocab is not None else ([], False)
         refused = none_known and not allow_unknown
         refuse.append(refused)
-        warns.append([phrase_warning(model, vocab, p, unknown, refused, python)] if unknown else [])
+        warns.append([phrase_warning(model, vocab, p, unknown, refused, surface)] if unknown else [])
     return refuse, warns
 
 

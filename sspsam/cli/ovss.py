@@ -82,7 +82,7 @@ def ovss(
         check_output_dir(output)
         labels_png = label_png(res.labels, res.classes)  # palette PNG: class index per pixel, shown in colour
         written.append(atomic_write(output / f"{stem}.ovss.labels.png", lambda p: labels_png.save(p, format="PNG")))
-        ov = label_overlay(rgb, res.labels, res.classes, res.shares)
+        ov = label_overlay(rgb, res.labels, res.classes, res.shares, warnings=res.warnings)
         written.append(atomic_write(output / f"{stem}.ovss.overlay.png", lambda p: ov.save(p, format="PNG")))
         payload = {"image": str(image), "model": seg.name, **res.to_json()}
         written.append(atomic_write(output / f"{stem}.ovss.json", lambda p: Path(p).write_text(json.dumps(payload, indent=1))))

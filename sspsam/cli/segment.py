@@ -115,7 +115,7 @@ def _write_segment(image: Path, output: Path, model_name: str, rgb, res) -> None
         for i, name in enumerate(masks):
             mask_png = Image.fromarray(res.masks[i].astype(np.uint8) * 255)
             written.append(atomic_write(output / name, lambda p, im=mask_png: im.save(p, format="PNG")))
-        ov = segmentation_overlay(rgb, res.phrases, res.masks, res.scores, res.no_target)
+        ov = segmentation_overlay(rgb, res.phrases, res.masks, res.scores, res.no_target, res.warnings, res.instances)
         written.append(atomic_write(output / f"{stem}.segment.overlay.png", lambda p: ov.save(p, format="PNG")))
         payload = {"image": str(image), "model": model_name, **res.to_json()}
         for r, name in zip(payload["results"], masks):

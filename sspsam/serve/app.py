@@ -636,7 +636,8 @@ def create_app(
         def render() -> dict:
             out = res.to_json()
             if payload.overlay:
-                out["overlay_png"] = _png_b64(segmentation_overlay(rgb, res.phrases, res.masks, res.scores, res.no_target))
+                out["overlay_png"] = _png_b64(segmentation_overlay(rgb, res.phrases, res.masks, res.scores, res.no_target,
+                                                                   res.warnings, res.instances))
             return out
 
         out = await run_in_threadpool(render)
@@ -664,7 +665,8 @@ def create_app(
             out["masks"] = [{"index": i, "class": c, "share": float(res.shares.get(c, m.mean())), "area": int(m.sum()),
                              "rle": encode_rle(m)} for i, c, m in masks]
             if payload.overlay:
-                out["overlay_png"] = _png_b64(label_overlay(rgb, labels, list(res.classes), out.get("shares")))
+                out["overlay_png"] = _png_b64(label_overlay(rgb, labels, list(res.classes), out.get("shares"),
+                                                            warnings=res.warnings))
             return out
 
         out = await run_in_threadpool(render)

@@ -173,10 +173,10 @@ def test_label_overlay_tints_with_the_class_colours_and_lists_them():
     h, w = 90, 120
     labels = np.zeros((h, w), np.int64)
     labels[20:60, 30:90] = 1
-    img = np.asarray(label_overlay(np.zeros((h, w, 3), np.uint8), labels, ["background", "blue"]))
+    full = np.asarray(label_overlay(np.zeros((h, w, 3), np.uint8), labels, ["background", "blue"]))
     k = overlay_scale(h, w)
-    img = img[::k, :: k]  # drawn enlarged k times: one pixel of each k×k block
+    img = full[::k, :: k]  # drawn enlarged k times: one pixel of each k×k block
     assert img.shape[0] == h and img.shape[1] > w
     assert tuple(img[25, 35]) == (0, 0, round(255 * 0.55))  # tinted with the colour the name says
     assert tuple(img[5, 5]) == (round(128 * 0.55),) * 3
-    assert _is(img[:, w:], (0, 0, 255)).sum() >= 100 and _is(img[:, w:], (128, 128, 128)).sum() >= 100
+    assert _is(full[:, w * k:], (0, 0, 255)).sum() >= 100 and _is(full[:, w * k:], (128, 128, 128)).sum() >= 100

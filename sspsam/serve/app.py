@@ -114,6 +114,7 @@ class _Job:
     rgb: np.ndarray
     texts: list[str]  # cleaned phrases or classes
     future: cf.Future = field(default_factory=cf.Future)
+    allow_unknown: bool = False  # ask the model even phrases with no word it knows
 
 
 def _subset(res: Segmentation, idx: list[int]) -> Segmentation:
@@ -184,13 +185,16 @@ class _Worker:
         self.stats["jobs"] += len(jobs)
         groups: dict[tuple, list[_Job]] = {}
         for j in jobs:
-            groups.setdefault((j.kind, j.key) if j.kind == "segment" else (j.kind, j.key, tuple(j.texts)), []).append(j)
+            groups.setdefault((j.kind, j.key, j.allow_unknown) if j.kind == "segment" else (j.kind, j.key, tuple(j.texts)), []).append(j)
         for (kind, *_), group in groups.items():
             self.stats["model_calls"] += 1
             try:
                 if kind == "segment":
                     phrases = list(dict.fromkeys(p for j in group for p in j.texts))
-                    res = self.segmenter.segment(group[0].rgb, phrases)
+                    if hasattr(self.segmenter, "surface"):
+                        self.segmenter.surface = "http"
+                    res = self.segmenter.segment(group[0].rgb, phrases,
+                                                 **({"allow_unknown_words": True} if group[0].allow_unknown else {}))
                     index = {p: i for i, p in enumerate(res.phrases)}
                     for j in group:
                         j.future.set_result(_subset(res, [index[p] for p in j.texts]))
@@ -212,6 +216,7 @@ class _Payload:
     image: bytes
     texts: Any  # raw phrases or classes as sent
     overlay: bool
+    allow_unknown: bool = False
 
 
 async def _read_payload(request: Request, text_fields: tuple[str, str]) -> _Payload:
@@ -230,6 +235,7 @@ async def _read_payload(request: Request, text_fields: tuple[str, str]) -> _Payl
         if len(texts) == 1:
             texts = texts[0]
         flag = str(form.get("overlay", "")).strip().lower() in _TRUE
+        allow = str(form.get("allow_unknown", "")).strip().lower() in _TRUE
     elif ctype == "application/json":
         body = _parse_json(await request.body())
         if not isinstance(body, dict):
@@ -249,12 +255,15 @@ async def _read_payload(request: Request, text_fields: tuple[str, str]) -> _Payl
         flag = body.get("overlay", False)
         if not isinstance(flag, bool):
             raise ApiError(422, "invalid_field", "field 'overlay' must be true or false")
+        allow = body.get("allow_unknown", False)
+        if not isinstance(allow, bool):
+            raise ApiError(422, "invalid_field", "field 'allow_unknown' must be true or false")
     else:
         raise ApiError(415, "unsupported_media_type",
                        f"send multipart/form-data or application/json, not {ctype or 'a body without Content-Type'}")
     if texts is None or texts == []:
         raise ApiError(422, "missing_field", f"missing field '{plural}': give one or more (or '{singular}')")
-    return _Payload(data, texts, flag)
+    return _Payload(data, texts, flag, allow)
 
 
 MAX_JSON_DEPTH = 32
@@ -595,9 +604,9 @@ def create_app(
         code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error_response(exc.status_code, code, str(exc.detail), request.state.request_id, exc.headers)
 
-    async def _infer(request: Request, kind: str, rgb: np.ndarray, key: str, texts: list[str]):
+    async def _infer(request: Request, kind: str, rgb: np.ndarray, key: str, texts: list[str], allow_unknown: bool = False):
         worker: _Worker = request.app.state.worker
-        future = worker.submit(_Job(kind, key, rgb, texts))
+        future = worker.submit(_Job(kind, key, rgb, texts, allow_unknown=allow_unknown))
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
         except asyncio.TimeoutError:
@@ -631,7 +640,7 @@ def create_app(
               openapi_extra=_body_doc("phrases", "One or more phrases (repeat the field; 'phrase' also works)."))
     async def segment(request: Request):
         payload, phrases, rgb, key = await _parse(request, ("phrases", "phrase"), clean_phrases, max_phrases, "phrases")
-        res = await _infer(request, "segment", rgb, key, phrases)
+        res = await _infer(request, "segment", rgb, key, phrases, payload.allow_unknown)
 
         def render() -> dict:
             out = res.to_json()

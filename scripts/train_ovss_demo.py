@@ -6,7 +6,8 @@ about real photos. Usage:
 python scripts/train_ovss_demo.py --steps 400 --out sspsam/assets/ovss-shapes-demo.pt
 
 The checkpoint's ``meta`` says what the CLI/web page may suggest: ``domain`` and
-``example_classes`` (the class list it was trained on, which is what it knows).
+``example_classes`` (the class list it was trained on, which is what it knows) and
+``vocabulary`` (the words of those classes: a class with none of them gets a warning).
 ``--annotate`` only (re)writes that meta on an existing checkpoint, weights untouched — how the
 shipped one got it (held-out mIoU 0.912 on 100 fresh scenes, so it was not retrained).
 """
@@ -27,7 +28,10 @@ from sspsam.engine.train_ovss import train_ovss
 
 
 def demo_meta(classes: list[str]) -> dict:
-    return {"domain": "generated-shapes", "example_classes": list(classes)}
+    from sspsam.predict.vocabulary import classes_vocabulary
+
+    return {"domain": "generated-shapes", "example_classes": list(classes),
+            "vocabulary": {"kind": "classes", "words": classes_vocabulary(classes)}}
 
 
 def main() -> None:
@@ -42,7 +46,11 @@ def main() -> None:
     if args.annotate:
         ck = read_sspsam_checkpoint(args.out)
         meta = {**ck.get("meta", {}), **demo_meta(ck["classes"])}
+        before = {k: v.clone() for k, v in ck["state_dict"].items()}
         save_checkpoint(args.out, ck["config"], ck["state_dict"], classes=ck["classes"], meta=meta)
+        after = read_sspsam_checkpoint(args.out)["state_dict"]
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype
+                                                     for k in before), "annotating changed a weight"
         print(f"annotated {args.out}: {meta}")
         return
     with tempfile.TemporaryDirectory() as tmp:

@@ -77,6 +77,7 @@ from sspsam.data.shapes import FAMILIES, expressions_by_family, make_scene
 from sspsam.engine.metrics import RESMeter
 from sspsam.engine.shapes_eval import TRAIN_SEED_LIMIT, answers, demo_scene, evaluate, format_table, target_mask
 from sspsam.engine.losses import ssp_loss
+from sspsam.predict.vocabulary import shapes_vocabulary
 from sspsam.engine.step import collate, make_sample, param_groups
 
 # What the demo changes in the tiny config (the checkpoint stores the merged config).
@@ -274,6 +275,30 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
     return peak * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
+def demo_vocabulary() -> dict:
+    """The words the demo was trained on, and the phrases that name one object each (what a
+    click falling outside a phrase's mask is matched against)."""
+    from sspsam.data.shapes import COLOURS, SHAPES
+
+    return {"kind": "phrases", "words": shapes_vocabulary(),
+            "objects": [f"the {c} {s}" for c in COLOURS for s in SHAPES]}
+
+
+def annotate(path: str) -> None:
+    """Record the words the demo was trained on in its meta, so every surface can warn about (or
+    refuse) a phrase outside them; how the shipped checkpoint got its vocabulary without retraining."""
+    from sspsam.models.build import read_sspsam_checkpoint
+
+    ck = read_sspsam_checkpoint(path)
+    meta = {**(ck.get("meta") or {}), "vocabulary": demo_vocabulary(), "prompt_clicks": False}
+    before = {k: v.clone() for k, v in ck["state_dict"].items()}
+    save_checkpoint(path, ck["config"], ck["state_dict"], meta=meta)
+    after = read_sspsam_checkpoint(path)["state_dict"]
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype
+                                                 for k in before), "annotating changed a weight"
+    print(f"annotated {path}: {len(meta['vocabulary']['words'])} words, weights bit for bit the same")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=6000)
@@ -296,9 +321,14 @@ def main() -> None:
                     "sharing its colour or its shape, in the same scene")
     ap.add_argument("--init", help="warm-start from this checkpoint (position tables resized by widen()) when no --state exists")
     ap.add_argument("--example", action="store_true", help="only (re)write examples/shapes.png and its mask")
+    ap.add_argument("--annotate", action="store_true", help="only (re)write the vocabulary in --out's meta; "
+                    "the weights stay bit for bit")
     ap.add_argument("--recalibrate", action="store_true", help="only choose the no-target threshold of --out again "
                     "(--calibrate scenes) and rescore it on --eval held-out scenes; the weights stay bit for bit")
     args = ap.parse_args()
+    if args.annotate:
+        annotate(args.out)
+        return
     if args.recalibrate:
         recalibrate(args.out, args.calibrate, args.eval, args.threads)
         return
@@ -362,7 +392,8 @@ def main() -> None:
             atomic_write(state_path, lambda t: torch.save(st, t))
     minutes = (time.time() - t0) / 60
     meta = {"steps": step, "batch": args.batch, "phrases_per_scene": args.phrases, "seed": args.seed, "train_minutes": round(minutes, 1),
-            "trained_on": "generated shape scenes", "domain": "generated-shapes", "example_phrases": EXAMPLE_PHRASES}
+            "trained_on": "generated shape scenes", "domain": "generated-shapes", "example_phrases": EXAMPLE_PHRASES,
+            "vocabulary": demo_vocabulary(), "prompt_clicks": False}
     if init:
         meta["warm_start"] = init
     if args.eval:

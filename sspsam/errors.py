@@ -36,3 +36,8 @@ class OutputError(SSPSamError):
 def one_line(text: object) -> str:
     """A message as one line: user text (file names, phrases) may hold newlines or markup-like brackets."""
     return " ".join(str(text).split())
+
+
+class MissingExtraError(SSPSamError, ImportError):
+    """An optional dependency is not installed; the message names the pip extra. Also an
+    ImportError, so ``except ImportError`` in a caller's fallback code still catches it."""

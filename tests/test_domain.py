@@ -135,7 +135,7 @@ def test_cli_prints_the_warning_and_writes_it_to_json(tmp_path):
     photo = tmp_path / "photo.jpg"
     Image.fromarray(photo_like()).save(photo, quality=90)
     out = tmp_path / "out"
-    r = CliRunner().invoke(app, ["segment", str(photo), "the dog", "-o", str(out)])
+    r = CliRunner().invoke(app, ["segment", str(photo), "the red circle", "-o", str(out)])  # words it knows: one warning
     assert r.exit_code == 0, r.output
     warn = [line for line in r.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warn) == 1 and "--model zeroshot" in warn[0]
@@ -157,6 +157,12 @@ def test_http_api_carries_the_warning(path, field):
     buf = io.BytesIO()
     Image.fromarray(photo_like()).save(buf, format="PNG")
     with TestClient(api) as client:
-        r = client.post(path, files={"image": ("p.png", buf.getvalue(), "image/png")}, data={field: "background, red"})
+        texts = "the red circle" if field == "phrases" else "background, red"  # words the model knows: one warning
+        r = client.post(path, files={"image": ("p.png", buf.getvalue(), "image/png")}, data={field: texts})
         assert r.status_code == 200, r.text
         assert len(r.json()["warnings"]) == 1 and "--model zeroshot" in r.json()["warnings"][0]
+        if field == "phrases":  # a phrase outside the vocabulary: "no match", and the warning names the HTTP switch
+            r = client.post(path, files={"image": ("p.png", buf.getvalue(), "image/png")}, data={field: "a unicorn"})
+            body = r.json()
+            assert body["results"][0]["no_target"] and "allow_unknown=true" in body["results"][0]["warnings"][0]
+            assert body["results"][0]["warnings"][0] in body["warnings"]

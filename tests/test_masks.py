@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sspsam.io.masks import NO_MATCH, bbox, class_colours, contour, label_overlay, label_png, overlay, palette, segmentation_overlay
+from sspsam.io.masks import NO_MATCH, bbox, overlay_scale, class_colours, contour, label_overlay, label_png, overlay, palette, segmentation_overlay
 
 
 def _disc(h: int, w: int, cy: float, cx: float, r: float) -> np.ndarray:
@@ -95,11 +95,12 @@ def test_contour_matches_scipy_minimum_filter_at_any_width():
             assert np.array_equal(contour(m, width), m & ~inner)
 
 
-def test_label_size_grows_with_image_size():
+def test_label_size_grows_with_image_size_up_to_a_cap():
     small = _chip_height(120, 160)
     large = _chip_height(3000, 4000)
     assert small >= 12  # readable on a 160×120 scene
-    assert large >= 6 * small  # and still readable on a 4000×3000 photo
+    assert large >= 5 * small  # and still readable on a 4000×3000 photo
+    assert _chip_height(6000, 8000) == large  # but a bigger photo does not get a bigger label: it would hide the picture
 
 
 def test_segment_legend_names_every_phrase_and_no_match():
@@ -109,6 +110,9 @@ def test_segment_legend_names_every_phrase_and_no_match():
     img = segmentation_overlay(rgb, ["the red circle", "the blue circle", "the star"],
                                [a, b, np.zeros((h, w), bool)], np.array([0.9, 0.8, 0.1]), np.array([False, False, True]))
     out = np.asarray(img)
+    k = overlay_scale(h, w)  # a 160x120 scene is drawn enlarged, so its labels have pixels to be read with
+    assert k >= 2
+    h, w = h * k, w * k
     assert out.shape[0] == h and out.shape[1] > w + 100  # the image, then a legend panel to its right
     panel = out[:, w:]
     colours = palette(3)
@@ -132,6 +136,7 @@ def test_segment_overlay_never_draws_a_no_target_or_empty_mask():
     rgb = np.full((h, w, 3), 90, np.uint8)
     m = _disc(h, w, 30, 40, 15)
     out = np.asarray(segmentation_overlay(rgb, ["x"], [m], np.array([0.5]), np.array([True])))
+    w *= overlay_scale(h, w)
     assert (out[:, :w] == 90).all()  # said absent: nothing drawn on the image even though a mask came back
 
 
@@ -168,8 +173,10 @@ def test_label_overlay_tints_with_the_class_colours_and_lists_them():
     h, w = 90, 120
     labels = np.zeros((h, w), np.int64)
     labels[20:60, 30:90] = 1
-    img = np.asarray(label_overlay(np.zeros((h, w, 3), np.uint8), labels, ["background", "blue"]))
+    full = np.asarray(label_overlay(np.zeros((h, w, 3), np.uint8), labels, ["background", "blue"]))
+    k = overlay_scale(h, w)
+    img = full[::k, :: k]  # drawn enlarged k times: one pixel of each k×k block
     assert img.shape[0] == h and img.shape[1] > w
     assert tuple(img[25, 35]) == (0, 0, round(255 * 0.55))  # tinted with the colour the name says
     assert tuple(img[5, 5]) == (round(128 * 0.55),) * 3
-    assert _is(img[:, w:], (0, 0, 255)).sum() >= 100 and _is(img[:, w:], (128, 128, 128)).sum() >= 100
+    assert _is(full[:, w * k:], (0, 0, 255)).sum() >= 100 and _is(full[:, w * k:], (128, 128, 128)).sum() >= 100

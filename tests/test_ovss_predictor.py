@@ -67,7 +67,9 @@ class RedModel(nn.Module):
 # ---- classes -------------------------------------------------------------------------------
 def test_clean_classes():
     assert clean_classes("sky, road,car") == ["sky", "road", "car"]
-    assert clean_classes(["  traffic   light ", "Sky", "sky", "", "road"]) == ["traffic light", "Sky", "road"]
+    assert clean_classes(["  traffic   light ", "Sky", "", "road"]) == ["traffic light", "Sky", "road"]
+    with pytest.raises(TextError, match="'sky' is given twice"):  # which label would its pixels get?
+        clean_classes(["Sky", "road", "sky"])
     for bad in ("", " , ,", [], ["", "  "]):
         with pytest.raises(TextError):
             clean_classes(bad)

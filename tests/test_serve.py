@@ -167,7 +167,10 @@ def test_segment_many_phrases_json_body_and_overlay(server, reference):
         assert np.array_equal(decode_rle(item["rle"]), mask)
     assert any(x["area"] > 0 for x in body["results"]), "the demo model should find something in its own scenes"
     overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay_png"])))
-    assert overlay.height == rgb.shape[0] and overlay.width > rgb.shape[1]  # the image, then the legend panel
+    from sspsam.io.masks import overlay_scale
+
+    k = overlay_scale(*rgb.shape[:2])  # a small image is drawn enlarged so its labels can be read
+    assert overlay.height == k * rgb.shape[0] and overlay.width > k * rgb.shape[1]  # the image, then the legend panel
 
 
 def test_ovss_label_map_and_shares(server, ovss_model):

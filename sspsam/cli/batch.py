@@ -25,7 +25,8 @@ def batch(
     concurrency: int = typer.Option(1, "--concurrency", min=1, help="With --ray: model actors (each loads the model)."),
 ) -> None:
     """Segment every (image, phrase) into OUT/results.jsonl, one COCO-RLE line each, in input order.
-    Rerun the same command after an interruption: finished items are skipped, the rest appended."""
+    Rerun the same command after an interruption: finished items are skipped, the rest appended.
+    OUT/job.json records the model (name, checkpoint sha256); a rerun with another model is refused."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -46,6 +47,13 @@ def batch(
                                 batch_size=batch_size, concurrency=concurrency, progress=progress)
     except SSPSamError as exc:
         raise fail(exc) from None
+    from sspsam.cli.common import say_warning
+
+    for w, n in (summary.warnings or {}).items():
+        say_warning(f"{w} ({n} of {summary.written} items)")
+    if summary.written and summary.errors == summary.written:
+        raise fail(f"every one of the {summary.written} items failed (no image could be read; see the \"error\" field of "
+                   f"each line in {summary.results})")
     resumed = f", {summary.skipped} already done" if summary.skipped else ""
     failed = f", {summary.errors} with unreadable images" if summary.errors else ""
     print(f"{summary.items} items{resumed}; wrote {summary.written}{failed} -> {summary.results}")

@@ -32,7 +32,8 @@ def _fail(exc: Exception) -> None:
 
 def ovss(
     image: Path = typer.Argument(..., help="Image file (JPEG, PNG, TIFF, WebP…; EXIF orientation is applied)."),
-    classes: str = typer.Option("sky,road,car,person", "--classes", "-c", help="Comma-separated class names: \"sky, road, car\"."),
+    classes: Optional[str] = typer.Option(None, "--classes", "-c", help="Comma-separated class names: \"sky, road, car\" "
+                                          "(default: the model's own classes, e.g. the bundled demo's colours)."),
     output: Path = typer.Option(Path("out"), "-o", "--output", help="Folder for <name>.ovss.json, <name>.ovss.labels.png and <name>.ovss.overlay.png."),
     model: str = typer.Option("ovss-shapes-demo", "--model", "-m", help="Bundled model, 'zeroshot' (CLIP + SAM from the weights cache), an OVSS variant or a checkpoint path."),
     device: str = typer.Option("auto", "--device", help="torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps."),
@@ -54,15 +55,18 @@ def ovss(
         from sspsam.io.images import load_image
         from sspsam.predict.ovss import OVSS, clean_classes
 
-        names = clean_classes(classes)
-        rgb = load_image(image, len(names))
-        if len(names) > 256:
-            raise SSPSamError(f"{len(names)} classes do not fit an 8-bit label PNG; give at most 256")
+        names = clean_classes(classes) if classes is not None else None
+        rgb = load_image(image, len(names or ()) or 1)
         dev = resolve_device(device)
         check_output_dir(output, create=False)
         apply_threads(threads)
         with _offline(offline):
             seg = OVSS.from_pretrained(model, device=str(dev))
+        seg.surface = "cli"
+        names = clean_classes(seg._classes_or_default(names))
+        if len(names) > 256:
+            raise SSPSamError(f"{len(names)} classes do not fit an 8-bit label PNG; give at most 256")
+        load_image(rgb, len(names))  # the pixels × classes budget, now that the classes are known
         apply_quantize(seg, quantize)
         res = seg.segment(rgb, names, slide=slide)
     except SSPSamError as exc:
@@ -78,7 +82,7 @@ def ovss(
         check_output_dir(output)
         labels_png = label_png(res.labels, res.classes)  # palette PNG: class index per pixel, shown in colour
         written.append(atomic_write(output / f"{stem}.ovss.labels.png", lambda p: labels_png.save(p, format="PNG")))
-        ov = label_overlay(rgb, res.labels, res.classes, res.shares)
+        ov = label_overlay(rgb, res.labels, res.classes, res.shares, warnings=res.warnings)
         written.append(atomic_write(output / f"{stem}.ovss.overlay.png", lambda p: ov.save(p, format="PNG")))
         payload = {"image": str(image), "model": seg.name, **res.to_json()}
         written.append(atomic_write(output / f"{stem}.ovss.json", lambda p: Path(p).write_text(json.dumps(payload, indent=1))))

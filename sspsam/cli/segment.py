@@ -47,7 +47,10 @@ def _check_phrases(texts: list[str]) -> None:
 
 def segment(
     image: Path = typer.Argument(..., help="Image file (JPEG, PNG, TIFF, WebP…; EXIF orientation is applied)."),
-    text: list[str] = typer.Argument(..., help="One or more phrases, each quoted: \"the man holding the baby\"."),
+    text: Optional[list[str]] = typer.Argument(None, help="One or more phrases, each quoted: \"the man holding the baby\" (or --phrases FILE)."),
+    phrases_file: Optional[Path] = typer.Option(None, "--phrases", help="Text file, one phrase per line (after any phrases given as arguments)."),
+    allow_unknown: bool = typer.Option(False, "--allow-unknown", help="Ask the model even a phrase with no word it was trained on "
+                                       "(default: such a phrase is answered 'no match', with a warning)."),
     output: Path = typer.Option(Path("out"), "-o", "--output", help="Folder for <name>.segment.json, .segment.overlay.png and .segment.mask<i>.png."),
     model: str = typer.Option("shapes-demo", "--model", "-m", help="Bundled model name, variant name, 'zeroshot', a checkpoint path or an `sspsam export onnx` folder (ONNX Runtime; see `sspsam models`)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -63,7 +66,15 @@ def segment(
     """
     try:  # cheap checks first: a bad image or phrase should not wait for a model to load
         check_input_file(image)
+        text = list(text or [])
         _check_phrases(text)
+        if phrases_file is not None:
+            from sspsam.predict.batch import read_phrases
+
+            check_input_file(phrases_file, "phrases file")
+            text += read_phrases(phrases_file)
+        if not text:
+            raise TextError('no phrase given: `sspsam segment IMAGE "the blue circle"` or --phrases FILE')
         check_speed_options(threads, quantize)
         from sspsam.predict.device import resolve_device
         from sspsam.io.images import load_image
@@ -78,7 +89,8 @@ def segment(
         with _offline(offline):
             seg = Segmenter.from_pretrained(model, device=str(dev))
         apply_quantize(seg, quantize)
-        res = seg.segment(rgb, phrases)
+        seg.surface = "cli"
+        res = seg.segment(rgb, phrases, **({"allow_unknown_words": True} if allow_unknown else {}))
     except SSPSamError as exc:
         _fail(exc)
     _write_segment(image, output, seg.name, rgb, res)
@@ -103,7 +115,7 @@ def _write_segment(image: Path, output: Path, model_name: str, rgb, res) -> None
         for i, name in enumerate(masks):
             mask_png = Image.fromarray(res.masks[i].astype(np.uint8) * 255)
             written.append(atomic_write(output / name, lambda p, im=mask_png: im.save(p, format="PNG")))
-        ov = segmentation_overlay(rgb, res.phrases, res.masks, res.scores, res.no_target)
+        ov = segmentation_overlay(rgb, res.phrases, res.masks, res.scores, res.no_target, res.warnings, res.instances)
         written.append(atomic_write(output / f"{stem}.segment.overlay.png", lambda p: ov.save(p, format="PNG")))
         payload = {"image": str(image), "model": model_name, **res.to_json()}
         for r, name in zip(payload["results"], masks):

@@ -4,6 +4,7 @@ can read at any image size, and the OVSS label PNG."""
 from __future__ import annotations
 
 import colorsys
+import functools
 
 import numpy as np
 from PIL import Image, ImageColor, ImageDraw, ImageFont
@@ -85,17 +86,25 @@ def require_supervision():
             warnings.filterwarnings("ignore", message=".*OpenCV.*", category=UserWarning)
             import supervision
     except ImportError:
-        from sspsam.errors import SSPSamError
+        from sspsam.errors import MissingExtraError
 
-        raise SSPSamError("this needs the optional package 'supervision': pip install sspsam[interop]") from None
+        raise MissingExtraError("this needs the optional package 'supervision': pip install sspsam[interop]") from None
     return supervision
 
 
+#: colours people tell apart side by side (Trubetskoy's 20 distinct colours, reordered so the first
+#: few are the most saturated): golden-ratio hues alone give near twins after a dozen phrases
+_DISTINCT = [(230, 25, 75), (0, 130, 200), (60, 180, 75), (255, 225, 25), (145, 30, 180), (245, 130, 48),
+             (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40), (128, 0, 0),
+             (250, 190, 212), (0, 0, 128), (170, 255, 195), (128, 128, 0), (220, 190, 255), (255, 215, 180),
+             (128, 128, 128), (0, 0, 0)]
+
+
 def palette(n: int) -> list[tuple[int, int, int]]:
-    """n well-separated colours (golden-ratio hues)."""
-    out = []
-    for i in range(n):
-        r, g, b = colorsys.hsv_to_rgb((0.02 + i * 0.618034) % 1.0, 0.85, 1.0)
+    """n colours: the 20 distinct ones first, then golden-ratio hues at alternating brightness."""
+    out = list(_DISTINCT[:n])
+    for i in range(len(out), n):
+        r, g, b = colorsys.hsv_to_rgb((0.02 + i * 0.618034) % 1.0, 0.85, (1.0, 0.6)[i % 2])
         out.append((int(r * 255), int(g * 255), int(b * 255)))
     return out
 
@@ -129,22 +138,56 @@ NO_MATCH = "(no match)"
 _UNLABELLED = (0, 0, 0)  # palette entry 255 of the label PNG: pixels no class claimed
 
 
+#: overlays of images with a short side below this are drawn on the image scaled up (nearest
+#: neighbour, a whole factor) so that labels and outlines have pixels to be drawn with
+MIN_OVERLAY_SIDE = 480
+_MAX_UPSCALE = 8
+_MAX_FONT = 72
+
+
+def overlay_scale(height: int, width: int) -> int:
+    """The whole factor a small image is enlarged by for its overlay (1 for most photos)."""
+    short = max(1, min(height, width))
+    return max(1, min(_MAX_UPSCALE, -(-MIN_OVERLAY_SIDE // short))) if short < MIN_OVERLAY_SIDE else 1
+
+
 def _scale(height: int, width: int) -> tuple[int, int]:
     """(font px, line px) for an image: readable on a 160×120 scene and on a 4000×3000 photo.
 
-    Text is ~1/40 of the long side (never below 12 px, the smallest size people read without
-    zooming); lines ~1/250 of it, at least 2 px so a contour stands out from the fill.
+    Text is ~1/30 of the short side (a panorama's long side would make labels taller than the
+    strip), never below 12 px (the smallest size people read without zooming) and never above
+    72 px (beyond that a label hides more than it tells); lines ~1/250 of the long side, at least 2
+    px so a contour stands out from the fill.
     """
-    long_side = max(height, width)
-    return max(12, round(long_side / 40)), max(2, round(long_side / 250))
+    long_side, short_side = max(height, width), min(height, width)
+    return max(12, min(_MAX_FONT, round(short_side / 30))), max(2, round(long_side / 250))
 
 
+@functools.lru_cache(maxsize=32)
 def font(size: int) -> ImageFont.ImageFont:
-    """Pillow's embedded scalable font (≥ 10.1): present on every machine, no font files needed."""
+    """A Unicode font with CJK glyphs (Noto Sans CJK, from the ``noto-cjk-sans-jp-regular``
+    package: a phrase in Chinese or Japanese must not come out as boxes), else Pillow's embedded
+    scalable font (Latin only), else its bitmap font."""
+    path = unicode_font_path()
+    if path is not None:
+        try:
+            return ImageFont.truetype(str(path), size=size)
+        except OSError:
+            pass
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 or no FreeType: the fixed bitmap font is better than nothing
         return ImageFont.load_default()
+
+
+def unicode_font_path():
+    """The packaged CJK-capable font file, or None when the package is missing."""
+    try:
+        import noto_cjk_sans_jp_regular as noto
+    except ImportError:
+        return None
+    path = noto.FONT_PATH
+    return path if path.is_file() else None
 
 
 def _ink(colour) -> tuple[int, int, int]:
@@ -219,13 +262,48 @@ def bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
 
 
-def _tag(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, colour, fnt, limit: tuple[int, int]) -> None:
-    """A label on a chip of the mask's colour at (x, y) = its bottom-left, kept inside the image."""
+def _chip(draw: ImageDraw.ImageDraw, text: str, fnt) -> tuple[int, int, int, int, int]:
+    """(width, height, padding, text left bearing, text top bearing) of a label chip."""
     l, t, r, b = draw.textbbox((0, 0), text, font=fnt)
     pad = max(2, fnt.size // 6) if hasattr(fnt, "size") else 2
-    w, h = r - l + 2 * pad, b - t + 2 * pad
-    x = min(max(0, xy[0]), max(0, limit[0] - w))
-    y = min(max(0, xy[1] - h), max(0, limit[1] - h))
+    return r - l + 2 * pad, b - t + 2 * pad, pad, l, t
+
+
+def _overlap(a, b) -> int:
+    return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def _place(box, size: tuple[int, int], limit: tuple[int, int], taken: list) -> tuple[int, int]:
+    """Where a chip of ``size`` goes for a box (x0, y0, x1, y1): above its top-left corner as a
+    legend reader expects, else the first of the other corners (inside, below, right-aligned)
+    that covers no label already placed; where every spot is taken, the least covered one."""
+    (w, h), (W, H) = size, limit
+    x0, y0, x1, y1 = box
+    spots = [(x0, y0 - h), (x0, y0), (x0, y1 + 1), (x1 + 1 - w, y0 - h), (x1 + 1 - w, y1 + 1), (x0, y1 + 1 - h),
+             (x1 + 1 - w, y0)]
+    best, best_cost = None, None
+    for x, y in spots:
+        x, y = min(max(0, x), max(0, W - w)), min(max(0, y), max(0, H - h))
+        cost = sum(_overlap((x, y, x + w, y + h), r) for r in taken)
+        if best is None or cost < best_cost:
+            best, best_cost = (x, y), cost
+        if cost == 0:
+            break
+    return best
+
+
+def _tag(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, colour, fnt, limit: tuple[int, int],
+         taken: list | None = None, box=None) -> None:
+    """A label on a chip of the mask's colour: at (x, y) = its bottom-left kept inside the image,
+    or with ``box`` and ``taken`` (the chips placed so far) where it covers no other label."""
+    w, h, pad, l, t = _chip(draw, text, fnt)
+    if box is not None and taken is not None:
+        x, y = _place(box, (w, h), limit, taken)
+    else:
+        x = min(max(0, xy[0]), max(0, limit[0] - w))
+        y = min(max(0, xy[1] - h), max(0, limit[1] - h))
+    if taken is not None:
+        taken.append((x, y, x + w, y + h))
     draw.rectangle((x, y, x + w - 1, y + h - 1), fill=tuple(colour))
     draw.text((x + pad - l, y + pad - t), text, fill=_ink(colour), font=fnt)
 
@@ -252,14 +330,16 @@ def _legend_panel(rows: list[tuple[tuple[int, int, int] | None, str]], height: i
 
 
 def overlay(image: np.ndarray, masks: list[np.ndarray], labels: list[str] | None = None, alpha: float = 0.45,
-            legend: list[str] | None = None) -> Image.Image:
+            legend: list[str] | None = None, instance_boxes: list[list] | None = None) -> Image.Image:
     """Each mask as a translucent fill, a contour and its bounding box in its own colour, labelled
     at the box's top-left corner; with ``legend`` (one text per mask, e.g. the phrase and its score
     or "(no match)") a panel to the right says what each colour stands for.
 
     Sizes follow the image (``_scale``): a fixed 11 px font vanishes on a photo and a 1 px outline
     on a 4000 px image cannot be seen. The image part keeps the input's size and position, so
-    pixel (x, y) of the picture is pixel (x, y) of the image.
+    pixel (x, y) of the picture is pixel (x, y) of the image. ``instance_boxes``: per mask, the
+    inclusive boxes of its separate objects (one box each, as the JSON lists them); default one
+    box around the whole mask. Labels never cover one another where the image has room.
     """
     h, w = image.shape[:2]
     size, line = _scale(h, w)
@@ -276,15 +356,19 @@ def overlay(image: np.ndarray, masks: list[np.ndarray], labels: list[str] | None
             out[y0:y1 + 1, x0:x1 + 1][_contour_crop(m[y0:y1 + 1, x0:x1 + 1], line)] = c
     img = Image.fromarray(out)
     draw = ImageDraw.Draw(img)
-    for b, c in zip(boxes, colours):
-        if b is not None:
+    per_mask = [[b] if b is not None else [] for b in boxes] if instance_boxes is None else \
+        [[tuple(int(v) for v in ib) for ib in ibs] if b is not None else [] for b, ibs in zip(boxes, instance_boxes)]
+    for ibs, c in zip(per_mask, colours):
+        for b in ibs:
             draw.rectangle(b, outline=tuple(c), width=max(1, line // 2))
     if labels:  # a label wider than its box and a third of the image would hide the picture: its number instead
-        for k, (b, c, text) in enumerate(zip(boxes, colours, labels)):
-            if b is not None and text:
+        taken: list = []
+        for k, (ibs, c, text) in enumerate(zip(per_mask, colours, labels)):
+            if ibs and text:
+                b = ibs[0]  # the largest object carries the phrase
                 if legend is not None and draw.textlength(text, font=fnt) > max(b[2] - b[0] + 1, w / 3):
                     text = str(k + 1)
-                _tag(draw, (b[0], b[1]), text, c, fnt, (w, h))
+                _tag(draw, (b[0], b[1]), text, c, fnt, (w, h), taken, b)
     if legend is None:
         return img
     rows = [(c if b is not None else None, f"{k + 1}  {t}") for k, (b, c, t) in enumerate(zip(boxes, colours, legend))]
@@ -295,22 +379,93 @@ def overlay(image: np.ndarray, masks: list[np.ndarray], labels: list[str] | None
     return full
 
 
-def segmentation_overlay(image: np.ndarray, phrases: list[str], masks, scores, no_target) -> Image.Image:
-    """The ``sspsam segment`` / server picture: each found phrase drawn and named on the image, and
-    a legend of every phrase asked, "(no match)" for those the model said are absent (or whose mask
-    is empty: a phrase is never shown as found without pixels)."""
+def segmentation_overlay(image: np.ndarray, phrases: list[str], masks, scores, no_target, warnings: list[str] | None = None,
+                         instances=None) -> Image.Image:
+    """The ``sspsam segment`` / server picture: each found phrase drawn and named on the image, one
+    box per object, a legend of every phrase asked ("(no match)" for those the model said are
+    absent, or whose mask is empty: a phrase is never shown as found without pixels), and a banner
+    under it all for ``warnings``. A small image is enlarged first (:func:`overlay_scale`) so its
+    labels can be read; pixel (x, y) of the image is then the k×k block at (k·x, k·y)."""
     masks = [np.asarray(m, bool) for m in masks]
     found = [not n and m.any() for m, n in zip(masks, no_target)]
     legend = [f"{p}  {s:.2f}" if f else f"{p}  {NO_MATCH}" for p, s, f in zip(phrases, scores, found)]
     labels = [p if f else "" for p, f in zip(phrases, found)]
-    return overlay(image, [m if f else np.zeros_like(m) for m, f in zip(masks, found)], labels, legend=legend)
+    h, w = np.asarray(image).shape[:2]
+    k = overlay_scale(h, w)
+    if instances is not None:
+        boxes = [[_inclusive(b) for b in np.asarray(inst.boxes.cpu() if hasattr(inst.boxes, "cpu") else inst.boxes).reshape(-1, 4)]
+                 for inst in instances]
+    else:
+        boxes = [[_inclusive(b) for b in boxes_xyxy(split_instances(m, min_instance_area(h, w)))] if m.any() else []
+                 for m in masks]
+    boxes = [[(x0 * k, y0 * k, (x1 + 1) * k - 1, (y1 + 1) * k - 1) for x0, y0, x1, y1 in bs] for bs in boxes]
+    big = _enlarge(np.asarray(image, np.uint8), k)
+    img = overlay(big, [_enlarge(m, k) if f else np.zeros((h * k, w * k), bool) for m, f in zip(masks, found)], labels,
+                  legend=legend, instance_boxes=boxes)
+    return with_banner(img, warnings or [])
+
+
+def _inclusive(b) -> tuple[int, int, int, int]:
+    """An xyxy box with x1/y1 one past the last pixel → the inclusive one PIL draws."""
+    x0, y0, x1, y1 = (int(round(float(v))) for v in b)
+    return x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)
+
+
+def _enlarge(a: np.ndarray, k: int) -> np.ndarray:
+    return a if k == 1 else np.repeat(np.repeat(a, k, axis=0), k, axis=1)
+
+
+def with_banner(img: Image.Image, warnings: list[str], max_lines: int = 8) -> Image.Image:
+    """``img`` with a pale-orange strip under it spelling out each warning (wrapped to the
+    picture's width), so a saved overlay that travels without its JSON still says its answer is
+    not to be trusted; ``img`` itself when there is nothing to say."""
+    if not warnings:
+        return img
+    size = max(12, min(28, img.width // 60))
+    fnt = font(size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    margin = max(6, size // 2)
+    lines: list[str] = []
+    for w in warnings:
+        words, cur = ("warning: " + w).split(" "), ""
+        for word in words:
+            nxt = f"{cur} {word}".strip()
+            if cur and probe.textlength(nxt, font=fnt) > img.width - 2 * margin:
+                lines.append(cur)
+                cur = word
+            else:
+                cur = nxt
+        lines.append(cur)
+    if len(lines) > max_lines:
+        lines = lines[: max_lines - 1] + [f"… ({len(warnings)} warnings in all: see the JSON)"]
+    asc, desc = fnt.getmetrics() if hasattr(fnt, "getmetrics") else (size, 2)
+    row = asc + desc + 2
+    out = Image.new("RGB", (img.width, img.height + 2 * margin + row * len(lines)), (255, 244, 214))
+    out.paste(img, (0, 0))
+    draw = ImageDraw.Draw(out)
+    draw.rectangle((0, img.height, img.width - 1, img.height + max(2, size // 6) - 1), fill=(247, 144, 9))
+    for i, text in enumerate(lines):
+        draw.text((margin, img.height + margin + i * row), text, fill=(122, 46, 14), font=fnt)
+    return out
 
 
 def label_overlay(rgb: np.ndarray, labels: np.ndarray, classes: list[str], shares: dict[str, float] | None = None,
-                  alpha: float = 0.55) -> Image.Image:
+                  alpha: float = 0.55, warnings: list[str] | None = None) -> Image.Image:
     """The image tinted by class colour (the label PNG's palette), class borders drawn, each region
     named, and a legend panel to the right of the classes present, largest first (so 150 class
-    names do not bury the few that matter)."""
+    names do not bury the few that matter); a banner under it for ``warnings``. A small image is
+    enlarged first, as in :func:`segmentation_overlay`."""
+    labels = np.asarray(labels)
+    k = overlay_scale(*labels.shape)
+    if shares is None:
+        counts0 = np.bincount(labels[labels >= 0].ravel(), minlength=len(classes))
+        shares = {c: float(counts0[i]) / labels.size for i, c in enumerate(classes)}
+    rgb, labels = _enlarge(np.asarray(rgb, np.uint8), k), _enlarge(labels, k)
+    return with_banner(_label_overlay(rgb, labels, classes, shares, alpha), warnings or [])
+
+
+def _label_overlay(rgb: np.ndarray, labels: np.ndarray, classes: list[str], shares: dict[str, float] | None,
+                   alpha: float) -> Image.Image:
     h, w = labels.shape
     size, line = _scale(h, w)
     fnt = font(size)
@@ -336,6 +491,7 @@ def label_overlay(rgb: np.ndarray, labels: np.ndarray, classes: list[str], share
         out[y0:y1 + 1, x0:x1 + 1][_contour_crop(m[y0:y1 + 1, x0:x1 + 1], max(1, line // 2))] = colours[i]
     img = Image.fromarray(out)
     draw = ImageDraw.Draw(img)
+    taken: list = []
     for i in present:  # a name on each region large enough to hold it; the bulk (background) only in the legend
         if shares[classes[i]] >= 0.5:
             continue
@@ -346,7 +502,10 @@ def label_overlay(rgb: np.ndarray, labels: np.ndarray, classes: list[str], share
             ys, xs = np.nonzero(m[y0:y1 + 1:step, x0:x1 + 1:step])
             k = np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2)  # a pixel of the region near its centre
             cx, cy = x0 + xs[k] * step, y0 + ys[k] * step
-            _tag(draw, (int(cx - tw / 2), int(cy + size / 2)), classes[i], colours[i], fnt, (w, h))
+            cw, ch = _chip(draw, classes[i], fnt)[:2]
+            # a box just under the centred chip: _place's first choice ("above the box") is the centre itself
+            under = (int(cx - cw / 2), int(cy + ch / 2), int(cx + cw / 2), int(cy + 1.5 * ch))
+            _tag(draw, (int(cx - tw / 2), int(cy + size / 2)), classes[i], colours[i], fnt, (w, h), taken, under)
     rows = [(colours[i], f"{classes[i]} {100 * shares[classes[i]]:.1f}%") for i in present]
     panel = _legend_panel(rows, h, fnt, line)
     full = Image.new("RGB", (w + panel.width, max(h, panel.height)), (255, 255, 255))

@@ -238,6 +238,7 @@ def load_zeroshot(name_or_cfg: str | Path | dict):
     model = build_model(cfg)
     for part, path in files.items():
         getattr(model, part).load_checkpoint(path)
+    model.random_init = [part for part in ("clip", "sam") if part not in files]  # read by the predictors' warnings
     return model.eval()
 
 

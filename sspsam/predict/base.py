@@ -98,6 +98,9 @@ class Predictor:
         self.name = name or model.config.get("name", default)
         self.meta = dict(meta or {})  # the checkpoint's "meta" entry (training data, domain, …)
         self.domain = model_domain(self.name, self.meta)
+        from sspsam.predict.vocabulary import Vocabulary
+
+        self.vocabulary = Vocabulary.from_meta(self.meta)  # None: an open-vocabulary model, nothing to check
 
     def to(self, device: str | torch.device):
         """Move the model to ``device`` ('auto', 'cpu', 'cuda:1', …) and drop the cached features
@@ -152,7 +155,7 @@ class Predictor:
             if kind not in cls.MODEL_TYPES:
                 raise CheckpointError(f"'{name}' is a '{kind}' model, not {cls.TASK} model; {cls._other_command()}")
             return "checkpoint", variant_checkpoint(name), name
-        raise CheckpointError(cls._unknown(name, configs))
+        raise CheckpointError(cls._unknown(name, configs) + _did_you_mean(name, [*cls.BUNDLED, *configs]))
 
     @classmethod
     def _from_checkpoint(cls, path: Path, device, name: str, **opts):
@@ -179,12 +182,32 @@ def model_domain(name: str | None, meta: dict | None) -> str | None:
     return domain if isinstance(domain, str) else None
 
 
+def _did_you_mean(name: str, known: list[str]) -> str:
+    """'; did you mean shapes-demo?' for a near miss (a typo in -m), else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), known, n=2, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def model_warnings(name: str, model) -> list[str]:
+    """A model built with random weights (a test config such as ``zeroshot-tiny`` names no CLIP or
+    SAM weights) answers every phrase with noise that looks like a mask: say so on every answer."""
+    parts = list(getattr(model, "random_init", None) or [])
+    if not parts:
+        return []
+    return [f"model '{name}' has random weights ({' and '.join(p.upper() for p in parts)} untrained: its config names no "
+            "weights); its masks are noise — it exists to test code paths, not to segment"]
+
+
 def domain_warnings(name: str, domain: str | None, rgb: np.ndarray, command: str) -> list[str]:
     from sspsam.predict.domain import DOMAIN, out_of_domain_warning
 
+    from sspsam.predict.domain import grayscale_warning
+
     if domain != DOMAIN:
         return []
-    warning = out_of_domain_warning(name, rgb, command)
+    warning = out_of_domain_warning(name, rgb, command) or grayscale_warning(name, rgb)
     return [warning] if warning else []
 
 

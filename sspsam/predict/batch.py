@@ -2,8 +2,13 @@
 
 ``results.jsonl`` holds one line per (image, phrase) item, in input order::
 
-    {"id", "image", "phrase", "image_size", "score", "no_target", "area", "rle"[, "mask_png"]}
+    {"id", "image", "phrase", "image_size", "score", "no_target", "area", "rle", "warnings"[, "mask_png"]}
     {"id", "image", "phrase", "error"}            (an image that cannot be read; the run goes on)
+
+``warnings`` are the result's own (an image unlike the model's training data, a phrase outside its
+vocabulary, random weights), so a line read alone still says when its answer is not to be
+trusted. ``OUT/job.json`` records the model (name and the sha256 of its checkpoint): a rerun with
+another model is refused, since its lines would sit beside the first model's as one job's.
 
 The ``id`` is a hash of (image, phrase), with ``-2``, ``-3``… for repeats, so it is the same on
 every run of the same input. The job is resumable: all items of one image are appended together
@@ -35,6 +40,7 @@ from sspsam.predict.results import clean_phrases
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 RESULTS = "results.jsonl"
+JOB = "job.json"
 
 
 class BatchError(SSPSamError):
@@ -148,9 +154,10 @@ def segment_unit(seg, unit: Unit, out_dir: Path, png: bool) -> list[str]:
         return [_line({"id": it.id, "image": unit.image, "phrase": it.phrase, "error": str(exc)}) for it in unit.items]
     res = seg.segment(rgb, [it.phrase for it in unit.items])
     lines = []
-    for it, mask, score, no_target in zip(unit.items, res.masks, res.scores, res.no_target):
+    for i, (it, mask, score, no_target) in enumerate(zip(unit.items, res.masks, res.scores, res.no_target)):
         rec = {"id": it.id, "image": unit.image, "phrase": it.phrase, "image_size": list(mask.shape),
-               "score": round(float(score), 6), "no_target": bool(no_target), "area": int(mask.sum()), "rle": encode_rle(mask)}
+               "score": round(float(score), 6), "no_target": bool(no_target), "area": int(mask.sum()), "rle": encode_rle(mask),
+               "warnings": [*res.image_warnings, *res.phrase_warnings[i]]}
         if png:
             rel = f"masks/{it.id}.png"
             img = Image.fromarray(mask.astype(np.uint8) * 255)
@@ -174,6 +181,41 @@ def unit_from_json(text: str) -> Unit:
 
 
 # ---- resuming ---------------------------------------------------------------------------------
+
+
+def model_identity(model: str) -> dict:
+    """The model a job runs, as recorded in job.json: its name and the sha256 of its checkpoint
+    (of the manifest for an ONNX export; none for zeroshot, whose weights are the cache's)."""
+    from sspsam.predict.segmenter import Segmenter
+
+    kind, path, name = Segmenter.resolve(model)
+    target = path / "sspsam-onnx.json" if kind == "onnx" and path is not None else path
+    digest = None
+    if target is not None and Path(target).is_file():
+        h = hashlib.sha256()
+        with open(target, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        digest = h.hexdigest()
+    return {"model": name, "kind": kind, "checkpoint_sha256": digest}
+
+
+def check_job(output: Path, identity: dict, has_results: bool) -> None:
+    """Refuse to resume a job another model started; record this job's model when it starts."""
+    job = output / JOB
+    if job.exists():
+        try:
+            old = json.loads(job.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise BatchError(f"{job} is unreadable ({exc}); move it away to start over") from None
+        if (old.get("model"), old.get("checkpoint_sha256")) != (identity["model"], identity["checkpoint_sha256"]):
+            was = f"'{old.get('model')}'" + (f" (sha256 {str(old.get('checkpoint_sha256'))[:12]}…)" if old.get("checkpoint_sha256") else "")
+            raise BatchError(f"{output} holds results of model {was}, not '{identity['model']}'"
+                             + (f" (sha256 {identity['checkpoint_sha256'][:12]}…)" if identity["checkpoint_sha256"] else "")
+                             + "; use a new output folder, or rerun with the first model to finish its job")
+        return
+    # results without a job.json come from a version that did not record the model: adopted as they are
+    atomic_write(job, lambda p: Path(p).write_text(json.dumps(identity, indent=1)))
 
 
 def finished_ids(results: Path, units: list[Unit]) -> set[str]:
@@ -212,6 +254,7 @@ class _InOrderWriter:
         self.buffer: dict[int, list[str]] = {}
         self.next = 0
         self.errors = 0
+        self.warnings: Counter = Counter()  # distinct warning -> items that carry it
 
     def put(self, index: int, lines: list[str]) -> None:
         self.buffer[index] = lines
@@ -233,6 +276,9 @@ class _InOrderWriter:
                 raise BatchError(f"cannot write {self.fh.name}: {exc.strerror or exc}; the results so far are kept, "
                                  "rerun the same command to finish") from None
             self.errors += sum(', "error": ' in line for line in new)  # quotes inside values are escaped
+            for line in new:
+                if '"warnings": [' in line and '"warnings": []' not in line:
+                    self.warnings.update(json.loads(line).get("warnings", []))
             self.advance(len(new))
             self.next += 1
 
@@ -268,6 +314,8 @@ class Summary:
     written: int
     errors: int  # items written this run whose image could not be read
     results: Path
+    warnings: Counter | None = None  # distinct warnings of this run's items -> how many items carry each
+    model: dict | None = None  # name and checkpoint sha256 (job.json)
 
 
 def run_batch(
@@ -296,6 +344,8 @@ def run_batch(
         raise BatchError(f"cannot create the output folder {output}: {exc.strerror or exc}") from None
     units = collect_units(input, phrases, exclude=output)
     results = output / RESULTS
+    identity = model_identity(model)
+    check_job(output, identity, results.exists() and results.stat().st_size > 0)
     done = finished_ids(results, units)
     pending = [u for u in units if any(it.id not in done for it in u.items)]
     total = sum(len(u.items) for u in units)
@@ -312,7 +362,7 @@ def run_batch(
                 writer.put(unit.index, segment_unit(seg, unit, output, png))
     finally:
         writer.close()
-    return Summary(total, len(done), total - len(done), writer.errors, results)
+    return Summary(total, len(done), total - len(done), writer.errors, results, writer.warnings, identity)
 
 
 def _run_ray(pending: list[Unit], writer: _InOrderWriter, model: str, device: str, output: Path, png: bool,

@@ -73,3 +73,20 @@ def out_of_domain_warning(model_name: str, rgb: np.ndarray, command: str = "segm
         f"for real photos run `sspsam weights fetch clip-vit-b16` and `sspsam weights fetch sam-vit-b`, "
         f"then `sspsam {command} IMAGE ... --model zeroshot`"
     )
+
+
+def is_grayscale(rgb: np.ndarray) -> bool:
+    """No pixel has colour (a grey, 16-bit grey or black-and-white image after loading)."""
+    rgb = np.asarray(rgb)
+    step = max(1, -(-max(rgb.shape[:2]) // _MAX_SIDE))
+    px = rgb[::step, ::step].reshape(-1, 3).astype(np.int16)
+    return bool(((px.max(1) - px.min(1)) <= GREY_SPREAD).mean() >= 0.999)
+
+
+def grayscale_warning(model_name: str, rgb: np.ndarray) -> str | None:
+    """A grey image passes the domain test (its pixels look like the generator's background), yet a
+    demo that tells shapes apart by colour can only guess on it."""
+    if not is_grayscale(rgb):
+        return None
+    return (f"this image has no colour (grayscale): '{model_name}' tells shapes apart by their colours, so whatever it "
+            "answers here is a guess; for real images use `--model zeroshot`")

@@ -43,23 +43,27 @@ _CHUNK_PIXELS = 64_000_000  # class×pixel floats upsampled at once to the origi
 
 
 def clean_classes(classes: str | list[str]) -> list[str]:
-    """'sky, road,car' or a list → stripped, de-duplicated (first spelling kept, case-insensitive) names."""
+    """'sky, road,car' or a list → stripped names; blank items are skipped, a class given twice
+    (case-insensitive) is refused."""
     if isinstance(classes, str):
         items = classes.replace("\n", ",").split(",")
     elif isinstance(classes, (list, tuple)):
         items = list(classes)
     else:
         raise TextError(f"classes must be a comma-separated string or a list of names, got {type(classes).__name__}")
-    out, seen = [], set()
+    out, seen = [], {}
     for c in items:
         if not isinstance(c, str):
             raise TextError(f"a class name must be text, got {type(c).__name__}")
         clean = " ".join("".join(ch if ch.isprintable() else " " for ch in c).split())
-        if not clean or clean.lower() in seen:
+        if not clean:
             continue
+        if clean.lower() in seen:  # two labels for one class: which would its pixels get?
+            raise TextError(f"class '{clean}' is given twice" + (f" (as '{seen[clean.lower()]}')" if seen[clean.lower()] != clean else "")
+                            + "; give each class once")
         if len(clean) > MAX_CLASS_CHARS:
             raise TextError(f"class name '{clean[:40]}…' is {len(clean)} characters long; at most {MAX_CLASS_CHARS} are accepted")
-        seen.add(clean.lower())
+        seen[clean.lower()] = clean
         out.append(clean)
     if not out:
         raise TextError('no class names given: list what to label, e.g. "sky, road, car, person"')
@@ -185,6 +189,7 @@ class OVSS(Predictor):
         self._image: _ImageEntry | None = None
         self._classes: tuple[tuple[str, ...], torch.Tensor] | None = None
         self._logits: tuple[str, tuple[str, ...], torch.Tensor] | None = None
+        self.surface = "python"  # who reads the errors and warnings: "python", "cli", "http"
         if compile:
             self._compile()
 
@@ -294,8 +299,26 @@ class OVSS(Predictor):
         return logits
 
     # ---- inference ------------------------------------------------------------------------
+    @property
+    def default_classes(self) -> list[str] | None:
+        """The classes a model trained on a fixed list was trained on (its checkpoint's), used
+        when ``segment`` is given none; None for an open-vocabulary model."""
+        for key in ("classes", "example_classes"):
+            names = self.meta.get(key)
+            if isinstance(names, (list, tuple)) and names and all(isinstance(c, str) for c in names):
+                return list(names)
+        return None
+
+    def _classes_or_default(self, classes):
+        if classes is not None:
+            return classes
+        if self.default_classes is None:
+            raise TextError(f"model '{self.name}' has no class list of its own: name the classes to label, e.g. "
+                            + ('--classes "sky, road, car"' if self.surface == "cli" else 'segment(image, ["sky", "road", "car"])'))
+        return self.default_classes
+
     @torch.inference_mode()
-    def segment(self, image: ImageLike | Sequence[ImageLike], classes: str | list[str] | list[list[str]],
+    def segment(self, image: ImageLike | Sequence[ImageLike], classes: str | list[str] | list[list[str]] | None = None,
                 slide: bool | None = None, image_batch_size: int = 8, return_tensors: str = "np",
                 allow_urls: bool = False) -> SemanticSegmentation | list[SemanticSegmentation]:
         """Label every pixel with one of ``classes``.
@@ -312,6 +335,7 @@ class OVSS(Predictor):
 
         if return_tensors not in ("np", "pt"):
             raise ValueError(f"return_tensors must be 'np' or 'pt', got {return_tensors!r}")
+        classes = self._classes_or_default(classes)
         if _is_batch(image):
             out = self._segment_batch(list(image), classes, slide, image_batch_size, allow_urls)
             return [_as_output(r, return_tensors, self.device) for r in out]
@@ -327,7 +351,15 @@ class OVSS(Predictor):
         h, w = labels.shape
         counts = np.bincount(labels.ravel(), minlength=len(names))
         shares = {c: float(n) / (h * w) for c, n in zip(names, counts)}
-        return SemanticSegmentation(list(names), labels, scores, shares, domain_warnings(self.name, self.domain, rgb, "ovss"))
+        return SemanticSegmentation(list(names), labels, scores, shares, self.warnings_for(rgb, names))
+
+    def warnings_for(self, rgb: np.ndarray, names: list[str]) -> list[str]:
+        """Random weights, an image unlike the model's training data, classes outside its vocabulary."""
+        from sspsam.predict.base import model_warnings
+        from sspsam.predict.vocabulary import check_classes
+
+        return (model_warnings(self.name, self.model) + domain_warnings(self.name, self.domain, rgb, "ovss")
+                + check_classes(self.name, self.vocabulary, names))
 
     def _segment_batch(self, images: list, classes, slide: bool | None, image_batch_size: int,
                        allow_urls: bool) -> list[SemanticSegmentation]:
@@ -394,7 +426,7 @@ class OVSS(Predictor):
         counts = np.bincount(labels.ravel(), minlength=proto.num_classes)
         shares = {c: float(n) / (h * w) for c, n in zip(proto.class_names, counts)}
         return SemanticSegmentation(list(proto.class_names), labels, scores, shares,
-                                    domain_warnings(self.name, self.domain, rgb, "ovss"))
+                                    self.warnings_for(rgb, list(proto.class_names)))
 
     def _canvas(self, names: list[str]) -> tuple[torch.Tensor, float]:
         """Logits [K, ch, cw] over the working image at the model's output resolution, and the

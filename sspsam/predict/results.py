@@ -61,6 +61,10 @@ class Instances:
     def __len__(self) -> int:
         return len(self.masks)
 
+    def __repr__(self) -> str:
+        boxes = [[int(round(float(v))) for v in b] for b in _np(self.boxes)]
+        return f"Instances({len(self)} object{'s' * (len(self) != 1)}, boxes xyxy {boxes})"
+
 
 def _np(x):
     """numpy view of an output that may be a torch tensor (``return_tensors="pt"``)."""
@@ -102,10 +106,50 @@ class Segmentation:
     extras: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # e.g. a demo model on an image unlike its training data
     instances: list[Instances] | None = None
+    #: per phrase, its own warnings (words the model does not know); also in ``warnings``
+    phrase_warnings: list[list[str]] | None = None
+    #: float32 [N, H, W] mask logits at the original size (``segment(..., return_logits=True)``), else None
+    logits: Any = None
 
     def __post_init__(self):
         if self.instances is None:
             self.instances = [instances_of(m, float(s)) for m, s in zip(_np(self.masks), _np(self.scores))]
+        if self.phrase_warnings is None:
+            self.phrase_warnings = [[] for _ in self.phrases]
+        self.warnings = list(dict.fromkeys([*self.warnings, *(w for ws in self.phrase_warnings for w in ws)]))
+
+    @property
+    def image_warnings(self) -> list[str]:
+        """The warnings about the image and the model (not about one phrase)."""
+        own = {w for ws in self.phrase_warnings for w in ws}
+        return [w for w in self.warnings if w not in own]
+
+    def subset(self, idx: list[int]) -> "Segmentation":
+        """The results of some phrases only, with the image's warnings and those phrases' own."""
+        pick = lambda x: None if x is None else x[idx]  # noqa: E731
+        return Segmentation([self.phrases[i] for i in idx], pick(self.masks), pick(self.scores), pick(self.no_target),
+                            pick(self.no_target_prob), dict(self.extras), self.image_warnings,
+                            [self.instances[i] for i in idx], [list(self.phrase_warnings[i]) for i in idx], pick(self.logits))
+
+    def __repr__(self) -> str:
+        h, w = _np(self.masks).shape[1:] if len(self) else (0, 0)
+        rows = []
+        for p, n, s, inst in zip(self.phrases, _np(self.no_target), _np(self.scores), self.instances):
+            rows.append(f"  {p!r}: " + ("no match" if n else f"score {float(s):.2f}, {len(inst)} object{'s' * (len(inst) != 1)}"))
+        warn = f", {len(self.warnings)} warning{'s' * (len(self.warnings) != 1)} (see .warnings)" if self.warnings else ""
+        return f"Segmentation({len(self)} phrase{'s' * (len(self) != 1)} on a {w}x{h} image{warn}" + (":\n" + "\n".join(rows) if rows else "") + ")"
+
+    def plot(self, image=None):
+        """The overlay the CLI writes (masks filled and outlined, one box per object, a legend, a
+        banner for warnings) as a PIL image. ``image``: the image segmented (path, array, PIL…);
+        without it the masks are drawn on grey."""
+        from sspsam.io.images import load_image
+        from sspsam.io.masks import segmentation_overlay
+
+        masks = _np(self.masks)
+        rgb = load_image(image) if image is not None else np.full((*masks.shape[1:], 3), 200, np.uint8)
+        return segmentation_overlay(rgb, self.phrases, masks, _np(self.scores), _np(self.no_target),
+                                    warnings=self.warnings, instances=self.instances)
 
     def __len__(self) -> int:
         return len(self.phrases)
@@ -139,6 +183,7 @@ class Segmentation:
                     "rle": encode_rle(m),
                     "bbox": xyxy_to_coco(union[i]) if m.any() else None,
                     "instances": _instances_json(self.instances[i]),
+                    "warnings": list(self.phrase_warnings[i]),
                 }
                 for i, (p, m, s, n) in enumerate(zip(self.phrases, masks, scores, no_target))
             ],
@@ -198,6 +243,7 @@ def _as_numpy(res: Segmentation) -> Segmentation:
     conv = lambda x: None if x is None else _np(x)  # noqa: E731
     res.masks, res.scores, res.no_target, res.no_target_prob = (conv(res.masks), conv(res.scores).astype(np.float32),
                                                                  conv(res.no_target), conv(res.no_target_prob))
+    res.logits = conv(res.logits)
     return res
 
 
@@ -206,4 +252,5 @@ def _as_tensors(res: Segmentation, device: torch.device) -> Segmentation:
     res.masks, res.scores, res.no_target, res.no_target_prob = (conv(res.masks), conv(res.scores), conv(res.no_target),
                                                                  conv(res.no_target_prob))
     res.instances = [Instances(conv(i.masks), conv(i.boxes), conv(i.scores)) for i in res.instances]
+    res.logits = conv(res.logits)
     return res

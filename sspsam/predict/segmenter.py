@@ -20,7 +20,7 @@ from sspsam.io.images import ImageLike, load_image
 from sspsam.io.masks import min_instance_area
 from sspsam.io.transforms import Letterbox, image_key, model_input, unletterbox_logits
 from sspsam.models.build import RES_MODELS
-from sspsam.predict.base import OVSS_BUNDLED, REFERRING_BUNDLED, Predictor, _is_batch, check_finite, domain_warnings
+from sspsam.predict.base import OVSS_BUNDLED, REFERRING_BUNDLED, Predictor, _is_batch, check_finite, domain_warnings, model_warnings
 from sspsam.predict.results import Instances, Segmentation, _as_numpy, _as_tensors, clean_phrases, instances_of
 
 DEFAULT_MODEL = "shapes-demo"
@@ -33,6 +33,7 @@ class _Encoded:
     features: object
     box: Letterbox
     warnings: list[str] | None = None  # the image's domain warnings, worked out once per image
+    objects: np.ndarray | None = None  # the model's single-object masks, for clicks (worked out when first needed)
 
 
 class Segmenter(Predictor):
@@ -66,6 +67,8 @@ class Segmenter(Predictor):
         self.no_target_prob = float(inf.get("no_target_prob", 0.5))
         self.min_instance_area: int | None = None  # pixels; None = masks.MIN_INSTANCE_FRACTION of the image
         self._cache: _Encoded | None = None
+        #: who reads the warnings ("python", "cli", "http"): they name the switch that reader can use
+        self.surface = "python"
         if compile:
             self._compile()
 
@@ -136,7 +139,9 @@ class Segmenter(Predictor):
     @torch.inference_mode()
     def segment(self, image: ImageLike | Sequence[ImageLike], text_or_texts: str | list[str] | list[list[str]],
                 batch_size: int = 16, image_batch_size: int = 8, return_tensors: str = "np",
-                allow_urls: bool = False) -> Segmentation | list[Segmentation]:
+                allow_urls: bool = False, *, allow_unknown_words: bool = False, mask_threshold: float | None = None,
+                no_target_threshold: float | None = None, return_logits: bool = False,
+                points=None, point_labels=None, boxes=None) -> Segmentation | list[Segmentation]:
         """Segment what each phrase refers to.
 
         ``image``: a path, bytes, PIL image, numpy HWC array, torch tensor (CHW or HWC, uint8 or
@@ -146,17 +151,40 @@ class Segmenter(Predictor):
         phrases (shared by every image), or with a list of images one list of phrases per image.
         ``batch_size``: phrases decoded at once. ``return_tensors``: "np" (numpy) or "pt" (torch
         tensors on the model's device).
+
+        ``allow_unknown_words``: a model that records its vocabulary (the bundled demo) answers a
+        phrase with no word it knows "no match" (with a warning) instead of guessing; True asks it
+        anyway. ``mask_threshold`` (a logit; default the model's, 0 = probability 0.5) and
+        ``no_target_threshold`` (the no-target probability above which a phrase is "no match")
+        override the model's settings for this call only. ``return_logits``: also return
+        ``res.logits``, float32 [N, H, W] mask logits at the original size.
+
+        ``points`` ([K, 2] x, y in original pixels, or one list per phrase) with ``point_labels``
+        ([K], 1 = on the object, 0 = not; default all 1) and ``boxes`` ([4] or [N, 4] x0, y0, x1,
+        y1): clicks that refine each phrase's mask. They go through SAM's prompt encoder and join
+        the phrase's prompt tokens in the mask decoder, as a SAM click would; the mask is then
+        kept to the parts the positive clicks touch and the box holds, so a model whose decoder
+        never saw a click (the demo) still follows them. One image only.
         """
         if return_tensors not in ("np", "pt"):
             raise ValueError(f"return_tensors must be 'np' or 'pt', got {return_tensors!r}")
+        opts = dict(allow_unknown_words=allow_unknown_words, mask_threshold=mask_threshold,
+                    no_target_threshold=no_target_threshold, return_logits=return_logits)
         if _is_batch(image):
-            return self._segment_batch(list(image), text_or_texts, batch_size, image_batch_size, return_tensors, allow_urls)
+            if points is not None or boxes is not None:
+                raise TextError("points= and boxes= refine one image's masks: call segment once per image")
+            return self._segment_batch(list(image), text_or_texts, batch_size, image_batch_size, return_tensors, allow_urls, opts)
         phrases = clean_phrases(text_or_texts)
         rgb = self.set_image(image, len(phrases), allow_urls=allow_urls)
-        return self._decode_phrases(self._cache, rgb, phrases, batch_size, return_tensors)
+        clicks = None
+        if points is not None or boxes is not None:
+            from sspsam.predict.clicks import parse_clicks
+
+            clicks = parse_clicks(points, point_labels, boxes, len(phrases), rgb.shape[:2])
+        return self._decode_phrases(self._cache, rgb, phrases, batch_size, return_tensors, opts, clicks)
 
     def _segment_batch(self, images: list, texts, batch_size: int, image_batch_size: int, return_tensors: str,
-                       allow_urls: bool) -> list[Segmentation]:
+                       allow_urls: bool, opts: dict) -> list[Segmentation]:
         if not images:
             return []
         per_image = isinstance(texts, (list, tuple)) and bool(texts) and all(isinstance(t, (list, tuple)) for t in texts)
@@ -168,37 +196,92 @@ class Segmenter(Predictor):
         for i in range(0, len(rgbs), max(1, image_batch_size)):
             chunk = rgbs[i : i + image_batch_size]
             for rgb, enc, phrases in zip(chunk, self._encode(chunk, [image_key(r) for r in chunk]), phrase_lists[i:]):
-                out.append(self._decode_phrases(enc, rgb, phrases, batch_size, return_tensors))
+                out.append(self._decode_phrases(enc, rgb, phrases, batch_size, return_tensors, opts))
         return out
 
+    def image_warnings(self, rgb: np.ndarray) -> list[str]:
+        """What every answer on this image must carry: random weights, an image unlike the
+        model's training data (worked out once per image: the caches keep it)."""
+        return model_warnings(self.name, self.model) + domain_warnings(self.name, self.domain, rgb, "segment")
+
+    def _object_masks(self, enc: _Encoded) -> np.ndarray:
+        """bool [M, H, W]: the model's masks for the single-object phrases its checkpoint lists
+        (``meta["vocabulary"]["objects"]``), once per image: where a click falls outside a
+        phrase's mask, the object under it comes from here (see :mod:`sspsam.predict.clicks`)."""
+        if getattr(enc, "objects", None) is None:
+            vocab = self.meta.get("vocabulary")
+            phrases = [str(p) for p in (vocab.get("objects") or [])] if isinstance(vocab, dict) else []
+            h, w = enc.box.orig_hw
+            enc.objects = np.zeros((0, h, w), bool)
+            if phrases:
+                enc.objects = self._decode_phrases(enc, None, phrases, 32, "np", {"allow_unknown_words": True}).masks
+        return enc.objects
+
     def _decode_phrases(self, enc: _Encoded, rgb: np.ndarray, phrases: list[str], batch_size: int,
-                        return_tensors: str) -> Segmentation:
-        masks, scores, no_target, nt_probs, instances = [], [], [], [], []
+                        return_tensors: str, opts: dict | None = None, clicks=None) -> Segmentation:
+        from sspsam.predict.vocabulary import check_phrases
+
+        opts = opts or {}
         if enc.warnings is None:
-            enc.warnings = domain_warnings(self.name, self.domain, rgb, "segment")
+            enc.warnings = self.image_warnings(rgb)
+        refuse, phrase_warnings = check_phrases(self.name, getattr(self, "vocabulary", None), phrases,
+                                                bool(opts.get("allow_unknown_words")), self.surface)
+        thr = self.mask_threshold if opts.get("mask_threshold") is None else float(opts["mask_threshold"])
+        nt_thr = self.no_target_prob if opts.get("no_target_threshold") is None else float(opts["no_target_threshold"])
+        asked = [i for i, r in enumerate(refuse) if not r]
+        h, w = enc.box.orig_hw
+        n = len(phrases)
+        masks = torch.zeros((n, h, w), dtype=torch.bool, device=self.device)
+        scores = torch.zeros(n, dtype=torch.float32, device=self.device)
+        no_target = torch.ones(n, dtype=torch.bool, device=self.device)
+        nt_prob = torch.ones(n, dtype=torch.float32, device=self.device)
+        logits = torch.full((n, h, w), float("-inf"), device=self.device) if opts.get("return_logits") else None
+        empty = Instances(np.zeros((0, h, w), bool), np.zeros((0, 4), np.float32), np.zeros(0, np.float32))
+        instances = [empty] * n
+        has_head = getattr(self.model, "no_target_head", None) is not None  # until a decode says
         with self._autocast():
-            for i in range(0, len(phrases), batch_size):
-                chunk = phrases[i : i + batch_size]
+            for i in range(0, len(asked), batch_size):
+                idx = asked[i : i + batch_size]
+                chunk = [phrases[j] for j in idx]
                 tokens = self.model.tokenize(chunk).to(self.device)
                 text = self.model.encode_text(tokens)
-                out = self.model.decode(enc.features, text, torch.zeros(len(chunk), dtype=torch.long, device=self.device))
-                m, s, n, p, inst = self._postprocess(out, enc.box)
-                masks.append(m), scores.append(s), no_target.append(n), nt_probs.append(p)
-                instances += inst
-        has_head = nt_probs[0] is not None
+                image_index = torch.zeros(len(chunk), dtype=torch.long, device=self.device)
+                if clicks is not None and self.meta.get("prompt_clicks", True):
+                    from sspsam.predict.clicks import decode_with_clicks
+
+                    out = decode_with_clicks(self.model, enc, text, [clicks[j] for j in idx], image_index)
+                else:
+                    out = self.model.decode(enc.features, text, image_index)
+                chunk_clicks = None if clicks is None else [(clicks[j], lambda: self._object_masks(enc)) for j in idx]
+                m, s, nt, p, inst, lg = self._postprocess(out, enc.box, thr, nt_thr, logits is not None, chunk_clicks)
+                sel = torch.tensor(idx, device=self.device)
+                masks[sel], scores[sel], no_target[sel] = m, s, nt
+                has_head = p is not None
+                if p is not None:
+                    nt_prob[sel] = p.float()
+                if lg is not None:
+                    logits[sel] = lg
+                for j, ins in zip(idx, inst):
+                    instances[j] = ins
         res = Segmentation(
             phrases=phrases,
-            masks=torch.cat(masks),
-            scores=torch.cat(scores),
-            no_target=torch.cat(no_target),
-            no_target_prob=torch.cat(nt_probs) if has_head else None,
+            masks=masks,
+            scores=scores,
+            no_target=no_target,
+            no_target_prob=nt_prob if has_head else None,
             warnings=list(enc.warnings),
             instances=instances,
+            phrase_warnings=phrase_warnings,
+            logits=logits,
         )
         return _as_tensors(res, self.device) if return_tensors == "pt" else _as_numpy(res)
 
-    def _postprocess(self, out: dict, box: Letterbox):
-        """Low-res logits → (union masks, scores, no-target, no-target prob, instances), torch on the device."""
+    def _postprocess(self, out: dict, box: Letterbox, mask_threshold: float | None = None, no_target_prob: float | None = None,
+                     keep_logits: bool = False, clicks=None):
+        """Low-res logits → (union masks, scores, no-target, no-target prob, instances, full-size
+        logits or None), torch on the device."""
+        thr = self.mask_threshold if mask_threshold is None else mask_threshold
+        nt_thr = self.no_target_prob if no_target_prob is None else no_target_prob
         low = out["mask_logits"][:, 0].float()
         check_finite(self.name, low, out["iou"], out.get("no_target_logit"))
         # The official GRES rule: fewer than N positive pixels at 512x512 means "no target".
@@ -206,16 +289,18 @@ class Segmenter(Predictor):
 
         sq = official_mask_logits(low[:, None], self.model.image_size)[:, 0]
         sh, sw = (round(v * 512 / box.size) for v in box.scaled_hw)
-        area512 = (sq[:, :sh, :sw] > self.mask_threshold).sum((1, 2))
+        area512 = (sq[:, :sh, :sw] > thr).sum((1, 2))
         # The score is the mask's own confidence (its mean foreground probability), not SAM's IoU head:
         # SSP-SAM's recipe never trains that head (the official code ignores it), so its output says
         # nothing about these masks (a from-scratch model answers 0.00 for a right mask).
-        fg = low > self.mask_threshold
+        fg = low > thr
         p = low.sigmoid()
         conf = torch.where(fg.any(dim=(1, 2)), (p * fg).sum((1, 2)) / fg.sum((1, 2)).clamp(min=1), p.amax(dim=(1, 2)))
         if "no_target_logit" in out:
             prob = out["no_target_logit"].float().sigmoid()
-            no_target = prob > self.no_target_prob
+            no_target = prob > nt_thr
+            if clicks is not None:  # a positive click says the object is there: only an empty mask is "no match"
+                no_target &= torch.tensor([c is None or not len(c.positive) for c, _ in clicks], device=no_target.device)
             score = conf * (1 - prob)
             keep = 1 - prob
         else:
@@ -224,12 +309,18 @@ class Segmenter(Predictor):
             score = conf
             keep = torch.ones_like(conf)
         # one phrase at a time: full-size float logits for a whole chunk would be chunk × pixels × 4 bytes
-        full, instances = [], []
+        full, instances, full_logits = [], [], []
         h, w = box.orig_hw
         min_area = min_instance_area(h, w) if self.min_instance_area is None else int(self.min_instance_area)
         for i in range(len(low)):
             logit = unletterbox_logits(low[i : i + 1], box)[0]
-            m = logit > self.mask_threshold
+            m = logit > thr
+            if clicks is not None and clicks[i][0] is not None:
+                from sspsam.predict.clicks import keep_clicked
+
+                m = keep_clicked(m, *clicks[i])
+            if keep_logits:
+                full_logits.append(logit.float())
             # A mask that vanishes at the original size (tiny image, thin sliver) is no answer: never "found" and empty.
             if bool(no_target[i]) or not bool(m.any()):
                 m = torch.zeros_like(m)
@@ -238,7 +329,8 @@ class Segmenter(Predictor):
             else:
                 instances.append(instances_of(m.cpu().numpy(), float(score[i]), min_area, logit.sigmoid().cpu().numpy(), float(keep[i])))
             full.append(m)
-        return torch.stack(full), score.float(), no_target, prob, instances
+        return (torch.stack(full), score.float(), no_target, prob, instances,
+                torch.stack(full_logits) if keep_logits else None)
 
 
 def _slice_features(feats, b: int):

@@ -158,8 +158,10 @@ class ZeroShotSegmenter:
                 if not no_target[n]:
                     masks[n] = (unletterbox_logits(low[None], enc.box)[0] > self.mask_threshold).cpu().numpy()
                     no_target[n] = not masks[n].any()  # empty at the original size: never "found"
+        from sspsam.predict.base import model_warnings
+
         return Segmentation(phrases, masks, scores, no_target, no_target_prob=1 - scores,
-                            extras={"clip_score": best_cos})
+                            extras={"clip_score": best_cos}, warnings=model_warnings(self.name, self.model))
 
     def _best_candidate(self, enc: _Encoded, text: torch.Tensor) -> tuple[torch.Tensor | None, float]:
         """The best-scoring candidate's low-res logits [o,o] and its CLIP cosine (None, -1 if none)."""

@@ -114,18 +114,11 @@ class _Job:
     rgb: np.ndarray
     texts: list[str]  # cleaned phrases or classes
     future: cf.Future = field(default_factory=cf.Future)
+    allow_unknown: bool = False  # ask the model even phrases with no word it knows
 
 
 def _subset(res: Segmentation, idx: list[int]) -> Segmentation:
-    return Segmentation(
-        phrases=[res.phrases[i] for i in idx],
-        masks=res.masks[idx],
-        scores=res.scores[idx],
-        no_target=res.no_target[idx],
-        no_target_prob=None if res.no_target_prob is None else res.no_target_prob[idx],
-        warnings=list(res.warnings),
-        instances=[res.instances[i] for i in idx],
-    )
+    return res.subset(idx)
 
 
 class _Worker:
@@ -192,13 +185,16 @@ class _Worker:
         self.stats["jobs"] += len(jobs)
         groups: dict[tuple, list[_Job]] = {}
         for j in jobs:
-            groups.setdefault((j.kind, j.key) if j.kind == "segment" else (j.kind, j.key, tuple(j.texts)), []).append(j)
+            groups.setdefault((j.kind, j.key, j.allow_unknown) if j.kind == "segment" else (j.kind, j.key, tuple(j.texts)), []).append(j)
         for (kind, *_), group in groups.items():
             self.stats["model_calls"] += 1
             try:
                 if kind == "segment":
                     phrases = list(dict.fromkeys(p for j in group for p in j.texts))
-                    res = self.segmenter.segment(group[0].rgb, phrases)
+                    if hasattr(self.segmenter, "surface"):
+                        self.segmenter.surface = "http"
+                    res = self.segmenter.segment(group[0].rgb, phrases,
+                                                 **({"allow_unknown_words": True} if group[0].allow_unknown else {}))
                     index = {p: i for i, p in enumerate(res.phrases)}
                     for j in group:
                         j.future.set_result(_subset(res, [index[p] for p in j.texts]))
@@ -220,6 +216,7 @@ class _Payload:
     image: bytes
     texts: Any  # raw phrases or classes as sent
     overlay: bool
+    allow_unknown: bool = False
 
 
 async def _read_payload(request: Request, text_fields: tuple[str, str]) -> _Payload:
@@ -238,6 +235,7 @@ async def _read_payload(request: Request, text_fields: tuple[str, str]) -> _Payl
         if len(texts) == 1:
             texts = texts[0]
         flag = str(form.get("overlay", "")).strip().lower() in _TRUE
+        allow = str(form.get("allow_unknown", "")).strip().lower() in _TRUE
     elif ctype == "application/json":
         body = _parse_json(await request.body())
         if not isinstance(body, dict):
@@ -257,12 +255,15 @@ async def _read_payload(request: Request, text_fields: tuple[str, str]) -> _Payl
         flag = body.get("overlay", False)
         if not isinstance(flag, bool):
             raise ApiError(422, "invalid_field", "field 'overlay' must be true or false")
+        allow = body.get("allow_unknown", False)
+        if not isinstance(allow, bool):
+            raise ApiError(422, "invalid_field", "field 'allow_unknown' must be true or false")
     else:
         raise ApiError(415, "unsupported_media_type",
                        f"send multipart/form-data or application/json, not {ctype or 'a body without Content-Type'}")
     if texts is None or texts == []:
         raise ApiError(422, "missing_field", f"missing field '{plural}': give one or more (or '{singular}')")
-    return _Payload(data, texts, flag)
+    return _Payload(data, texts, flag, allow)
 
 
 MAX_JSON_DEPTH = 32
@@ -603,9 +604,9 @@ def create_app(
         code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error_response(exc.status_code, code, str(exc.detail), request.state.request_id, exc.headers)
 
-    async def _infer(request: Request, kind: str, rgb: np.ndarray, key: str, texts: list[str]):
+    async def _infer(request: Request, kind: str, rgb: np.ndarray, key: str, texts: list[str], allow_unknown: bool = False):
         worker: _Worker = request.app.state.worker
-        future = worker.submit(_Job(kind, key, rgb, texts))
+        future = worker.submit(_Job(kind, key, rgb, texts, allow_unknown=allow_unknown))
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
         except asyncio.TimeoutError:
@@ -639,12 +640,13 @@ def create_app(
               openapi_extra=_body_doc("phrases", "One or more phrases (repeat the field; 'phrase' also works)."))
     async def segment(request: Request):
         payload, phrases, rgb, key = await _parse(request, ("phrases", "phrase"), clean_phrases, max_phrases, "phrases")
-        res = await _infer(request, "segment", rgb, key, phrases)
+        res = await _infer(request, "segment", rgb, key, phrases, payload.allow_unknown)
 
         def render() -> dict:
             out = res.to_json()
             if payload.overlay:
-                out["overlay_png"] = _png_b64(segmentation_overlay(rgb, res.phrases, res.masks, res.scores, res.no_target))
+                out["overlay_png"] = _png_b64(segmentation_overlay(rgb, res.phrases, res.masks, res.scores, res.no_target,
+                                                                   res.warnings, res.instances))
             return out
 
         out = await run_in_threadpool(render)
@@ -672,7 +674,8 @@ def create_app(
             out["masks"] = [{"index": i, "class": c, "share": float(res.shares.get(c, m.mean())), "area": int(m.sum()),
                              "rle": encode_rle(m)} for i, c, m in masks]
             if payload.overlay:
-                out["overlay_png"] = _png_b64(label_overlay(rgb, labels, list(res.classes), out.get("shares")))
+                out["overlay_png"] = _png_b64(label_overlay(rgb, labels, list(res.classes), out.get("shares"),
+                                                            warnings=res.warnings))
             return out
 
         out = await run_in_threadpool(render)

@@ -105,14 +105,20 @@ class SSPSAM(nn.Module):
         return self.clip.encode_text(tokens)
 
     def decode(
-        self, image: ImageFeatures, text: TextFeatures, image_index: torch.Tensor | None = None
+        self, image: ImageFeatures, text: TextFeatures, image_index: torch.Tensor | None = None,
+        extra_sparse: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Decode T phrases; phrase t refers to image ``image_index[t]`` (default: t)."""
+        """Decode T phrases; phrase t refers to image ``image_index[t]`` (default: t).
+
+        ``extra_sparse`` [T, K, C]: more sparse prompts for SAM's decoder beside the phrase's own
+        (the user's clicks and boxes through SAM's prompt encoder), as SAM takes them."""
         t = text.sentence.shape[0]
         if image_index is None:
             image_index = torch.arange(t, device=text.sentence.device)
         cls = image.clip_global[image_index] if image.clip_global is not None else None
         out = self.ssp_encoder(image.clip_patches[image_index], text, cls=cls)
+        if extra_sparse is not None:
+            out = {**out, "prompts": torch.cat([out["prompts"], extra_sparse.to(out["prompts"].dtype)], dim=1)}
         first = image_index[:1]
         if bool((image_index == first).all()):  # one image: SAM's own repeat, as the official code runs
             logits, ious = self.sam.decode(image.sam[first], out["prompts"])

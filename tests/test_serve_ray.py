@@ -34,15 +34,16 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _start(*extra: str):
+def _start(log, *extra: str):
+    """The server and its URL once /healthz answers; its output goes to ``log`` (shown on failure)."""
     port = _port()
     proc = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--port", str(port), "--ovss-model", "none",
-                             "--device", "cpu", "--max-upload-mb", "1", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--device", "cpu", "--max-upload-mb", "1", "--threads", "1", *extra],
+                            stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the server exited with {proc.returncode}"
+        assert proc.poll() is None, f"the server exited with {proc.returncode}: {_tail(log)}"
         try:
             if httpx.get(url + "/healthz", timeout=2).status_code == 200:
                 return proc, url
@@ -50,7 +51,13 @@ def _start(*extra: str):
             pass
         time.sleep(0.3)
     proc.kill()
-    raise AssertionError("no answer from /healthz")
+    raise AssertionError(f"no answer from /healthz: {_tail(log)}")
+
+
+def _tail(log) -> str:
+    log.flush()
+    with open(log.name, errors="replace") as fh:
+        return fh.read()[-3000:]
 
 
 def _stop(proc) -> None:
@@ -89,14 +96,15 @@ def _answers(url: str) -> list[tuple[int, bytes]]:
     return out
 
 
-def test_ray_serve_answers_with_the_same_bytes():
-    plain, url = _start()
+def test_ray_serve_answers_with_the_same_bytes(tmp_path):
+    log = open(tmp_path / "servers.log", "w")
+    plain, url = _start(log)
     try:
         expected = _answers(url)
     finally:
         _stop(plain)
     t0 = time.monotonic()
-    ray, url = _start("--ray", "--replicas", "2", "--replica-cpus", "0.5", "--threads", "1")
+    ray, url = _start(log, "--ray", "--replicas", "2", "--replica-cpus", "0.5")
     started = time.monotonic() - t0
     try:
         got = _answers(url)

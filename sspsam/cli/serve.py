@@ -32,7 +32,7 @@ def serve(
     autoscaling: str = typer.Option("", "--autoscaling", help="With --ray: Ray Serve autoscaling_config as JSON, e.g. "
                                     '\'{"min_replicas": 1, "max_replicas": 4}\' (replaces --replicas).'),
     replica_cpus: float = typer.Option(1.0, "--replica-cpus", min=0.0, help="With --ray: CPUs Ray reserves per replica."),
-    threads: int = typer.Option(0, "--threads", min=0, help="With --ray: torch threads per replica (0: torch's default)."),
+    threads: int = typer.Option(0, "--threads", min=0, help="torch threads (per replica with --ray); 0: torch's default."),
 ) -> None:
     """Serve POST /v1/segment, POST /v1/ovss, the web page at / and the API docs at /docs.
     One process, one inference thread that micro-batches; run several behind a proxy to scale out."""
@@ -49,6 +49,10 @@ def serve(
                           max_classes, body_timeout, cors_origin, replicas, address, autoscaling, replica_cpus, threads)
     if address or autoscaling or replicas != 1:
         raise fail("--replicas, --address and --autoscaling need --ray")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     ovss = None
     try:  # load here, not in the server's start-up, so a bad model name is one clear line
         device = str(resolve_device(device))

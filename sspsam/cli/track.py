@@ -71,9 +71,9 @@ def track(
             return seg
 
         with bar:
-            summary = run_track(video, output, text, model=model, device=dev, max_frames=max_frames,
+            summary = run_track(video, output, text, load, model=model, max_frames=max_frames,
                                 image_batch_size=image_batch_size, lost_frames=lost_frames, min_score=min_score,
-                                load=load, progress=progress)
+                                progress=progress)
     except SSPSamError as exc:
         raise fail(exc) from None
     except OSError as exc:

@@ -237,12 +237,14 @@ def _done_records(results: Path, frames: int) -> list[dict]:
     return records
 
 
-def run_track(video: Path, output: Path, phrases: list[str], model: str = "shapes-demo", device: str = "cpu",
+def run_track(video: Path, output: Path, phrases: list[str], load: Callable, model: str = "shapes-demo",
               max_frames: int | None = None, image_batch_size: int = 8, lost_frames: int = LOST_FRAMES,
-              min_score: float = MIN_SCORE, load: Callable | None = None,
+              min_score: float = MIN_SCORE,
               progress: Callable[[int, int], Callable[[int], None]] | None = None) -> TrackSummary:
-    """Run (or resume) a tracking job. ``load()`` returns the Segmenter (the CLI applies its speed
-    options there); ``progress(total, already_done)`` returns an ``advance(n)`` callback."""
+    """Run (or resume) a tracking job. ``load()`` returns the Segmenter, called only when frames
+    are left to do (the CLI applies its speed options there; a finished job loads no model);
+    ``model`` is its name as recorded in job.json. ``progress(total, already_done)`` returns an
+    ``advance(n)`` callback."""
     from sspsam.io.checkpoint import atomic_write
     from sspsam.io.video import probe_video
     from sspsam.predict.results import clean_phrases
@@ -279,14 +281,13 @@ def run_track(video: Path, output: Path, phrases: list[str], model: str = "shape
     done = len(records)
     advance = progress(info.frames, done) if progress else (lambda n: None)
     if done < info.frames:
-        _track_rest(video, results, info, phrases, records, image_batch_size, lost_frames, min_score, load, model, device,
-                    advance)
+        _track_rest(video, results, info, phrases, records, image_batch_size, lost_frames, min_score, load, advance)
     if not video_out.exists():
         render_video(video, results, video_out, info.fps, info.frames)
     return _summary(results, info.frames, done, video_out)
 
 
-def _track_rest(video, results: Path, info, phrases, records, image_batch_size, lost_frames, min_score, load, model, device,
+def _track_rest(video, results: Path, info, phrases, records, image_batch_size, lost_frames, min_score, load,
                 advance) -> None:
     from sspsam.io.video import iter_frames
 
@@ -294,12 +295,7 @@ def _track_rest(video, results: Path, info, phrases, records, image_batch_size, 
     for rec in records:
         replay(tracker, rec, len(phrases))
     done = len(records)
-    if load is not None:
-        seg = load()
-    else:
-        from sspsam.predict.segmenter import Segmenter
-
-        seg = Segmenter.from_pretrained(model, device=device)
+    seg = load()
     start = done // image_batch_size * image_batch_size  # the batch the first missing frame belongs to
     frames = (rgb for _, rgb in iter_frames(video, start, info.frames - start))
     with open(results, "ab", buffering=0) as fh:

@@ -6,6 +6,7 @@ Examples::
     python benchmarks/serve_load.py --queue-size 8                   # force deliberate 503s
     python benchmarks/serve_load.py --model ssp-sam-vitb --real-size # real weights (from the cache), 1024x768 images
     python benchmarks/serve_load.py --url http://127.0.0.1:8000      # a server that is already running
+    python benchmarks/serve_load.py --servers plain,ray1,ray2        # one process vs Ray Serve, 1 and 2 replicas
 
 Without ``--url`` it starts the server in a subprocess on a free 127.0.0.1 port and stops it
 afterwards. Clients are httpx async tasks on one connection pool; a client that gets a 503
@@ -35,6 +36,8 @@ from PIL import Image
 from sspsam.data.shapes import make_scene
 
 SERVE = "import typer; from sspsam.cli.serve import serve; typer.run(serve)"
+# --servers: what each name starts (extra `sspsam serve` arguments); rows come out in the order given
+SERVERS = {"plain": [], "ray1": ["--ray", "--replicas", "1"], "ray2": ["--ray", "--replicas", "2"]}
 PHRASES = ["red circle", "the blue square", "green triangle", "the largest shape", "a circle on the left", "yellow"]
 
 
@@ -61,11 +64,11 @@ def _images(n: int, real_size: bool) -> list[bytes]:
     return out
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def start_server(args, extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     cmd = [sys.executable, "-c", SERVE, "--host", "127.0.0.1", "--port", str(port), "--model", args.model,
            "--ovss-model", "none", "--device", args.device, "--queue-size", str(args.queue_size),
-           "--max-batch", str(args.max_batch), "--timeout", str(args.timeout), "--log-level", "warning"]
+           "--max-batch", str(args.max_batch), "--timeout", str(args.timeout), "--log-level", "warning", *(extra or [])]
     log = open(args.server_log, "w") if args.server_log else subprocess.DEVNULL  # one JSON line per request
     proc = subprocess.Popen(cmd, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
@@ -75,6 +78,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
             raise SystemExit(f"the server exited with code {proc.returncode} while starting (see --server-log)")
         try:
             if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                proc.started_s = time.monotonic() - (deadline - args.startup_timeout)
                 return proc, url
         except httpx.HTTPError:
             pass
@@ -84,9 +88,9 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown
+    proc.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown (and Ray Serve's)
     try:
-        proc.wait(15)
+        proc.wait(60)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
@@ -130,21 +134,26 @@ async def load(url: str, args) -> tuple[Stats, float, dict]:
     return stats, elapsed, server
 
 
-def table(args, stats: Stats, elapsed: float, server: dict) -> str:
+HEADER = [
+    "| server | model | images | clients | seconds | start s | ok | req/s | p50 ms | p95 ms | p99 ms | errors | 503s | requests per model call |",
+    "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+]
+
+
+def row(args, name: str, started_s: float | None, stats: Stats, elapsed: float, server: dict) -> str:
+    """One table row. Ray's /healthz comes from whichever replica answers, so its batching count
+    covers one replica only: shown as '-'."""
     lat = np.asarray(stats.latencies_ms)
     pct = [f"{np.percentile(lat, q):.0f}" if lat.size else "-" for q in (50, 95, 99)]
     errors = sum(stats.errors.values())
-    per_call = f"{server['jobs'] / server['model_calls']:.2f}" if server.get("model_calls") else "-"
+    per_call = f"{server['jobs'] / server['model_calls']:.2f}" if server.get("model_calls") and not name.startswith("ray") else "-"
     size = "1024x768" if args.real_size else "scenes ~300px"
-    rows = [
-        "| model | images | clients | seconds | ok | req/s | p50 ms | p95 ms | p99 ms | errors | 503s | requests per model call |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {args.model} | {size} | {args.clients} | {elapsed:.1f} | {lat.size} | {lat.size / elapsed:.1f} | "
-        f"{' | '.join(pct)} | {errors} | {stats.busy} | {per_call} |",
-    ]
+    start = "-" if started_s is None else f"{started_s:.1f}"
+    out = (f"| {name} | {args.model} | {size} | {args.clients} | {elapsed:.1f} | {start} | {lat.size} | {lat.size / elapsed:.1f} | "
+           f"{' | '.join(pct)} | {errors} | {stats.busy} | {per_call} |")
     if stats.errors:
-        rows.append("\nerrors: " + ", ".join(f"{k}: {v}" for k, v in stats.errors.most_common()))
-    return "\n".join(rows)
+        out += "\n\nerrors: " + ", ".join(f"{k}: {v}" for k, v in stats.errors.most_common()) + "\n"
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,18 +171,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=30.0, help="server's per-request timeout, s")
     p.add_argument("--startup-timeout", type=float, default=180.0)
     p.add_argument("--server-log", help="file for the started server's output (JSON request logs)")
+    p.add_argument("--servers", default="plain", help=f"comma-separated, each started in turn: {', '.join(SERVERS)}")
     args = p.parse_args(argv)
-    proc = None
-    url = args.url
-    if url is None:
-        proc, url = start_server(args)
-    try:
-        stats, elapsed, server = asyncio.run(load(url.rstrip("/"), args))
-    finally:
-        if proc is not None:
-            stop_server(proc)
-    print(table(args, stats, elapsed, server))
-    return 1 if stats.errors else 0
+    names = [n.strip() for n in args.servers.split(",") if n.strip()]
+    if any(n not in SERVERS for n in names):
+        p.error(f"--servers takes {', '.join(SERVERS)}")
+    rows, failed = [], False
+    for name in (["url"] if args.url else names):
+        proc, url = (None, args.url) if args.url else start_server(args, SERVERS[name])
+        try:
+            stats, elapsed, server = asyncio.run(load(url.rstrip("/"), args))
+        finally:
+            if proc is not None:
+                stop_server(proc)
+        rows.append(row(args, name, getattr(proc, "started_s", None), stats, elapsed, server))
+        failed |= bool(stats.errors)
+    print("\n".join(HEADER + rows))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def pytest_unconfigure(config):
 LONG_FILES = {
     "test_ovss_train.py": 240, "test_e2e.py": 196, "test_golden_ssp.py": 107, "test_trainer_ovss.py": 86,
     "test_fuzz.py": 74, "test_golden_clip.py": 57, "test_demo_quality.py": 55, "test_api.py": 42,
-    "test_batch.py": 31, "test_onnx.py": 23, "test_faults.py": 19, "test_golden_recipe.py": 19,
+    "test_serve_ray.py": 43, "test_track.py": 38, "test_batch.py": 31, "test_onnx.py": 23, "test_faults.py": 19, "test_golden_recipe.py": 19,
     "test_feature_cache.py": 18, "test_browser.py": 12, "test_ovss_models.py": 12, "test_distributed.py": 7,
 }
 

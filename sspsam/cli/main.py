@@ -1,5 +1,5 @@
 """`sspsam` command line: the typer app, with one module per command (segment, ovss, batch,
-serve, train, cache-features, evaluate, models, push, weights, export) in this package.
+track, serve, train, cache-features, evaluate, models, push, weights, export) in this package.
 
 Only typer and click load at start-up: torch, numpy and the model code are imported inside the
 command that needs them, so `sspsam --help` answers at once. Every error is one `error: …` line
@@ -21,6 +21,7 @@ import sspsam.cli.ovss as cli_ovss
 import sspsam.cli.push as cli_push
 import sspsam.cli.segment as cli_segment
 import sspsam.cli.serve as cli_serve
+import sspsam.cli.track as cli_track
 import sspsam.cli.train as cli_train
 import sspsam.cli.weights as cli_weights
 from sspsam import __version__
@@ -54,6 +55,7 @@ app.command("segment")(cli_segment.segment)
 app.command("ovss")(cli_ovss.ovss)
 app.command("batch")(cli_batch.batch)
 app.command("serve")(cli_serve.serve)
+app.command("track")(cli_track.track)
 
 
 app.command("train")(cli_train.train)

@@ -26,6 +26,13 @@ def serve(
     header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.1, help="Seconds a client may take to send its request head."),
     body_timeout: float = typer.Option(30.0, "--body-timeout", min=0.1, help="Seconds a request body may pause between chunks (then 408)."),
     max_connections: int = typer.Option(1000, "--max-connections", min=1, help="Open connections beyond which uvicorn answers 503."),
+    ray: bool = typer.Option(False, "--ray", help="Serve the same app as a Ray Serve deployment (needs sspsam[ray-serve])."),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="With --ray: replicas, each with its models, worker and limits."),
+    address: str = typer.Option("", "--address", help="With --ray: join this Ray cluster (e.g. auto, ray://host:10001); default: a local one."),
+    autoscaling: str = typer.Option("", "--autoscaling", help="With --ray: Ray Serve autoscaling_config as JSON, e.g. "
+                                    '\'{"min_replicas": 1, "max_replicas": 4}\' (replaces --replicas).'),
+    replica_cpus: float = typer.Option(1.0, "--replica-cpus", min=0.0, help="With --ray: CPUs Ray reserves per replica."),
+    threads: int = typer.Option(0, "--threads", min=0, help="torch threads (per replica with --ray); 0: torch's default."),
 ) -> None:
     """Serve POST /v1/segment, POST /v1/ovss, the web page at / and the API docs at /docs.
     One process, one inference thread that micro-batches; run several behind a proxy to scale out."""
@@ -37,6 +44,15 @@ def serve(
         raise fail(f"`sspsam serve` needs the serve extra ({exc.name} is missing): pip install 'sspsam[serve]'") from None
     from sspsam.predict.device import resolve_device
 
+    if ray:
+        return _serve_ray(host, port, model, ovss_model, device, queue_size, max_batch, timeout_s, max_upload_mb,
+                          max_classes, body_timeout, cors_origin, replicas, address, autoscaling, replica_cpus, threads)
+    if address or autoscaling or replicas != 1:
+        raise fail("--replicas, --address and --autoscaling need --ray")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     ovss = None
     try:  # load here, not in the server's start-up, so a bad model name is one clear line
         device = str(resolve_device(device))
@@ -58,3 +74,45 @@ def serve(
 
     uvicorn.run(app, host=host, port=port, access_log=False, log_level=log_level, http=timed_h11(header_timeout),
                 timeout_keep_alive=5, limit_concurrency=max_connections)
+
+
+def _serve_ray(host, port, model, ovss_model, device, queue_size, max_batch, timeout_s, max_upload_mb, max_classes,
+               body_timeout, cors_origin, replicas, address, autoscaling, replica_cpus, threads) -> None:
+    """The app on Ray Serve. Model names are checked here (cheaply, without loading) so a typo is
+    one line, not a replica crash loop; the replicas load the models."""
+    import json
+
+    from sspsam.predict.device import resolve_device
+
+    try:
+        auto = json.loads(autoscaling) if autoscaling else None
+    except ValueError as exc:
+        raise fail(f"--autoscaling is not JSON ({exc})") from None
+    if auto is not None and not isinstance(auto, dict):
+        raise fail("--autoscaling must be a JSON object (Ray Serve's autoscaling_config)")
+    try:
+        from sspsam.serve.ray_serve import _require_serve, run
+
+        _require_serve()
+        from sspsam.predict.ovss import OVSS
+        from sspsam.predict.segmenter import Segmenter
+
+        Segmenter.resolve(model)
+        ovss = None if ovss_model.lower() in ("", "none") else ovss_model
+        if ovss is not None:
+            try:
+                OVSS.resolve(ovss)
+            except CheckpointError as exc:
+                if ovss != DEFAULT_OVSS:
+                    raise
+                say_warning(f"{exc}; serving without /v1/ovss")
+                ovss = None
+        device = str(resolve_device(device))
+    except SSPSamError as exc:
+        raise fail(exc) from None
+    options = {"model": model, "ovss_model": ovss, "device": device, "max_upload_mb": max_upload_mb, "timeout_s": timeout_s,
+               "queue_size": queue_size, "max_batch": max_batch, "max_classes": max_classes, "body_timeout_s": body_timeout,
+               "cors_origins": cors_origin or None}
+    what = f"{auto}" if auto else f"{replicas} replica{'s' * (replicas != 1)}"
+    run(options, host, port, replicas, auto, address or None, replica_cpus, threads or None,
+        started=lambda: typer.echo(f"sspsam serving {model} on Ray Serve ({what}) on http://{host}:{port}/", err=True))

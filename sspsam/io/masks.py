@@ -330,7 +330,8 @@ def _legend_panel(rows: list[tuple[tuple[int, int, int] | None, str]], height: i
 
 
 def overlay(image: np.ndarray, masks: list[np.ndarray], labels: list[str] | None = None, alpha: float = 0.45,
-            legend: list[str] | None = None, instance_boxes: list[list] | None = None) -> Image.Image:
+            legend: list[str] | None = None, instance_boxes: list[list] | None = None,
+            colours: list[tuple[int, int, int]] | None = None) -> Image.Image:
     """Each mask as a translucent fill, a contour and its bounding box in its own colour, labelled
     at the box's top-left corner; with ``legend`` (one text per mask, e.g. the phrase and its score
     or "(no match)") a panel to the right says what each colour stands for.
@@ -340,11 +341,13 @@ def overlay(image: np.ndarray, masks: list[np.ndarray], labels: list[str] | None
     pixel (x, y) of the picture is pixel (x, y) of the image. ``instance_boxes``: per mask, the
     inclusive boxes of its separate objects (one box each, as the JSON lists them); default one
     box around the whole mask. Labels never cover one another where the image has room.
+    ``colours``: one per mask (a video keeps each track's colour from frame to frame), else the
+    palette in mask order.
     """
     h, w = image.shape[:2]
     size, line = _scale(h, w)
     fnt = font(size)
-    colours = palette(len(masks))
+    colours = palette(len(masks)) if colours is None else [tuple(c) for c in colours]
     boxes = [bbox(m) for m in masks]
     out = np.array(image, np.uint8, copy=True)
     for m, b, c in zip(masks, boxes, colours):
@@ -377,6 +380,36 @@ def overlay(image: np.ndarray, masks: list[np.ndarray], labels: list[str] | None
     full.paste(img, (0, 0))
     full.paste(panel, (w, 0))
     return full
+
+
+def warning_banner(img: Image.Image, warnings: list[str]) -> Image.Image:
+    """The result's warnings written across the top of the picture on an amber strip, so a frame
+    read without its JSON (a video, a screenshot) still says its masks are not to be trusted.
+    The picture keeps its size: a video's frames must all have one size."""
+    if not warnings:
+        return img
+    size, line = _scale(img.height, img.width)
+    fnt = font(max(10, size * 2 // 3))
+    draw = ImageDraw.Draw(img)
+    pad = max(2, line)
+    words, lines, cur = " ".join(warnings).split(), [], ""
+    for word in words:  # wrap to the picture's width
+        trial = f"{cur} {word}".strip()
+        if cur and draw.textlength(trial, font=fnt) > img.width - 2 * pad:
+            lines.append(cur)
+            cur = word
+        else:
+            cur = trial
+    lines.append(cur)
+    asc, desc = fnt.getmetrics() if hasattr(fnt, "getmetrics") else (10, 2)
+    step = asc + desc
+    room = max(1, (img.height // 3) // step)  # at most a third of the picture
+    if len(lines) > room:
+        lines = lines[:room - 1] + [lines[room - 1][: max(1, len(lines[room - 1]) - 1)] + "…"]
+    draw.rectangle((0, 0, img.width - 1, len(lines) * step + 2 * pad), fill=(255, 191, 0))
+    for k, text in enumerate(lines):
+        draw.text((pad, pad + k * step), text, fill=(0, 0, 0), font=fnt)
+    return img
 
 
 def segmentation_overlay(image: np.ndarray, phrases: list[str], masks, scores, no_target, warnings: list[str] | None = None,

@@ -183,6 +183,17 @@ class Segmenter(Predictor):
             clicks = parse_clicks(points, point_labels, boxes, len(phrases), rgb.shape[:2])
         return self._decode_phrases(self._cache, rgb, phrases, batch_size, return_tensors, opts, clicks)
 
+    def track(self, frames, phrases: str | list[str], image_batch_size: int = 8, lost_frames: int = 30,
+              min_score: float = 0.25):
+        """Segment a video and follow each phrase's instances through it: an iterator of one
+        :class:`Segmentation` per frame, whose ``extras["track_ids"]`` gives per phrase the track id
+        of each instance (see :mod:`sspsam.predict.track`). ``frames``: a video file path (decoded
+        with PyAV, checked whole first) or an iterable of images. Lazy, so a long video is never
+        held in memory; needs ``sspsam[video]``."""
+        from sspsam.predict.track import track
+
+        return track(self, frames, phrases, image_batch_size, lost_frames, min_score)
+
     def _segment_batch(self, images: list, texts, batch_size: int, image_batch_size: int, return_tensors: str,
                        allow_urls: bool, opts: dict) -> list[Segmentation]:
         if not images:

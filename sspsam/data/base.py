@@ -70,17 +70,22 @@ class Record:
 
 
 def sentence_records(ref: dict, img: dict, image_dir: Path, segs: list, *, no_target: bool, ann_ids: list,
-                     text_field: str) -> list["Record"]:
+                     text_field: str, where: str = "refs file") -> list["Record"]:
     """One Record per sentence of a refer/gRefCOCO ref (both formats share the ref/sentence layout)."""
+    from sspsam.data.validate import sentence_text
+
+    if not isinstance(ref["sentences"], list):
+        raise DatasetLayoutError(f"{where}: ref {ref.get('ref_id')!r} 'sentences' is {type(ref['sentences']).__name__}; "
+                                 "expected a list of {sent_id, sent}")
     return [
         Record(
             image_path=image_dir / img["file_name"],
             height=int(img["height"]),
             width=int(img["width"]),
-            text=str(sent.get(text_field) or sent.get("sent") or sent.get("raw", "")),
+            text=sentence_text(sent, text_field, f"{where}: ref {ref.get('ref_id')!r}"),
             no_target=no_target,
             image_id=int(ref["image_id"]),
-            sent_id=sent["sent_id"],
+            sent_id=sent.get("sent_id"),
             ref_id=ref["ref_id"],
             split=ref["split"],
             segments=segs,

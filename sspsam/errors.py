@@ -36,3 +36,8 @@ class OutputError(SSPSamError):
 def one_line(text: object) -> str:
     """A message as one line: user text (file names, phrases) may hold newlines or markup-like brackets."""
     return " ".join(str(text).split())
+
+
+class OptionError(SSPSamError, ValueError):
+    """An option's value is out of range (a learning rate of NaN, zero steps, an unknown precision).
+    Also a ValueError, which the training API raised for these before they were named."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -169,8 +170,10 @@ def read_image(path: Path, expect_hw: tuple[int, int] | None = None) -> np.ndarr
             return np.ascontiguousarray(np.asarray(im.convert("RGB")))
     except UnidentifiedImageError:
         raise ImageLoadError(f"{path} is not an image file PIL can read") from None
-    except OSError as exc:
-        raise ImageLoadError(f"{path} is corrupt or truncated ({exc})") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(f"{path} declares too many pixels to decode ({str(exc)[:120]})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, ZeroDivisionError, struct.error) as exc:
+        raise ImageLoadError(f"{path} is corrupt or truncated ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def find_dir(candidates: Sequence[Path], what: str, hint: str) -> Path:

@@ -28,12 +28,16 @@ _OPTION_LIKE = re.compile(r"--?[A-Za-z][\w-]*(=.*)?|--?")
 
 
 def _check_phrases(texts: list[str]) -> None:
-    """Catch the two ways a command line silently turns into a wrong phrase."""
+    """Catch the two ways a command line silently turns into a wrong phrase. Words after ``--``
+    are phrases by the user's explicit choice and may look like options."""
     from PIL import Image
 
+    from sspsam.cli.common import after_double_dash
+
     image_suffixes = set(Image.registered_extensions())
-    for t in texts:
-        if _OPTION_LIKE.fullmatch(t.strip()):
+    explicit = min(after_double_dash(), len(texts))
+    for k, t in enumerate(texts):
+        if _OPTION_LIKE.fullmatch(t.strip()) and k < len(texts) - explicit:
             raise TextError(f"'{t}' looks like an option, not a phrase: put options such as -o DIR before `--` "
                             "or give them their value (`-o out/`)")
         try:

@@ -35,9 +35,21 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
+def _reason(exc: Exception) -> str:
+    """torch's own text, less its advice to retry with ``weights_only=False``: that runs whatever
+    code a hostile file carries, and sspsam never does it."""
+    text = " ".join(str(exc).split())
+    if "weights_only" in text or "weights only load failed" in text.lower():
+        import re
+
+        m = re.search(r"(Unsupported (?:global|operand)[^.;(]*|WeightsUnpickler error: [^.;(]*)", text)
+        detail = f": {m.group(1).split(' Check ')[0].strip()[:120]}" if m else ""
+        return f"not a plain weights file{detail}"
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
 def _corrupt(what: str, path: Path, exc: Exception, hint: str = "") -> CheckpointError:
-    first = str(exc).splitlines()[0][:200] if str(exc) else ""
-    return CheckpointError(f"{what} {path} is truncated or corrupt ({type(exc).__name__}: {first})" + (f"; {hint}" if hint else ""))
+    return CheckpointError(f"{what} {path} is truncated or corrupt ({_reason(exc)})" + (f"; {hint}" if hint else ""))
 
 
 def _load(path: Path) -> Any:

@@ -134,6 +134,8 @@ def _read_manifest(path: Path, default_phrases: list[str] | None) -> list[tuple[
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise BatchError(f"{where}: not a JSON line ({exc.msg})") from None
+        except RecursionError:
+            raise BatchError(f"{where}: nested too deeply to be a manifest line") from None
         if not isinstance(row, dict) or not isinstance(row.get("image"), str):
             raise BatchError(f'{where}: expected {{"image": "path", "phrase": "..."}} or "phrases": [...]')
         raw = row.get("phrases", row.get("phrase", default_phrases))

@@ -923,3 +923,48 @@ def test_allowed_origin_and_trickled_body(models):
     body = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
     assert start["status"] == 408 and body["error"]["code"] == "body_timeout"
     assert "0.3 s upload limit" in body["error"]["message"]
+
+
+def test_disk_full_leaves_nothing(tmp_path, valid_png, monkeypatch):
+    """A write that fails part-way (injected: the disk fills at the Nth file) leaves the output
+    folder as it was: absent, or with the earlier run's files untouched."""
+    import errno
+    import os
+
+    from typer.testing import CliRunner
+
+    from sspsam.cli.main import app
+
+    _cache_bundled(monkeypatch)
+    runner = CliRunner()
+    src = tmp_path / "img.png"
+    src.write_bytes(valid_png)
+    real_fsync = os.fsync
+    commands = {
+        "segment": (["segment", str(src), "the red circle", "a blue square"], 4),
+        "ovss": (["ovss", str(src), "--classes", "red,green,background"], 3),
+    }
+    for name, (args, n_files) in commands.items():
+        for fail_at in range(1, n_files + 1):
+            for earlier in (False, True):
+                out = tmp_path / f"{name}-{fail_at}-{earlier}"
+                if earlier:
+                    out.mkdir()
+                    (out / "img.keep").write_text("earlier")
+                before = {str(p): p.read_bytes() for p in out.iterdir()} if out.exists() else None
+                calls = [0]
+
+                def fsync(fd, fail_at=fail_at):
+                    calls[0] += 1
+                    if calls[0] == fail_at:
+                        raise OSError(errno.ENOSPC, "No space left on device")
+                    return real_fsync(fd)
+
+                monkeypatch.setattr(os, "fsync", fsync)
+                case = hostile.Case("disk-full", f"{name}-file-{fail_at}{'-into-earlier' if earlier else ''}", None)
+                verdict = run("cli", case, lambda v, a=args, o=out, b=before: _cli_refused(runner, app, [*a, "-o", str(o)], o, b))
+                monkeypatch.setattr(os, "fsync", real_fsync)
+                assert verdict == "named error", case.name
+        res = runner.invoke(app, [*args, "-o", str(tmp_path / f"{name}-ok")])
+        assert res.exit_code == 0 and len(list((tmp_path / f"{name}-ok").iterdir())) == n_files
+    assert not FAILURES, "\n".join(FAILURES)

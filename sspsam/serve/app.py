@@ -722,14 +722,16 @@ def create_app(
         out = await run_in_threadpool(render)
         return JSONResponse({**out, "model": _name(worker.ovss), "request_id": request.state.request_id})
 
-    @app.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness: 200 while the inference thread runs")
+    @app.head("/healthz", include_in_schema=False)
+    @app.get("/healthz", summary="Liveness: 200 while the inference thread runs")
     async def healthz(request: Request):
         worker: _Worker = request.app.state.worker
         body = {"status": "ok" if worker.alive else "down", "queued": worker.queue.qsize(),
                 "queue_size": worker.queue.maxsize, **worker.stats}
         return JSONResponse(body, status_code=200 if worker.alive else 503)
 
-    @app.api_route("/v1/models", methods=["GET", "HEAD"], summary="The loaded models and the request limits")
+    @app.head("/v1/models", include_in_schema=False)
+    @app.get("/v1/models", summary="The loaded models and the request limits")
     async def models(request: Request):
         worker: _Worker = request.app.state.worker
         seg = {"name": _name(worker.segmenter), "device": str(getattr(worker.segmenter, "device", device)),

@@ -41,3 +41,8 @@ def one_line(text: object) -> str:
 class MissingExtraError(SSPSamError, ImportError):
     """An optional dependency is not installed; the message names the pip extra. Also an
     ImportError, so ``except ImportError`` in a caller's fallback code still catches it."""
+
+
+class OptionError(SSPSamError, ValueError):
+    """An option's value is out of range (a learning rate of NaN, zero steps, an unknown precision).
+    Also a ValueError, which the training API raised for these before they were named."""

@@ -64,11 +64,20 @@ def test_phrase_that_is_an_image_file_points_to_batch(scene_png):
     assert "sspsam batch" in line
 
 
-@pytest.mark.parametrize("args", [["-o"], ["dog", "-o"], ["--"], ["--", "-o"], ["--", "--model=x"], ["dog", "--", "-m"]])
-def test_options_are_never_phrases(scene_png, args, tmp_path):
+@pytest.mark.parametrize("args", [["-o"], ["dog", "-o"], ["--"], ["dog", "-"], ["dog", " --model"]])
+def test_option_like_words_are_not_phrases_before_double_dash(scene_png, args, tmp_path):
     r = runner.invoke(app, ["segment", str(scene_png), *args], catch_exceptions=False)
     _error_line(r, "")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args", [["--", "-o"], ["--", "--model=x"], ["dog", "--", "-m", "--help"]])
+def test_words_after_double_dash_are_phrases(scene_png, args, tmp_path):
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["segment", str(scene_png), "-o", str(out), *args], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    phrases = [a for a in args if a not in ("--",)]
+    assert [r["phrase"] for r in json.loads(next(out.glob("*.segment.json")).read_text())["results"]] == phrases
 
 
 def test_unavailable_and_malformed_devices(scene_png, monkeypatch):

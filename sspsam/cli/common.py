@@ -6,6 +6,7 @@ Nothing here imports torch, numpy or rich: `sspsam --help` must stay instant.
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import hashlib
 import os
@@ -130,11 +131,22 @@ def apply_quantize(predictor, quantize: str) -> None:
         runtime.quantize(predictor.model, quantize)
 
 
+_ARGV: "contextvars.ContextVar[list[str]]" = contextvars.ContextVar("sspsam_argv", default=[])
+
+
+def after_double_dash() -> int:
+    """How many command-line words follow the first ``--``: those are arguments by the user's
+    explicit choice, even when they look like options (a phrase "-o", "--help")."""
+    argv = _ARGV.get()
+    return len(argv) - argv.index("--") - 1 if "--" in argv else 0
+
+
 class Group(typer.core.TyperGroup):
     """The top-level command group: every error, ours or click's usage errors, becomes one
     `error: …` line on stderr and exit code 2 — never a traceback, a box or two messages."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        _ARGV.set(list(args) if args is not None else sys.argv[1:])
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) else 0

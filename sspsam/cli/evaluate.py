@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from sspsam.cli.common import DEVICE_HELP, _fail, _offline
+from sspsam.cli.common import DEVICE_HELP, _fail, _offline, check_output_dir
 from sspsam.errors import SSPSamError
 
 def evaluate(
@@ -48,14 +48,17 @@ def evaluate(
         return _evaluate_sspsam_protocol(model, data, dataset, split, split_by, output, max_samples, device, offline)
     try:
         task = ev.task_of(dataset)
-        with _offline(offline):
-            seg = Segmenter.from_pretrained(model, device=device)
+        check_output_dir(output, create=False)
         from sspsam.data.official_anns import OfficialAnnsDataset, is_official_layout
 
+        # the data is checked before the model loads; the model's input size is set once it has
         if is_official_layout(data):  # the official SSP-SAM data_seg/anns files, scored with sspsam's protocol
-            ds = OfficialAnnsDataset(data, dataset, split, seg.model.image_size, split_by=split_by)
+            ds = OfficialAnnsDataset(data, dataset, split, 1024, split_by=split_by)
         else:
-            ds = ev.open_dataset(dataset, data, split, seg.model.image_size, split_by)
+            ds = ev.open_dataset(dataset, data, split, 1024, split_by)
+        with _offline(offline):
+            seg = Segmenter.from_pretrained(model, device=device)
+        ds.image_size = int(seg.model.image_size)
         with Progress(console=Console(stderr=True), transient=True) as bar:
             job = bar.add_task(escape(f"{dataset} {split}"), total=len(ds) if max_samples is None else min(len(ds), max_samples))
             res = ev.evaluate(seg, ds, task, max_samples=max_samples, progress=lambda d, t: bar.update(job, completed=d))
@@ -88,9 +91,10 @@ def _evaluate_ovss(model, data, dataset, split, output, max_samples, device, pro
 
             names, idx = read_class_names(path)
             classes = [", ".join(n for n, i in zip(names, idx) if i == k) for k in range(max(idx) + 1)]
+        check_output_dir(output, create=False)
+        ds = ev.open_semseg(dataset, data, split)  # the data is checked before the model loads
         with _offline(offline):
             ovss = OVSS.from_pretrained(model, device=device)
-        ds = ev.open_semseg(dataset, data, split)
         res = evaluate_ovss(ovss.model, ds, protocol=protocol, slide=slide, limit=max_samples, classes=classes,
                             sclip_options=sclip if protocol == "sclip" else None)
     except (SSPSamError, ValueError) as exc:

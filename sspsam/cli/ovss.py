@@ -71,21 +71,21 @@ def ovss(
         res = seg.segment(rgb, names, slide=slide)
     except SSPSamError as exc:
         _fail(exc)
-    from sspsam.io.checkpoint import atomic_write
+    from sspsam.io.checkpoint import OutputSet
     from sspsam.io.masks import label_overlay, label_png
 
     for w in res.warnings:
         say_warning(w)
     stem = output_stem(image)
-    written = []
     try:
-        check_output_dir(output)
-        labels_png = label_png(res.labels, res.classes)  # palette PNG: class index per pixel, shown in colour
-        written.append(atomic_write(output / f"{stem}.ovss.labels.png", lambda p: labels_png.save(p, format="PNG")))
-        ov = label_overlay(rgb, res.labels, res.classes, res.shares, warnings=res.warnings)
-        written.append(atomic_write(output / f"{stem}.ovss.overlay.png", lambda p: ov.save(p, format="PNG")))
-        payload = {"image": str(image), "model": seg.name, **res.to_json()}
-        written.append(atomic_write(output / f"{stem}.ovss.json", lambda p: Path(p).write_text(json.dumps(payload, indent=1))))
+        with OutputSet(output) as out:  # the three files appear together or not at all
+            labels_png = label_png(res.labels, res.classes)  # palette PNG: class index per pixel, shown in colour
+            out.add(f"{stem}.ovss.labels.png", lambda p: labels_png.save(p, format="PNG"))
+            ov = label_overlay(rgb, res.labels, res.classes, res.shares, warnings=res.warnings)
+            out.add(f"{stem}.ovss.overlay.png", lambda p: ov.save(p, format="PNG"))
+            payload = {"image": str(image), "model": seg.name, **res.to_json()}
+            out.add(f"{stem}.ovss.json", lambda p: Path(p).write_text(json.dumps(payload, indent=1)))
+        written = out.paths
     except (OSError, SSPSamError) as exc:
         _fail(exc)
     for c in sorted(res.classes, key=lambda c: -res.shares[c]):

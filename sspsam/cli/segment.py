@@ -28,12 +28,16 @@ _OPTION_LIKE = re.compile(r"--?[A-Za-z][\w-]*(=.*)?|--?")
 
 
 def _check_phrases(texts: list[str]) -> None:
-    """Catch the two ways a command line silently turns into a wrong phrase."""
+    """Catch the two ways a command line silently turns into a wrong phrase. Words after ``--``
+    are phrases by the user's explicit choice and may look like options."""
     from PIL import Image
 
+    from sspsam.cli.common import after_double_dash
+
     image_suffixes = set(Image.registered_extensions())
-    for t in texts:
-        if _OPTION_LIKE.fullmatch(t.strip()):
+    explicit = min(after_double_dash(), len(texts))
+    for k, t in enumerate(texts):
+        if _OPTION_LIKE.fullmatch(t.strip()) and k < len(texts) - explicit:
             raise TextError(f"'{t}' looks like an option, not a phrase: put options such as -o DIR before `--` "
                             "or give them their value (`-o out/`)")
         try:
@@ -102,7 +106,7 @@ def _write_segment(image: Path, output: Path, model_name: str, rgb, res) -> None
     import numpy as np
     from PIL import Image
 
-    from sspsam.io.checkpoint import atomic_write
+    from sspsam.io.checkpoint import OutputSet
     from sspsam.io.masks import segmentation_overlay
 
     for w in res.warnings:
@@ -110,17 +114,17 @@ def _write_segment(image: Path, output: Path, model_name: str, rgb, res) -> None
     stem = output_stem(image)
     masks = [f"{stem}.segment.mask{i}.png" for i in range(len(res))]
     try:
-        check_output_dir(output)
-        written = []
-        for i, name in enumerate(masks):
-            mask_png = Image.fromarray(res.masks[i].astype(np.uint8) * 255)
-            written.append(atomic_write(output / name, lambda p, im=mask_png: im.save(p, format="PNG")))
-        ov = segmentation_overlay(rgb, res.phrases, res.masks, res.scores, res.no_target, res.warnings, res.instances)
-        written.append(atomic_write(output / f"{stem}.segment.overlay.png", lambda p: ov.save(p, format="PNG")))
-        payload = {"image": str(image), "model": model_name, **res.to_json()}
-        for r, name in zip(payload["results"], masks):
-            r["mask_file"] = name
-        written.append(atomic_write(output / f"{stem}.segment.json", lambda p: Path(p).write_text(json.dumps(payload, indent=1))))
+        with OutputSet(output) as out:  # masks, overlay and JSON appear together or not at all
+            for i, name in enumerate(masks):
+                mask_png = Image.fromarray(res.masks[i].astype(np.uint8) * 255)
+                out.add(name, lambda p, im=mask_png: im.save(p, format="PNG"))
+            ov = segmentation_overlay(rgb, res.phrases, res.masks, res.scores, res.no_target, res.warnings, res.instances)
+            out.add(f"{stem}.segment.overlay.png", lambda p: ov.save(p, format="PNG"))
+            payload = {"image": str(image), "model": model_name, **res.to_json()}
+            for r, name in zip(payload["results"], masks):
+                r["mask_file"] = name
+            out.add(f"{stem}.segment.json", lambda p: Path(p).write_text(json.dumps(payload, indent=1)))
+        written = out.paths
     except (OSError, SSPSamError) as exc:
         _fail(exc)
     for p, s, n, inst in zip(res.phrases, res.scores, res.no_target, res.instances):

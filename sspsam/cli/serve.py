@@ -25,6 +25,7 @@ def serve(
     cors_origin: list[str] = typer.Option([], "--cors-origin", help="Allow browser pages from this origin (repeatable); CORS is off without it."),
     header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.1, help="Seconds a client may take to send its request head."),
     body_timeout: float = typer.Option(30.0, "--body-timeout", min=0.1, help="Seconds a request body may pause between chunks (then 408)."),
+    upload_timeout: float = typer.Option(120.0, "--upload-timeout", min=0.1, help="Seconds a whole request body may take to arrive (then 408)."),
     max_connections: int = typer.Option(1000, "--max-connections", min=1, help="Open connections beyond which uvicorn answers 503."),
     ray: bool = typer.Option(False, "--ray", help="Serve the same app as a Ray Serve deployment (needs sspsam[ray-serve])."),
     replicas: int = typer.Option(1, "--replicas", min=1, help="With --ray: replicas, each with its models, worker and limits."),
@@ -44,9 +45,14 @@ def serve(
         raise fail(f"`sspsam serve` needs the serve extra ({exc.name} is missing): pip install 'sspsam[serve]'") from None
     from sspsam.predict.device import resolve_device
 
+    for flag, value in (("--model", model), ("--ovss-model", ovss_model)):
+        if not value.strip():
+            raise fail(f"{flag} is empty; give a model name or checkpoint path"
+                       + (" ('none' serves without /v1/ovss)" if flag == "--ovss-model" else ""))
     if ray:
         return _serve_ray(host, port, model, ovss_model, device, queue_size, max_batch, timeout_s, max_upload_mb,
-                          max_classes, body_timeout, cors_origin, replicas, address, autoscaling, replica_cpus, threads)
+                          max_classes, body_timeout, upload_timeout, cors_origin, replicas, address, autoscaling, replica_cpus,
+                          threads)
     if address or autoscaling or replicas != 1:
         raise fail("--replicas, --address and --autoscaling need --ray")
     if threads:
@@ -54,10 +60,12 @@ def serve(
 
         torch.set_num_threads(threads)
     ovss = None
-    try:  # load here, not in the server's start-up, so a bad model name is one clear line
+    sock = None
+    try:  # cheap checks, then the port, then the models: a bad name or a busy port is one line, at once
         device = str(resolve_device(device))
+        sock = bind_socket(host, port)
         seg, _ = load_models(model, None, device)
-        if ovss_model.lower() not in ("", "none"):
+        if ovss_model.lower() != "none":
             try:
                 _, ovss = load_models(None, ovss_model, device)
             except CheckpointError as exc:
@@ -65,19 +73,22 @@ def serve(
                     raise
                 say_warning(f"{exc}; serving without /v1/ovss")
     except SSPSamError as exc:
+        if sock is not None:
+            sock.close()
         raise fail(exc) from None
     app = create_app(model=model, ovss_model=None, device=device, max_upload_mb=max_upload_mb, timeout_s=timeout_s,
                      queue_size=queue_size, max_batch=max_batch, max_classes=max_classes, segmenter=seg, ovss=ovss,
-                     body_timeout_s=body_timeout, cors_origins=cors_origin or None)
+                     body_timeout_s=body_timeout, upload_timeout_s=upload_timeout, cors_origins=cors_origin or None)
     typer.echo(f"sspsam serving {seg.name}" + (f" and {ovss.name}" if ovss else "") + f" on http://{host}:{port}/", err=True)
     from sspsam.serve.protocol import timed_h11
 
-    uvicorn.run(app, host=host, port=port, access_log=False, log_level=log_level, http=timed_h11(header_timeout),
-                timeout_keep_alive=5, limit_concurrency=max_connections)
+    config = uvicorn.Config(app, host=host, port=port, access_log=False, log_level=log_level, http=timed_h11(header_timeout),
+                            timeout_keep_alive=5, limit_concurrency=max_connections)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 def _serve_ray(host, port, model, ovss_model, device, queue_size, max_batch, timeout_s, max_upload_mb, max_classes,
-               body_timeout, cors_origin, replicas, address, autoscaling, replica_cpus, threads) -> None:
+               body_timeout, upload_timeout, cors_origin, replicas, address, autoscaling, replica_cpus, threads) -> None:
     """The app on Ray Serve. Model names are checked here (cheaply, without loading) so a typo is
     one line, not a replica crash loop; the replicas load the models."""
     import json
@@ -98,7 +109,7 @@ def _serve_ray(host, port, model, ovss_model, device, queue_size, max_batch, tim
         from sspsam.predict.segmenter import Segmenter
 
         Segmenter.resolve(model)
-        ovss = None if ovss_model.lower() in ("", "none") else ovss_model
+        ovss = None if ovss_model.lower() == "none" else ovss_model
         if ovss is not None:
             try:
                 OVSS.resolve(ovss)
@@ -112,7 +123,36 @@ def _serve_ray(host, port, model, ovss_model, device, queue_size, max_batch, tim
         raise fail(exc) from None
     options = {"model": model, "ovss_model": ovss, "device": device, "max_upload_mb": max_upload_mb, "timeout_s": timeout_s,
                "queue_size": queue_size, "max_batch": max_batch, "max_classes": max_classes, "body_timeout_s": body_timeout,
+               "upload_timeout_s": upload_timeout,
                "cors_origins": cors_origin or None}
     what = f"{auto}" if auto else f"{replicas} replica{'s' * (replicas != 1)}"
     run(options, host, port, replicas, auto, address or None, replica_cpus, threads or None,
         started=lambda: typer.echo(f"sspsam serving {model} on Ray Serve ({what}) on http://{host}:{port}/", err=True))
+
+
+def bind_socket(host: str, port: int):
+    """The listening socket, bound before the models load: a busy port or a wrong address is
+    reported in one line at once, not after a minute of loading (and nothing can take the port
+    in between)."""
+    import errno
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise SSPSamError(f"--port must be 0..65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise SSPSamError(f"--host {host!r} is not an address here ({getattr(exc, 'strerror', None) or exc})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+        sock.set_inheritable(True)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise SSPSamError(f"port {port} on {host} is already in use (another server?); give another --port") from None
+        raise SSPSamError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock

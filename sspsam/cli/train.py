@@ -18,6 +18,38 @@ from sspsam.errors import SSPSamError
 OVSS_MODELS = ("escnet", "sam-mi")
 
 
+def _check_options(out: Path, steps, batch_size, grad_accum, total_steps, epochs, stage, lr, decoder_lr, precision,
+                   resume: bool, overwrite: bool) -> None:
+    """What can be refused from the command line alone, before a config, data set or model is read."""
+    import math
+
+    from sspsam.errors import OptionError
+
+    for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--grad-accum", grad_accum),
+                        ("--total-steps", total_steps), ("--epochs", epochs)):
+        if value is not None and value < 1:
+            raise OptionError(f"{name} must be >= 1, got {value}")
+    if stage is not None and stage not in (1, 2):
+        raise OptionError(f"--stage must be 1 or 2, got {stage}")
+    for name, value in (("--lr", lr), ("--decoder-lr", decoder_lr)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise OptionError(f"{name} must be a positive finite number, got {value}")
+    if precision not in ("fp32", "bf16"):
+        extra = " (fp16 needs loss scaling, which sspsam's loop does not do; bf16 has fp32's range)" if precision == "fp16" else ""
+        raise OptionError(f"--precision must be fp32 or bf16, got {precision!r}{extra}")
+    if resume and overwrite:
+        raise OptionError("--resume continues the run in the output folder and --overwrite replaces it: give one")
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"output {out} exists and is not a folder; give --out a folder")
+    if not resume and not overwrite:
+        from sspsam.engine.trainer import existing_run
+
+        found = existing_run(out)
+        if found:
+            raise OptionError(f"{out} already holds a run ({', '.join(found)}): add --resume to continue it "
+                              "or --overwrite to replace it, or give another --out")
+
+
 def train(
     config: str = typer.Argument(..., help="Variant name (e.g. ssp-sam-vitb, escnet-tiny, sam-mi-vitb) or a YAML config path."),
     data: Path = typer.Option(..., "--data", help="Data root: the refer / gRefCOCO layout (SSP-SAM) or a semseg folder (ESC-Net, SAM-MI)."),
@@ -31,6 +63,7 @@ def train(
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate of the new modules (SSP-SAM's SSP encoder: default 1e-4 as the paper; ESC-Net / SAM-MI: default the config's train.lr)."),
     decoder_lr: Optional[float] = typer.Option(None, "--decoder-lr", help="SSP-SAM: learning rate of SAM's mask decoder (default 1e-5 as the paper)."),
     resume: bool = typer.Option(False, "--resume", help="Continue bit-exactly from OUT/last.pt."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in OUT (its last.pt, model.pt, log.jsonl, tb/) once the data and model are accepted."),
     ckpt_every: int = typer.Option(500, "--ckpt-every", help="Steps between atomic checkpoints."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (autocast)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP + " Under torchrun each rank uses its local GPU."),
@@ -41,6 +74,8 @@ def train(
 ) -> None:
     """Train SSP-SAM (backbones frozen as in the paper), ESC-Net or SAM-MI. Multi-GPU: torchrun --nproc_per_node N -m sspsam.cli.main train ..."""
     try:
+        _check_options(out, steps, batch_size, grad_accum, total_steps, epochs, stage, lr, decoder_lr, precision,
+                       resume, overwrite)
         from sspsam.config import load_config
         from sspsam.predict.device import resolve_device
 
@@ -51,7 +86,7 @@ def train(
         if ckpt_every < 1:
             raise SSPSamError(f"--ckpt-every must be >= 1, got {ckpt_every}")
         dev = str(resolve_device(device))
-        common = dict(resume=resume, precision=precision, device=dev, grad_accum=grad_accum, total_steps=total_steps,
+        common = dict(resume=resume, overwrite=overwrite, precision=precision, device=dev, grad_accum=grad_accum, total_steps=total_steps,
                       progress=True, cached_features=cached_features)
         if kind in OVSS_MODELS:
             given = [name for name, v in (("--dataset", dataset), ("--stage", stage), ("--epochs", epochs),

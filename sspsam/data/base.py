@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -70,17 +71,22 @@ class Record:
 
 
 def sentence_records(ref: dict, img: dict, image_dir: Path, segs: list, *, no_target: bool, ann_ids: list,
-                     text_field: str) -> list["Record"]:
+                     text_field: str, where: str = "refs file") -> list["Record"]:
     """One Record per sentence of a refer/gRefCOCO ref (both formats share the ref/sentence layout)."""
+    from sspsam.data.validate import sentence_text
+
+    if not isinstance(ref["sentences"], list):
+        raise DatasetLayoutError(f"{where}: ref {ref.get('ref_id')!r} 'sentences' is {type(ref['sentences']).__name__}; "
+                                 "expected a list of {sent_id, sent}")
     return [
         Record(
             image_path=image_dir / img["file_name"],
             height=int(img["height"]),
             width=int(img["width"]),
-            text=str(sent.get(text_field) or sent.get("sent") or sent.get("raw", "")),
+            text=sentence_text(sent, text_field, f"{where}: ref {ref.get('ref_id')!r}"),
             no_target=no_target,
             image_id=int(ref["image_id"]),
-            sent_id=sent["sent_id"],
+            sent_id=sent.get("sent_id"),
             ref_id=ref["ref_id"],
             split=ref["split"],
             segments=segs,
@@ -164,8 +170,10 @@ def read_image(path: Path, expect_hw: tuple[int, int] | None = None) -> np.ndarr
             return np.ascontiguousarray(np.asarray(im.convert("RGB")))
     except UnidentifiedImageError:
         raise ImageLoadError(f"{path} is not an image file PIL can read") from None
-    except OSError as exc:
-        raise ImageLoadError(f"{path} is corrupt or truncated ({exc})") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(f"{path} declares too many pixels to decode ({str(exc)[:120]})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, ZeroDivisionError, struct.error) as exc:
+        raise ImageLoadError(f"{path} is corrupt or truncated ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def find_dir(candidates: Sequence[Path], what: str, hint: str) -> Path:

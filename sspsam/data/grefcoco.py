@@ -19,6 +19,7 @@ from pathlib import Path
 from sspsam.data import DatasetLayoutError
 from sspsam.data.base import ReferringDataset, Tokenizer, find_dir, sentence_records
 from sspsam.data.refer import load_instances
+from sspsam.data.validate import check_coco_segmentation, check_image_record, read_json, split_error
 
 LAYOUT_HINT = (
     "expected the gRefCOCO layout: ROOT/{dataset}/grefs({split_by}).json, ROOT/{dataset}/instances.json "
@@ -62,10 +63,7 @@ class GRefCOCODataset(ReferringDataset):
         json_path, pickle_path = data_dir / f"grefs({split_by}).json", data_dir / f"grefs({split_by}).p"
         if json_path.is_file():
             refs_path = json_path
-            try:
-                refs = json.loads(json_path.read_text())
-            except json.JSONDecodeError as exc:
-                raise DatasetLayoutError(f"{json_path} is not valid JSON ({exc})") from None
+            refs = read_json(json_path, "gRefCOCO refs file")
         elif pickle_path.is_file():
             refs_path = pickle_path
             from sspsam.data.safe_pickle import safe_load  # no code runs while reading: a downloaded pickle is untrusted
@@ -106,9 +104,12 @@ class GRefCOCODataset(ReferringDataset):
         self.categories = {c["id"]: c["name"] for c in instances["categories"]}
         self.refs = refs
 
-        available = sorted({r.get("split", "?") for r in refs})
+        for i, ref in enumerate(refs):
+            if not isinstance(ref, dict):
+                raise DatasetLayoutError(f"{refs_path}: ref [{i}] is a {type(ref).__name__}, not a mapping")
+        available = sorted({str(r.get("split", "?")) for r in refs})
         if split not in (None, "all") and split not in available:
-            raise ValueError(f"no split {split!r} in {refs_path}; splits present: {', '.join(available)}")
+            raise split_error(split, available, ("train", "val", "testA", "testB"), refs_path)
         for ref in refs:
             for key in ("ref_id", "ann_id", "image_id", "split", "sentences"):
                 if key not in ref:
@@ -118,6 +119,7 @@ class GRefCOCODataset(ReferringDataset):
             img = imgs.get(ref["image_id"])
             if img is None:
                 raise DatasetLayoutError(f"{refs_path}: ref {ref['ref_id']} names image {ref['image_id']}, absent from {inst_path}")
+            check_image_record(img, inst_path)
             ann_ids = _as_list(ref["ann_id"])
             no_target = ann_ids == [-1]
             if "no_target" in ref and bool(ref["no_target"]) != no_target:
@@ -132,12 +134,13 @@ class GRefCOCODataset(ReferringDataset):
                         raise DatasetLayoutError(f"{refs_path}: ref {ref['ref_id']} names annotation {aid}, absent from {inst_path}")
                     if ann.get("iscrowd", 0):
                         continue  # as ReLA's loader
-                    segs.append(ann["segmentation"])
+                    segs.append(check_coco_segmentation(ann, inst_path))
             self.records.extend(
-                sentence_records(ref, img, self.image_dir, segs, no_target=no_target, ann_ids=[] if no_target else ann_ids, text_field=text_field)
+                sentence_records(ref, img, self.image_dir, segs, no_target=no_target, ann_ids=[] if no_target else ann_ids,
+                                 text_field=text_field, where=str(refs_path))
             )
         if not self.records:
-            raise ValueError(f"no refs in split {split!r} of {refs_path}; splits present: {', '.join(available)}")
+            raise split_error(split, available, ("train", "val", "testA", "testB"), refs_path)
 
     def __repr__(self) -> str:
         n_nt = sum(r.no_target for r in self.records)

@@ -41,7 +41,9 @@ class MergedRefCOCODataset(ReferringDataset):
                  tokenizer: Tokenizer | None = None, **kwargs) -> None:
         super().__init__(image_size, tokenizer, **kwargs)
         if split not in (None, "train"):
-            raise ValueError(f"the merged pretraining set has only a train split, not {split!r}")
+            from sspsam.data.validate import SplitError
+
+            raise SplitError(f"the merged pretraining set has only a train split, not {split!r}")
         root = Path(root)
         present = [n for n in SOURCES if (root / n / f"refs({DEFAULT_SPLIT_BY[n]}).p").is_file()]
         if not present:
@@ -61,7 +63,7 @@ class MergedRefCOCODataset(ReferringDataset):
             self.records.extend(keep)
             self.sources[name] = len(keep)
         if not self.records:
-            raise ValueError(f"the merged pretraining set under {root} is empty once val/test images are removed")
+            raise DatasetLayoutError(f"the merged pretraining set under {root} is empty once val/test images are removed")
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{k}: {v}" for k, v in self.sources.items())

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from sspsam.data import DatasetLayoutError
 from sspsam.data.base import Record, ReferringDataset, Tokenizer
+from sspsam.data.validate import SplitError, positive_int, read_json, split_error
 
 SPLITS = ("train", "val", "test", "miniv")
 LAYOUT_HINT = (
@@ -47,6 +48,24 @@ def resolve_root(root: Path) -> Path:
         f"missing image_data_split.json: expected {root / 'image_data_split.json'} "
         f"(that folder holds: {held}) — {LAYOUT_HINT}"
     )
+
+
+def _check_polygons(polygons, where: str) -> None:
+    """Polygons per instance, each a list of [x, y] points of finite numbers. Short polygons stay:
+    PhraseCut's own rasteriser draws their outline, and its metric counts those pixels."""
+    import math
+
+    expected = "a list per instance of polygons [[x, y], [x, y], [x, y], ...]"
+    if not isinstance(polygons, list) or not all(isinstance(inst, list) for inst in polygons):
+        raise DatasetLayoutError(f"{where}: 'Polygons' is {type(polygons).__name__}; expected {expected}")
+    for inst in polygons:
+        for poly in inst:
+            ok = isinstance(poly, list) and all(
+                isinstance(pt, list) and len(pt) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in pt)
+                for pt in poly)
+            if not ok:
+                raise DatasetLayoutError(f"{where}: a polygon is not a list of [x, y] points of finite numbers; expected {expected}")
 
 
 def _image_path(image_dir: Path, image_id: int) -> Path:
@@ -75,16 +94,21 @@ class PhraseCutDataset(ReferringDataset):
         super().__init__(image_size, tokenizer, **kwargs)
         root = resolve_root(Path(root))
         self.root, self.split = root, split
-        splits = split.split("_")
+        splits = str(split).split("_")
         for s in splits:
             if s not in SPLITS:
-                raise ValueError(f"unknown PhraseCut split {s!r}; one of {', '.join(SPLITS)} (join with '_')")
+                err = split_error(s, list(SPLITS), SPLITS, f"PhraseCut (one of {', '.join(SPLITS)}, joined with '_')")
+                raise SplitError(str(err).replace("; splits present: " + ", ".join(SPLITS), ""))
         info_path = next(root / n for n in INFO_NAMES if (root / n).is_file())
-        try:
-            infos = json.loads(info_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DatasetLayoutError(f"{info_path} is not valid JSON ({exc})") from None
-        img_info = {int(im["image_id"]): im for im in infos}
+        infos = read_json(info_path, "PhraseCut image list")
+        if not isinstance(infos, list) or not all(isinstance(im, dict) for im in infos):
+            raise DatasetLayoutError(f"{info_path}: expected a list of {{image_id, width, height, split}}")
+        img_info = {}
+        for im in infos:
+            iid = positive_int(im, "image_id", f"{info_path}: an image")
+            positive_int(im, "height", f"{info_path}: image {iid}")
+            positive_int(im, "width", f"{info_path}: image {iid}")
+            img_info[iid] = im
         self.image_dir = root / "images"
         if not self.image_dir.is_dir():
             raise DatasetLayoutError(f"missing images folder: expected {self.image_dir} — {LAYOUT_HINT}")
@@ -93,10 +117,9 @@ class PhraseCutDataset(ReferringDataset):
             path = root / f"refer_{s}.json"
             if not path.is_file():
                 raise DatasetLayoutError(f"missing refer_{s}.json: expected {path} — {LAYOUT_HINT}")
-            try:
-                tasks = json.loads(path.read_text())
-            except json.JSONDecodeError as exc:
-                raise DatasetLayoutError(f"{path} is not valid JSON ({exc})") from None
+            tasks = read_json(path, "PhraseCut task file")
+            if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+                raise DatasetLayoutError(f"{path}: expected a list of tasks {{task_id, image_id, phrase, Polygons}}")
             for task in tasks:
                 for key in ("task_id", "image_id", "phrase", "Polygons"):
                     if key not in task:
@@ -104,7 +127,11 @@ class PhraseCutDataset(ReferringDataset):
                             f"{path}: task {task.get('task_id')} lacks '{key}'"
                             + (" (refer_input_*.json files hold no ground truth)" if key == "Polygons" else "")
                         )
-                iid = int(task["image_id"])
+                where = f"{path}: task {task['task_id']!r}"
+                iid = positive_int(task, "image_id", where)
+                if not isinstance(task["phrase"], str) or not task["phrase"].strip():
+                    raise DatasetLayoutError(f"{where}: 'phrase' is {task['phrase']!r}; expected the phrase's text")
+                _check_polygons(task["Polygons"], where)
                 info = img_info.get(iid)
                 if info is None:
                     raise DatasetLayoutError(f"{path}: task {task['task_id']} names image {iid}, absent from {info_path}")
@@ -130,7 +157,7 @@ class PhraseCutDataset(ReferringDataset):
                     )
                 )
         if not self.records:
-            raise ValueError(f"no tasks in split {split!r} under {root}")
+            raise SplitError(f"no tasks in split {split!r} under {root}")
 
     def __repr__(self) -> str:
         return f"PhraseCutDataset(split={self.split}: {len(self)} tasks)"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from sspsam.data import DatasetLayoutError
 from sspsam.data.base import ReferringDataset, Tokenizer, find_dir, require_file, sentence_records
+from sspsam.data.validate import check_coco_segmentation, check_image_record, split_error
 
 DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef")
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "refclef": "unc"}
@@ -43,14 +44,17 @@ def image_dir_candidates(root: Path, dataset: str) -> list[Path]:
 
 
 def load_instances(path: Path) -> dict:
-    try:
-        with open(path, "r") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise DatasetLayoutError(f"{path} is not valid JSON ({exc})") from None
+    """A COCO instances file with its three lists checked (entries are checked where a split uses them)."""
+    from sspsam.data.validate import read_json, require_list
+
+    data = read_json(path, "COCO instances file")
+    require_list(data, "images", path, "a list of {id, file_name, height, width}")
+    require_list(data, "annotations", path, "a list of {id, image_id, segmentation, ...}")
+    require_list(data, "categories", path, "a list of {id, name}")
     for key in ("images", "annotations", "categories"):
-        if not isinstance(data, dict) or key not in data:
-            raise DatasetLayoutError(f"{path} is not a COCO instances file: no '{key}' list")
+        for i, rec in enumerate(data[key]):
+            if "id" not in rec:
+                raise DatasetLayoutError(f"{path}: {key}[{i}] has no 'id'")
     return data
 
 
@@ -82,6 +86,7 @@ def split_matches(wanted: str | None, ref_split: str) -> bool:
     return ref_split == wanted
 
 
+KNOWN_SPLITS = ("train", "val", "test", "testA", "testB", "testC")
 REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
 
 
@@ -138,7 +143,7 @@ class RefCOCODataset(ReferringDataset):
         refs = load_refs_pickle(refs_path)
         imgs = {im["id"]: im for im in instances["images"]}
         anns = {a["id"]: a for a in instances["annotations"]}
-        self.categories = {c["id"]: c["name"] for c in instances["categories"]}
+        self.categories = {c["id"]: c.get("name") for c in instances["categories"]}
         self.refs = refs
 
         for ref in refs:
@@ -149,24 +154,24 @@ class RefCOCODataset(ReferringDataset):
             missing = [k for k in REF_KEYS if k not in ref]
             if missing:
                 raise DatasetLayoutError(f"{refs_path}: ref {ref.get('ref_id')} lacks {', '.join(missing)}")
-            if not split_matches(split, ref["split"]):
+            if not isinstance(ref["split"], str) or not split_matches(split, ref["split"]):
                 continue
             img = imgs.get(ref["image_id"])
             if img is None:
                 raise DatasetLayoutError(f"{refs_path}: ref {ref['ref_id']} names image {ref['image_id']}, absent from {inst_path}")
+            check_image_record(img, inst_path)
             ann_ids = ref["ann_id"] if isinstance(ref["ann_id"], list) else [ref["ann_id"]]
             segs = []
             for aid in ann_ids:
                 if aid not in anns:
                     raise DatasetLayoutError(f"{refs_path}: ref {ref['ref_id']} names annotation {aid}, absent from {inst_path}")
-                segs.append(anns[aid]["segmentation"])
+                segs.append(check_coco_segmentation(anns[aid], inst_path))
             self.records.extend(
-                sentence_records(ref, img, self.image_dir, segs, no_target=False, ann_ids=ann_ids, text_field=text_field)
+                sentence_records(ref, img, self.image_dir, segs, no_target=False, ann_ids=ann_ids, text_field=text_field,
+                                 where=str(refs_path))
             )
         if not self.records:
-            raise ValueError(
-                f"no refs in split {split!r} of {refs_path}; splits present: {', '.join(available) or 'none'}"
-            )
+            raise split_error(split, available, KNOWN_SPLITS, refs_path)
 
     def __repr__(self) -> str:
         return (

@@ -158,8 +158,12 @@ class SemSegDataset(SemSegBase):
     def __init__(self, root: str | Path, split: str = "val", image_size: int | None = None):
         super().__init__(image_size)
         root = Path(root)
-        meta = json.loads(require_file(root / "classes.json", '{"classes": [...], "ignore_index": 255}').read_text())
-        if not isinstance(meta, dict) or not isinstance(meta.get("classes"), list):
+        from sspsam.data.validate import read_json
+
+        meta = read_json(require_file(root / "classes.json", '{"classes": [...], "ignore_index": 255}'), "class list")
+        if not isinstance(meta, dict) or not isinstance(meta.get("classes"), list) or not meta["classes"] \
+                or not all(isinstance(c, str) and c.strip() for c in meta["classes"]) \
+                or not isinstance(meta.get("ignore_index", 255), int):
             raise DatasetLayoutError(f"{root / 'classes.json'} must hold {{\"classes\": [names...], \"ignore_index\": 255}}")
         self.classes = [str(c) for c in meta["classes"]]
         self.ignore_index = int(meta.get("ignore_index", 255))

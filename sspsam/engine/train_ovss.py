@@ -170,8 +170,13 @@ class OVSSTask(TrainTask):
         self.text_trains = any(p.requires_grad for p in model.clip.model.transformer.parameters())
         return model
 
+    def open_data(self):
+        self._reader = SemSegDataset(self.data_root, "train", None)
+        return self._reader
+
     def dataset(self, core):
-        data = SemSegDataset(self.data_root, "train", core.image_size)
+        data = getattr(self, "_reader", None) or SemSegDataset(self.data_root, "train", core.image_size)
+        data.image_size = int(core.image_size)  # the file list does not depend on it; samples are cut at the model's size
         self.classes, self.ignore = data.classes, data.ignore_index
         if self.cached_features is None:
             return OVSSSamples(data)
@@ -240,6 +245,7 @@ def train_ovss(
     total_steps: int | None = None,
     tensorboard: bool = True,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Train with the shared loop (:func:`sspsam.engine.trainer.fit`: DDP under torchrun, AMP,
     accumulation, TensorBoard, bit-exact resume) and write ``out_dir/model.pt``, plus
@@ -262,7 +268,8 @@ def train_ovss(
 
     res = fit(task, out_dir, steps=steps, batch_size=batch_size, seed=seed, total_steps=int(total_steps or steps),
               resume=resume, ckpt_every=save_every, device=device, precision=precision, grad_accum=grad_accum,
-              tensorboard=tensorboard, progress=progress, time_limit=time_limit, echo=log, on_step=on_step)
+              tensorboard=tensorboard, progress=progress, time_limit=time_limit, echo=log, on_step=on_step,
+              overwrite=overwrite)
     curve = [r["total"] for r in res["losses"]]
     return {"checkpoint": str(res["model"]), "steps": res["step"], "loss": curve[-1] if curve else float("nan"),
             "seconds": res["seconds"], "classes": task.classes, "model": res["module"], "losses": curve}

@@ -55,7 +55,7 @@ import sspsam.engine.feature_cache as fc
 import sspsam.engine.recipe as official_recipe
 from sspsam.io.checkpoint import atomic_write, load_into, save_checkpoint, torch_load
 from sspsam.models.build import build_model, read_sspsam_checkpoint
-from sspsam.errors import CheckpointError, ConfigError
+from sspsam.errors import CheckpointError, ConfigError, OptionError
 from sspsam.engine.losses import box_losses, ssp_loss
 from sspsam.engine.step import param_groups
 
@@ -360,6 +360,38 @@ def _truncate_log(path: Path, last_step: int) -> None:
     atomic_write(path, write)
 
 
+def check_precision(precision: str) -> None:
+    if precision not in ("fp32", "bf16"):
+        extra = " (fp16 needs loss scaling, which this loop does not do; bf16 has fp32's range)" if precision == "fp16" else ""
+        raise OptionError(f"precision must be fp32 or bf16, got {precision!r}{extra}")
+
+
+def _too_small(n: int, batch_size: int, world: int) -> OptionError:
+    per = f"batch_size {batch_size}" + (f" x {world} processes" if world > 1 else "")
+    return OptionError(f"the training split has {n} sample{'s' * (n != 1)}: too few for {per} "
+                       f"(give --batch-size {max(1, n // world)} or less)")
+
+
+RUN_FILES = (LAST, LOG, MODEL, "tb")
+
+
+def existing_run(out_dir: Path) -> list[str]:
+    """The files of an earlier run in ``out_dir`` (what a fresh run would replace)."""
+    out_dir = Path(out_dir)
+    return [n for n in RUN_FILES if (out_dir / n).exists()] if out_dir.is_dir() else []
+
+
+def _remove_run(out_dir: Path, keep: set = frozenset(), remove_dir: bool = False) -> None:
+    import shutil
+
+    for name in set(existing_run(out_dir)) - set(keep):
+        p = out_dir / name
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    if remove_dir:
+        with contextlib.suppress(OSError):
+            out_dir.rmdir()  # only when empty
+
+
 # ----------------------------------------------------------------------------------------------
 # distributed
 
@@ -420,6 +452,12 @@ class TrainTask:
         """The seeded model with its frozen parts frozen (same seed on every rank: identical init)."""
         raise NotImplementedError
 
+    def open_data(self):
+        """The reader, opened before the model is built so that a malformed data set or a batch
+        larger than the split is refused before minutes of model loading (``None``: opened in
+        :meth:`dataset` only). :meth:`dataset` then reuses it."""
+        return None
+
     def dataset(self, core) -> torch.utils.data.Dataset:
         raise NotImplementedError
 
@@ -476,8 +514,15 @@ class ReferringTask(TrainTask):
     def build(self, seed: int):
         return build_training_model(self.cfg, seed, self.load_backbones, self.init)
 
+    def open_data(self):
+        self._reader = _dataset(self.dataset_name, self.data_root, 1024, self.tcfg, self.official)
+        return self._reader
+
     def dataset(self, core):
-        ds = _dataset(self.dataset_name, self.data_root, core.image_size, self.tcfg, self.official)
+        ds = getattr(self, "_reader", None)
+        if ds is None:
+            ds = _dataset(self.dataset_name, self.data_root, core.image_size, self.tcfg, self.official)
+        ds.image_size = int(core.image_size)  # records do not depend on it; samples are cut at the model's size
         if self.cached_features is not None:
             _check_cacheable(self.cfg, core, ds, self.st if self.box_only else None)
             cache = fc.FeatureCache(self.cached_features)
@@ -568,6 +613,7 @@ def train(
     epochs: int | None = None,
     init: str | Path | None = None,
     cached_features: str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Train SSP-SAM for ``steps`` optimizer steps (each of ``grad_accum`` micro-batches of
     ``batch_size`` per process). Returns ``{"step", "module" (the trained nn.Module of this rank),
@@ -594,10 +640,12 @@ def train(
 
         st = dataclasses.replace(st, epochs=int(epochs))
     if steps is None and not official:
-        raise ValueError("steps is required (the number of optimizer steps to reach)")
+        raise OptionError("steps is required (the number of optimizer steps to reach)")
     dataset = dataset or (st.dataset if st is not None else None) or "refcoco"
     if (steps is not None and steps < 1) or ckpt_every < 1:
-        raise ValueError("steps and ckpt_every must be >= 1")
+        raise OptionError(f"steps and ckpt_every must be >= 1, got {steps} and {ckpt_every}")
+    check_learning_rate("lr", lr)
+    check_learning_rate("decoder_lr", decoder_lr)
     tcfg = dict(cfg.get("train") or {})
     total_steps = int(total_steps or tcfg.get("total_steps") or steps or 1)
     if warmup_steps is None:
@@ -609,7 +657,13 @@ def train(
                          cached_features=cached_features)
     return fit(task, out_dir, steps=steps, batch_size=batch_size, seed=seed, total_steps=total_steps, resume=resume,
                ckpt_every=ckpt_every, log_every=log_every, device=device, precision=precision, grad_accum=grad_accum,
-               tensorboard=tensorboard, progress=progress)
+               tensorboard=tensorboard, progress=progress, overwrite=overwrite)
+
+
+def check_learning_rate(name: str, value) -> None:
+    """A NaN or negative learning rate trains without an error and yields a NaN model hours later."""
+    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise OptionError(f"{name} must be a positive finite number, got {value}")
 
 
 def fit(
@@ -631,14 +685,21 @@ def fit(
     time_limit: float | None = None,
     echo=None,
     on_step=None,
+    overwrite: bool = False,
 ) -> dict:
     """Run ``task`` to optimizer step ``steps`` (``None``: the task's plan decides). ``ckpt_every``
     0 writes no ``last.pt``; ``time_limit`` (seconds) stops early, after a checkpoint; ``echo`` gets
-    one-line messages (resume, time limit); ``on_step(rec)`` every step's record, on rank 0."""
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    one-line messages (resume, time limit); ``on_step(rec)`` every step's record, on rank 0;
+    ``overwrite``: a fresh run first removes an earlier run's files from ``out_dir`` (only once the
+    data and model are accepted, so a refused run leaves the old one intact).
+
+    A run that stops on an error (a corrupt or missing image, Ctrl-C) after some steps saves
+    ``last.pt`` at the last completed step, so ``resume=True`` continues once the cause is fixed;
+    one that stops before its first step removes what it wrote."""
+    check_precision(precision)
     if (steps is not None and steps < 1) or batch_size < 1 or grad_accum < 1 or ckpt_every < 0 or log_every < 1:
-        raise ValueError("steps, batch_size, grad_accum and log_every must be >= 1, ckpt_every >= 0")
+        raise OptionError("steps, batch_size, grad_accum and log_every must be >= 1, ckpt_every >= 0; got "
+                          f"{steps}, {batch_size}, {grad_accum}, {log_every} and {ckpt_every}")
     out_dir = Path(out_dir)
     rank, world, own_pg = _setup_distributed(device)
     if world > 1 and str(device).startswith("cuda"):
@@ -650,6 +711,10 @@ def fit(
     last_path, log_path, model_path = out_dir / LAST, out_dir / LOG, out_dir / MODEL
 
     state = read_train_state(last_path) if resume else None  # fail before any work
+    created_dir, earlier = False, set()
+    reader = task.open_data()
+    if reader is not None and len(reader) // world < batch_size:
+        raise _too_small(len(reader), batch_size, world)
 
     # ---- model (same seed on every rank: identical init) -------------------------------------
     core = task.build(seed)
@@ -662,7 +727,7 @@ def fit(
     # ---- data --------------------------------------------------------------------------------
     ds = task.dataset(core)
     if len(ds) // world < batch_size:
-        raise ValueError(f"the training split has {len(ds)} samples: too few for batch_size {batch_size} x {world} processes")
+        raise _too_small(len(ds), batch_size, world)
     seed_everything(seed + rank)  # per-rank augmentation / dropout streams
     sampler_gen = torch.Generator().manual_seed(seed)  # same permutation on every rank
     sampler = ResumableSampler(len(ds), sampler_gen, rank, world)
@@ -695,6 +760,10 @@ def fit(
             if echo is not None:
                 echo(f"resumed from {last_path} at step {step}")
     elif is_main:
+        created_dir = not out_dir.exists()
+        if overwrite:
+            _remove_run(out_dir)
+        earlier = set(existing_run(out_dir)) - {LOG}
         out_dir.mkdir(parents=True, exist_ok=True)
         log_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
 
@@ -714,17 +783,24 @@ def fit(
     trainable = [p for p in core.parameters() if p.requires_grad]
     saved_at = step if state is not None else -1
 
-    def save_state() -> None:
+    def position() -> dict:
+        """Where the run stands between optimizer steps: enough to continue from here bit-exactly."""
+        state_now = sampler.epoch_state.clone() if sampler.epoch_state is not None else None
+        return {"step": step, "rng": _rng_state(sampler_gen),
+                "data": {"epoch": epoch, "consumed": consumed, "epoch_state": state_now}}
+
+    def save_state(at: dict | None = None) -> None:
+        at = at or position()
         payload = {
             "sspsam_train": STATE_VERSION,
-            "step": step,
+            "step": at["step"],
             "total_steps": total_steps,
             "seed": seed,
             "model": _trainable_state(core, task.frozen),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(sampler_gen),
-            "data": {"epoch": epoch, "consumed": consumed, "epoch_state": sampler.epoch_state},
+            "rng": at["rng"],
+            "data": at["data"],
         }
         atomic_write(last_path, lambda tmp: torch.save(payload, tmp))
 
@@ -750,6 +826,8 @@ def fit(
     log_fh = open(log_path, "a") if is_main else None
     tb = _tensorboard(out_dir / "tb", step) if (tensorboard and is_main) else None
     bar = _progress_bar(steps, step) if (progress and is_main) else None
+    fresh_steps = 0
+    between = position()  # the state after the last completed step; a stopped run is saved from it
     try:
         while step < steps:
             if out_of_time():
@@ -787,6 +865,8 @@ def fit(
             optimizer.step()
             scheduler.step()
             step += 1
+            fresh_steps += 1
+            between = position()
             rec = {"step": step, **fields, **sums}
             history.append(rec)
             if log_fh is not None and (step % log_every == 0 or step == steps):
@@ -809,6 +889,24 @@ def fit(
             task.save_model(model_path, core, step)
         if world > 1:
             dist.barrier()
+    except BaseException as exc:
+        if not is_main or world > 1:
+            raise
+        if log_fh is not None:
+            log_fh.close()
+            log_fh = None
+        if tb is not None:
+            tb.close()
+            tb = None
+        if state is None and fresh_steps == 0:  # nothing done: leave nothing behind
+            _remove_run(out_dir, keep=earlier, remove_dir=created_dir)
+            raise
+        if ckpt_every and between["step"] != saved_at:
+            save_state(between)
+        if isinstance(exc, Exception) and exc.args and isinstance(exc.args[0], str):
+            exc.args = (f"{exc.args[0]} (training stopped; the run is saved at step {between['step']}: "
+                        f"fix the cause and continue with --resume)",) + exc.args[1:]
+        raise
     finally:
         if log_fh is not None:
             log_fh.close()

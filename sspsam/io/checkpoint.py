@@ -35,9 +35,21 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
+def _reason(exc: Exception) -> str:
+    """torch's own text, less its advice to retry with ``weights_only=False``: that runs whatever
+    code a hostile file carries, and sspsam never does it."""
+    text = " ".join(str(exc).split())
+    if "weights_only" in text or "weights only load failed" in text.lower():
+        import re
+
+        m = re.search(r"(Unsupported (?:global|operand)[^.;(]*|WeightsUnpickler error: [^.;(]*)", text)
+        detail = f": {m.group(1).split(' Check ')[0].strip()[:120]}" if m else ""
+        return f"not a plain weights file{detail}"
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
 def _corrupt(what: str, path: Path, exc: Exception, hint: str = "") -> CheckpointError:
-    first = str(exc).splitlines()[0][:200] if str(exc) else ""
-    return CheckpointError(f"{what} {path} is truncated or corrupt ({type(exc).__name__}: {first})" + (f"; {hint}" if hint else ""))
+    return CheckpointError(f"{what} {path} is truncated or corrupt ({_reason(exc)})" + (f"; {hint}" if hint else ""))
 
 
 def _load(path: Path) -> Any:
@@ -177,3 +189,80 @@ def _check_crc(path: Path) -> None:
     if bad is not None:
         raise CheckpointError(f"model checkpoint {path} is corrupt: record {bad.split('/', 1)[-1]} fails its CRC check; "
                               "copy or download it again")
+
+
+class OutputSet:
+    """A command's output files, which appear together or not at all.
+
+    Each file is written under a temporary name in its folder; only when every one is written and
+    synced are they renamed into place, one rename each. An error before that (a full disk, an
+    overlay that cannot be drawn, Ctrl-C) removes the temporary files, and the folder too when this
+    set created it, so a failed command leaves the output folder as it found it::
+
+        with OutputSet(folder) as out:
+            out.add("a.png", lambda tmp: image.save(tmp, format="PNG"))
+            out.add("a.json", lambda tmp: Path(tmp).write_text(text))
+        out.paths  # the final paths, once the block is left without an error
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.created = False
+        self._pending: list[tuple[str, Path]] = []
+        self.paths: list[Path] = []
+
+    def __enter__(self) -> "OutputSet":
+        if self.folder.exists() and not self.folder.is_dir():
+            raise OutputError(f"output {self.folder} exists and is not a folder; give a folder")
+        try:
+            if not self.folder.exists():
+                self.folder.mkdir(parents=True)
+                self.created = True
+        except OSError as exc:
+            raise _write_error(self.folder / "-", exc) from None
+        return self
+
+    def add(self, name: str, write) -> Path:
+        target = self.folder / name
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{name[:200]}.", suffix=".tmp", dir=self.folder)
+            os.close(fd)
+        except OSError as exc:
+            raise _write_error(target, exc) from None
+        self._pending.append((tmp, target))
+        try:
+            write(tmp)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)
+        except OSError as exc:
+            raise _write_error(target, exc) from None
+        except RuntimeError as exc:
+            if _torch_write_failure(exc, self.folder):
+                raise _write_error(target, exc) from None
+            raise
+        return target
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is None:
+            try:
+                for tmp, target in self._pending:
+                    os.replace(tmp, target)
+                    self.paths.append(target)
+                return
+            except OSError as err:  # a rename can only fail for a vanished folder or a name in the way
+                for done in self.paths:
+                    done.unlink(missing_ok=True)
+                self.paths = []
+                self._abort()
+                raise _write_error(self.folder, err) from None
+        self._abort()
+
+    def _abort(self) -> None:
+        for tmp, _ in self._pending:
+            Path(tmp).unlink(missing_ok=True)
+        if self.created:
+            try:
+                self.folder.rmdir()
+            except OSError:
+                pass

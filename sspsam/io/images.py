@@ -150,6 +150,9 @@ def _from_pil(img: Image.Image, items: int = 1, name: str = "image", max_pixels:
         img.load()  # a lazily opened file is decoded here: truncation and corruption surface now, named
     except (OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
         raise ImageLoadError(f"{name} is corrupt or truncated ({exc})") from None
+    except (AssertionError, AttributeError) as exc:  # PIL's state for a lazily opened file whose file is closed or gone
+        raise ImageLoadError(f"{name} was opened lazily and its file is closed or deleted; call .load() on it "
+                             f"while the file exists ({type(exc).__name__})") from None
     img = _upright(img, name)
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -168,6 +171,17 @@ def _from_pil(img: Image.Image, items: int = 1, name: str = "image", max_pixels:
         return _from_array(np.asarray(img.convert("RGB")), items)
     except ValueError:
         raise ImageLoadError(f"{name} has PIL mode '{mode}', which sspsam cannot convert to RGB") from None
+
+
+def _bomb_message(name: str, exc: Exception) -> str:
+    """PIL's own text quotes its limit (twice ours, the point where it raises rather than warns);
+    the user can only change sspsam's, so that is the one named."""
+    import re
+
+    m = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(m.group(1)) / 1e6:,.0f} MP" if m else "more pixels than allowed"
+    return (f"{name} is {size}, over sspsam's limit of {MAX_PIXELS / 1e6:g} MP (SSPSAM_MAX_PIXELS); "
+            "refused before decoding (a decompression-bomb guard)")
 
 
 def load_image(image: ImageLike, items: int = 1, max_pixels: int | None = None, allow_urls: bool = False) -> np.ndarray:
@@ -212,7 +226,7 @@ def load_image(image: ImageLike, items: int = 1, max_pixels: int | None = None, 
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(f"{name}: {exc}") from None
+        raise ImageTooLargeError(_bomb_message(name, exc)) from None
     except UnidentifiedImageError:
         raise ImageLoadError(f"{name} is not an image file PIL can read (corrupt or unsupported format)") from None
     except (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError, TypeError, ZeroDivisionError,

@@ -66,12 +66,26 @@ class Unit:
 # ---- input --------------------------------------------------------------------------------------
 
 
+def read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text file, or a BatchError naming the file and the first byte that is not UTF-8
+    text (a binary file, a UTF-16 or Latin-1 export), instead of a UnicodeDecodeError."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise BatchError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+    if b"\x00" in raw:
+        hint = " (UTF-16? save it as UTF-8)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or raw[1:2] == b"\x00" else ""
+        raise BatchError(f"the {what} {path} is not text: it holds NUL bytes{hint}; expected UTF-8 text")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise BatchError(f"the {what} {path} is not UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
+                         "save it as UTF-8") from None
+
+
 def read_phrases(path: Path) -> list[str]:
     """One phrase per line; blank lines are skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise BatchError(f"cannot read the phrases file {path}: {exc.strerror or exc}") from None
+    lines = read_text_file(path, "phrases file").splitlines()
     phrases = [line for line in lines if line.strip()]
     if not phrases:
         raise BatchError(f"{path} holds no phrases (one per line)")
@@ -118,7 +132,7 @@ def collect_units(input: Path, phrases_file: Path | None = None, exclude: Path |
 
 def _read_manifest(path: Path, default_phrases: list[str] | None) -> list[tuple[str, str, list[str]]]:
     entries = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text_file(path, "manifest").splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{n}"
@@ -126,6 +140,8 @@ def _read_manifest(path: Path, default_phrases: list[str] | None) -> list[tuple[
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise BatchError(f"{where}: not a JSON line ({exc.msg})") from None
+        except RecursionError:
+            raise BatchError(f"{where}: nested too deeply to be a manifest line") from None
         if not isinstance(row, dict) or not isinstance(row.get("image"), str):
             raise BatchError(f'{where}: expected {{"image": "path", "phrase": "..."}} or "phrases": [...]')
         raw = row.get("phrases", row.get("phrase", default_phrases))
@@ -338,10 +354,7 @@ def run_batch(
             raise SSPSamError("--ray needs the batch extra (ray is not installed): pip install 'sspsam[batch]'")
     if output.exists() and not output.is_dir():
         raise BatchError(f"the output {output} is a file; give a folder (results.jsonl goes inside it)")
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BatchError(f"cannot create the output folder {output}: {exc.strerror or exc}") from None
+    # inputs and model first: a refused job writes nothing, not even an empty results.jsonl
     units = collect_units(input, phrases, exclude=output)
     results = output / RESULTS
     identity = model_identity(model)
@@ -349,15 +362,21 @@ def run_batch(
     done = finished_ids(results, units)
     pending = [u for u in units if any(it.id not in done for it in u.items)]
     total = sum(len(u.items) for u in units)
+    seg = None
+    if pending and not use_ray:
+        from sspsam.predict.segmenter import Segmenter
+
+        seg = Segmenter.from_pretrained(model, device=device)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BatchError(f"cannot create the output folder {output}: {exc.strerror or exc}") from None
     advance = progress(total, len(done)) if progress else (lambda n: None)
     writer = _InOrderWriter(results, pending, done, advance)
     try:
         if pending and use_ray:
             _run_ray(pending, writer, model, device, output, png, batch_size, concurrency)
         elif pending:
-            from sspsam.predict.segmenter import Segmenter
-
-            seg = Segmenter.from_pretrained(model, device=device)
             for unit in pending:
                 writer.put(unit.index, segment_unit(seg, unit, output, png))
     finally:

@@ -29,11 +29,13 @@ Errors are JSON ``{"error": {"code", "message", "request_id"}}`` with these stat
 
 =====  =========================================================================================
 400    ``bad_image`` (bytes are not an image PIL can read), ``bad_request`` (invalid JSON, invalid
-       base64, malformed multipart)
+       base64, malformed multipart, a Content-Length that is not a byte count, a malformed request)
+403    ``forbidden_origin`` (a POST from a browser page on an origin not given to ``--cors-origin``)
 413    ``too_large`` (body over ``max_upload_mb``: refused from Content-Length before reading, or
        while streaming), ``image_too_large`` (over the pixel limit, ``SSPSAM_MAX_PIXELS``)
 415    ``unsupported_media_type`` (body neither multipart/form-data nor application/json)
-408    ``body_timeout`` (the body did not arrive within ``body_timeout_s``: a trickling client)
+408    ``body_timeout`` (the body paused for over ``body_timeout_s``, or did not finish within
+       ``upload_timeout_s``: a trickling client)
 413    ``image_too_large`` also when pixels × phrases (or classes) exceed ``SSPSAM_MAX_WORK``
 422    ``missing_field`` / ``invalid_field`` (empty phrase, too many phrases or classes, wrong type)
 500    ``model_error`` (the model produced NaN/inf: damaged weights), ``internal_error`` (a bug; the
@@ -341,8 +343,26 @@ class _RequestMiddleware:
     before a byte of it is read.
     """
 
-    def __init__(self, app, max_body: int, body_timeout: float = 30.0):
-        self.app, self.max_body, self.body_timeout = app, max_body, body_timeout
+    def __init__(self, app, max_body: int, body_timeout: float = 30.0, upload_timeout: float = 120.0,
+                 cors_origins: list[str] | None = None):
+        self.app, self.max_body, self.body_timeout, self.upload_timeout = app, max_body, body_timeout, upload_timeout
+        self.cors_origins = set(cors_origins or ())
+
+    def _foreign_origin(self, scope, headers: dict) -> str | None:
+        """The Origin of a state-changing request from a page this server was not configured for.
+        A browser sends a cross-origin form POST (multipart, no preflight) without asking first; the
+        CORS headers only keep the answer from the page, not the work from the server. Requests
+        without an Origin (curl, scripts) and same-origin pages are not affected."""
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return None
+        origin = headers.get(b"origin")
+        if origin is None:
+            return None
+        origin = origin.decode("latin-1").rstrip("/")
+        host = headers.get(b"host", b"").decode("latin-1")
+        if origin == f"{scope.get('scheme', 'http')}://{host}" or origin in self.cors_origins or "*" in self.cors_origins:
+            return None
+        return origin
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -363,15 +383,25 @@ class _RequestMiddleware:
         received = 0
 
         body_done = False
+        deadline = time.monotonic() + self.upload_timeout
 
         async def limited_receive():
             nonlocal received, body_done
             if body_done:  # after the body only a disconnect can come; waiting for it is not a timeout
                 return await receive()
-            try:  # a client that trickles its body must not hold a connection (and its memory) forever
-                message = await asyncio.wait_for(receive(), self.body_timeout)
+            # a client that trickles its body must not hold a connection (and its memory) forever:
+            # each pause is bounded, and so is the whole upload (a byte every few seconds passes the first)
+            left = deadline - time.monotonic()
+            wait = min(self.body_timeout, left)
+            try:
+                if wait <= 0:
+                    raise asyncio.TimeoutError
+                message = await asyncio.wait_for(receive(), wait)
             except asyncio.TimeoutError:
-                raise ApiError(408, "body_timeout", f"the request body did not arrive within {self.body_timeout:g} s",
+                if left <= self.body_timeout:
+                    raise ApiError(408, "body_timeout", f"the request body did not finish within the server's "
+                                   f"{self.upload_timeout:g} s upload limit", {"Connection": "close"}) from None
+                raise ApiError(408, "body_timeout", f"the request body paused for over {self.body_timeout:g} s",
                                {"Connection": "close"}) from None
             body_done = message["type"] != "http.request" or not message.get("more_body", False)
             if message["type"] == "http.request":
@@ -383,8 +413,20 @@ class _RequestMiddleware:
             return message
 
         try:
+            foreign = self._foreign_origin(scope, headers)
+            if foreign is not None:
+                response = _error_response(403, "forbidden_origin",
+                                           f"requests from pages on {foreign[:100]} are not allowed (start the server "
+                                           "with --cors-origin to allow that page)", rid)
+                await response(scope, receive, send_with_id)
+                return
             declared = headers.get(b"content-length")
-            if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            if declared is not None and not declared.strip().isdigit():
+                response = _error_response(400, "bad_request", "Content-Length must be a whole number of bytes, got "
+                                           f"{declared[:40].decode('latin-1')!r}", rid, {"Connection": "close"})
+                await response(scope, receive, send_with_id)
+                return
+            if declared is not None and int(declared) > self.max_body:
                 if int(declared) <= self._drain_cap():  # read and drop it, so the client sees the 413, not a reset
                     received += await self._drain(receive)
                 response = _error_response(413, "too_large",
@@ -557,6 +599,7 @@ def create_app(
     body_timeout_s: float = 30.0,
     cors_origins: list[str] | None = None,
     max_pixels: int = 25_000_000,
+    upload_timeout_s: float = 120.0,
 ) -> FastAPI:
     """The service. Models load once at start-up (lifespan), unless ready objects are passed in
     (``segmenter``/``ovss``: anything with the Segmenter / OVSS ``segment`` method, e.g. test stubs).
@@ -566,7 +609,7 @@ def create_app(
     _setup_logging()
     limits = {"max_upload_mb": max_upload_mb, "timeout_s": timeout_s, "queue_size": queue_size,
               "max_batch": max_batch, "max_classes": max_classes, "max_phrases": max_phrases,
-              "max_pixels": max_pixels, "body_timeout_s": body_timeout_s}
+              "max_pixels": max_pixels, "body_timeout_s": body_timeout_s, "upload_timeout_s": upload_timeout_s}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -588,7 +631,8 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
-    app.add_middleware(_RequestMiddleware, max_body=int(max_upload_mb * 1e6), body_timeout=body_timeout_s)
+    app.add_middleware(_RequestMiddleware, max_body=int(max_upload_mb * 1e6), body_timeout=body_timeout_s,
+                       upload_timeout=upload_timeout_s, cors_origins=cors_origins)
     if cors_origins:  # off unless asked for: a page on another origin must not drive this server by default
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -681,6 +725,7 @@ def create_app(
         out = await run_in_threadpool(render)
         return JSONResponse({**out, "model": _name(worker.ovss), "request_id": request.state.request_id})
 
+    @app.head("/healthz", include_in_schema=False)
     @app.get("/healthz", summary="Liveness: 200 while the inference thread runs")
     async def healthz(request: Request):
         worker: _Worker = request.app.state.worker
@@ -688,6 +733,7 @@ def create_app(
                 "queue_size": worker.queue.maxsize, **worker.stats}
         return JSONResponse(body, status_code=200 if worker.alive else 503)
 
+    @app.head("/v1/models", include_in_schema=False)
     @app.get("/v1/models", summary="The loaded models and the request limits")
     async def models(request: Request):
         worker: _Worker = request.app.state.worker
@@ -701,7 +747,7 @@ def create_app(
     async def docs():
         return HTMLResponse(_docs_page(app.openapi()))
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index():
         return FileResponse(STATIC / "index.html")
 

@@ -36,6 +36,21 @@ def timed_h11(header_timeout: float) -> type[H11Protocol]:
             if not self.transport.is_closing():
                 self._arm()
 
+        def send_400_response(self, msg: str) -> None:  # type: ignore[override]
+            """uvicorn answers a malformed request (a negative Content-Length, a broken header) in
+            plain text; every answer of this service is JSON, so clients parse one shape."""
+            import json
+            import uuid
+
+            body = json.dumps({"error": {"code": "bad_request", "message": f"invalid HTTP request: {msg}",
+                                         "request_id": uuid.uuid4().hex}}).encode()
+            headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
+                       (b"content-length", str(len(body)).encode())]
+            self.transport.write(self.conn.send(h11.Response(status_code=400, headers=headers, reason=b"Bad Request")))
+            self.transport.write(self.conn.send(h11.Data(data=body)))
+            self.transport.write(self.conn.send(h11.EndOfMessage()))
+            self.transport.close()
+
         def connection_lost(self, exc) -> None:
             if self._head_timer is not None:
                 self._head_timer.cancel()

@@ -13,6 +13,11 @@ Each generator returns ``Case(kind, name, value)``; the value's meaning depends 
 * ``config``     text of a YAML model config
 * ``refs``       bytes of a ``refs(unc).p`` pickle
 * ``http``       (content_type, body bytes) for ``POST /v1/segment`` or ``/v1/ovss``
+* ``dataset``    damaged refer-layout files, for the readers, ``sspsam evaluate`` and ``sspsam train``
+* ``train``      ``sspsam train`` options and run-folder states that must be refused
+* ``evaluate``   ``sspsam evaluate`` options that must be refused
+* ``manifest``   manifest and phrases files for ``sspsam batch``
+* ``serve-start`` ``sspsam serve`` arguments that must be refused before it listens
 """
 
 from __future__ import annotations
@@ -407,3 +412,167 @@ def http_cases(valid_png: bytes, seed: int = 0) -> list[Case]:
     multipart("mp-truncated-image", [("image", "t.png", valid_png[: len(valid_png) // 2]), ("phrases", None, b"x")])
     multipart("mp-invalid-utf8-phrase", [("image", "a.png", valid_png), ("phrases", None, b"\xff\xfe\xfd")])
     return cases
+
+
+# ---- dataset files, training and evaluation options, batch manifests, server start-up -------------------
+
+
+def _rand_bytes(rng: random.Random, n: int) -> bytes:
+    return bytes(rng.randrange(256) for _ in range(n))
+
+
+def dataset_cases(instances: dict, refs: list, seed: int = 0) -> list[Case]:
+    """Damaged copies of a valid refer-layout data set. The value is ``{"instances": bytes or None,
+    "refs": bytes or None}``: the file to put in place of the valid one (None keeps the valid one).
+    Every image, annotation and ref is damaged alike, so whichever split is read meets the damage."""
+    rng = random.Random(seed)
+    text = json.dumps(instances)
+    cases: list[Case] = []
+
+    def inst(name, data: bytes):
+        cases.append(Case("dataset", name, {"instances": data, "refs": None}))
+
+    def inst_edit(name, edit):
+        d = copy.deepcopy(instances)
+        edit(d)
+        inst(name, json.dumps(d).encode())
+
+    def each(key, fn):
+        return lambda d: [fn(x) for x in d[key]]
+
+    def ref_edit(name, edit):
+        r = copy.deepcopy(refs)
+        edit(r)
+        cases.append(Case("dataset", name, {"instances": None, "refs": pickle.dumps(r, protocol=2)}))
+
+    cases.append(Case("dataset", "valid", {"instances": None, "refs": None}))
+    inst_edit("valid-short-polygon-beside", each("annotations", lambda a: a["segmentation"].append([1, 1, 2, 2])))
+    inst("instances-binary", b"\x00\x01PK" + _rand_bytes(rng, 300))
+    inst("instances-random-high-bytes", bytes(rng.randrange(128, 256) for _ in range(200)))
+    inst("instances-latin1", text.replace('"categories"', '"note": "caf\u00e9 na\u00efve", "categories"', 1).encode("latin-1"))
+    inst("instances-utf16", text.encode("utf-16"))
+    inst("instances-empty", b"")
+    inst("instances-truncated", text.encode()[: len(text) // 2])
+    inst("instances-deep", b"[" * 100_000)
+    inst("instances-top-level-list", b"[]")
+    inst("instances-top-level-null", b"null")
+    for key in ("images", "annotations", "categories"):
+        inst_edit(f"{key}-null", lambda d, k=key: d.__setitem__(k, None))
+        inst_edit(f"{key}-missing", lambda d, k=key: d.pop(k))
+        inst_edit(f"{key}-dict", lambda d, k=key: d.__setitem__(k, {"1": d[k][0]}))
+        inst_edit(f"{key}-of-ints", lambda d, k=key: d.__setitem__(k, list(range(len(d[k])))))
+    inst_edit("image-no-id", each("images", lambda i: i.pop("id")))
+    inst_edit("image-no-file-name", each("images", lambda i: i.pop("file_name")))
+    inst_edit("image-file-name-null", each("images", lambda i: i.__setitem__("file_name", None)))
+    inst_edit("image-height-str", each("images", lambda i: i.__setitem__("height", "tall")))
+    inst_edit("image-width-negative", each("images", lambda i: i.__setitem__("width", -5)))
+    inst_edit("image-height-zero", each("images", lambda i: i.__setitem__("height", 0)))
+    inst_edit("image-height-nan", each("images", lambda i: i.__setitem__("height", float("nan"))))
+    inst_edit("image-width-fraction", each("images", lambda i: i.__setitem__("width", 10.5)))
+    inst_edit("ann-no-segmentation", each("annotations", lambda a: a.pop("segmentation")))
+    inst_edit("ann-segmentation-null", each("annotations", lambda a: a.__setitem__("segmentation", None)))
+    inst_edit("ann-segmentation-empty", each("annotations", lambda a: a.__setitem__("segmentation", [])))
+    inst_edit("ann-segmentation-str", each("annotations", lambda a: a.__setitem__("segmentation", "polygon")))
+    inst_edit("ann-polygon-4-coords", each("annotations", lambda a: a.__setitem__("segmentation", [[1, 1, 5, 5]])))
+    inst_edit("ann-polygon-2-coords", each("annotations", lambda a: a.__setitem__("segmentation", [[1, 1]])))
+    inst_edit("ann-polygon-odd", each("annotations", lambda a: a.__setitem__("segmentation", [[1, 1, 5, 5, 9, 1, 3]])))
+    inst_edit("ann-polygon-strings", each("annotations", lambda a: a.__setitem__("segmentation", [["1", "1", "5", "5", "9", "1"]])))
+    inst_edit("ann-polygon-nan", each("annotations", lambda a: a.__setitem__("segmentation", [[1, float("nan"), 5, 5, 9, 1]])))
+    inst_edit("ann-polygon-bools", each("annotations", lambda a: a.__setitem__("segmentation", [[True] * 6])))
+    inst_edit("ann-polygon-nested", each("annotations", lambda a: a.__setitem__("segmentation", [[[1, 1], [5, 5], [9, 1]]])))
+    inst_edit("ann-rle-no-size", each("annotations", lambda a: a.__setitem__("segmentation", {"counts": "abc"})))
+    inst_edit("ann-rle-size-str", each("annotations", lambda a: a.__setitem__("segmentation", {"size": "64x64", "counts": "abc"})))
+    inst_edit("ann-rle-counts-int", each("annotations", lambda a: a.__setitem__("segmentation", {"size": [64, 64], "counts": 5})))
+    inst_edit("ann-rle-counts-negative", each("annotations", lambda a: a.__setitem__("segmentation", {"size": [64, 64], "counts": [-1, 5]})))
+
+    def sents(fn):
+        return lambda r: [fn(s) for ref in r for s in ref["sentences"]]
+
+    ref_edit("sentence-no-text", sents(lambda s: [s.pop(k, None) for k in ("sent", "raw")]))
+    ref_edit("sentence-text-int", sents(lambda s: (s.__setitem__("sent", 5), s.__setitem__("raw", 5))))
+    ref_edit("sentence-text-null", sents(lambda s: (s.__setitem__("sent", None), s.__setitem__("raw", None))))
+    ref_edit("sentences-null", lambda r: [ref.__setitem__("sentences", None) for ref in r])
+    ref_edit("sentences-str", lambda r: [ref.__setitem__("sentences", "the red one") for ref in r])
+    ref_edit("sentence-is-str", lambda r: [ref.__setitem__("sentences", ["the red one"]) for ref in r])
+    ref_edit("ref-no-split", lambda r: [ref.pop("split") for ref in r])
+    ref_edit("ref-split-int", lambda r: [ref.__setitem__("split", 3) for ref in r])
+    ref_edit("ref-unknown-image", lambda r: [ref.__setitem__("image_id", -7) for ref in r])
+    ref_edit("ref-unknown-annotation", lambda r: [ref.__setitem__("ann_id", -7) for ref in r])
+    ref_edit("refs-all-other-split", lambda r: [ref.__setitem__("split", "holdout") for ref in r])
+    cases.append(Case("dataset", "refs-binary", {"instances": None, "refs": _rand_bytes(rng, 200)}))
+    return cases
+
+
+def train_option_cases() -> list[Case]:
+    """``sspsam train`` command lines that must be refused before a model loads. The value is
+    ``(extra args, what to put in the run folder first)``: ``None``, ``"run"`` (an earlier run's
+    files) or ``"file"`` (a file where the run folder goes)."""
+    rows = [
+        ("lr-nan", ["--lr", "nan"], None), ("lr-negative", ["--lr", "-1"], None), ("lr-zero", ["--lr", "0"], None),
+        ("lr-inf", ["--lr", "inf"], None), ("decoder-lr-nan", ["--decoder-lr", "nan"], None),
+        ("precision-fp16", ["--precision", "fp16"], None), ("precision-empty", ["--precision", ""], None),
+        ("precision-fp64", ["--precision", "fp64"], None), ("steps-0", ["--steps", "0"], None),
+        ("steps-negative", ["--steps", "-3"], None), ("batch-size-0", ["--batch-size", "0"], None),
+        ("batch-size-over-split", ["--batch-size", "100000"], None), ("grad-accum-0", ["--grad-accum", "0"], None),
+        ("total-steps-0", ["--total-steps", "0"], None), ("ckpt-every-0", ["--ckpt-every", "0"], None),
+        ("epochs-0", ["--epochs", "0"], None), ("stage-3", ["--stage", "3"], None),
+        ("existing-run", [], "run"), ("resume-without-run", ["--resume"], None),
+        ("resume-and-overwrite", ["--resume", "--overwrite"], "run"), ("out-is-a-file", [], "file"),
+        ("dataset-unknown", ["--dataset", "refcocoo"], None),
+    ]
+    return [Case("train", n, (args, prep)) for n, args, prep in rows]
+
+
+def evaluate_option_cases() -> list[Case]:
+    """``sspsam evaluate`` argument lists (after MODEL) that must end in one error line."""
+    rows = [
+        ("split-nope", ["--split", "nope"]), ("split-typo-tset", ["--split", "tset"]), ("split-empty", ["--split", ""]),
+        ("split-typo-testa", ["--split", "testa"]), ("dataset-unknown", ["--dataset", "refcocoo"]),
+        ("dataset-grefcoco-absent", ["--dataset", "grefcoco"]), ("split-by-unknown", ["--split-by", "nope"]),
+        ("semseg-absent", ["--dataset", "semseg"]), ("semseg-protocol-unknown", ["--dataset", "semseg", "--protocol", "x"]),
+        ("data-missing", ["--data", "/nonexistent/sspsam-data"]), ("max-samples-text", ["--max-samples", "many"]),
+    ]
+    return [Case("evaluate", n, args) for n, args in rows]
+
+
+def manifest_cases(valid_image: str, seed: int = 0) -> list[Case]:
+    """``sspsam batch`` inputs: ``(manifest bytes or None (a folder of images instead), phrases file
+    bytes or None)``. Files in another encoding, binary files and empty ones."""
+    rng = random.Random(seed)
+    line = json.dumps({"image": valid_image, "phrase": "the red circle"})
+    rows = [
+        ("valid-manifest", (line + "\n").encode(), None),
+        ("valid-folder", None, b"the red circle\n"),
+        ("manifest-binary", b"\x00\x01\x02" + _rand_bytes(rng, 200), None),
+        ("manifest-utf16", (line + "\n").encode("utf-16"), None),
+        ("manifest-latin1", json.dumps({"image": valid_image, "phrase": "caf\u00e9"}, ensure_ascii=False).encode("latin-1"), None),
+        ("manifest-high-bytes", bytes(rng.randrange(128, 256) for _ in range(100)), None),
+        ("manifest-nul-in-line", line.replace("red", "r\x00ed").encode(), None),
+        ("manifest-empty", b"", None),
+        ("manifest-blank-lines", b"\n\n  \n", None),
+        ("manifest-array", b"[1, 2]\n", None),
+        ("manifest-image-null", b'{"image": null, "phrase": "x"}\n', None),
+        ("manifest-phrases-int", json.dumps({"image": valid_image, "phrases": 5}).encode(), None),
+        ("manifest-deep", b"[" * 100_000 + b"\n", None),
+        ("phrases-binary", None, b"\x00\x01" + _rand_bytes(rng, 100)),
+        ("phrases-utf16", None, "the red circle\n".encode("utf-16")),
+        ("phrases-latin1", None, "caf\u00e9\n".encode("latin-1")),
+        ("phrases-empty", None, b""),
+        ("phrases-blank", None, b"\n \n\t\n"),
+        ("manifest-and-binary-phrases", b'{"image": "%s"}\n' % valid_image.encode(), b"\xff\xfe\x00\x00"),
+    ]
+    return [Case("manifest", n, (m, p)) for n, m, p in rows]
+
+
+def serve_start_cases(corrupt_model: str, truncated_model: str) -> list[Case]:
+    """``sspsam serve`` argument lists that must end in one error line before the server listens;
+    ``{busy}`` stands for a port the test holds."""
+    rows = [
+        ("model-empty", ["--model", ""]), ("model-blank", ["--model", "  "]), ("ovss-model-empty", ["--ovss-model", ""]),
+        ("model-unknown", ["--model", "no-such-model"]), ("model-corrupt", ["--model", corrupt_model]),
+        ("model-truncated", ["--model", truncated_model]), ("ovss-model-corrupt", ["--ovss-model", corrupt_model]),
+        ("model-a-folder", ["--model", "/"]), ("port-busy", ["--port", "{busy}"]), ("port-70000", ["--port", "70000"]),
+        ("port-negative", ["--port", "-1"]), ("host-unknown", ["--host", "no-such-host.invalid"]),
+        ("host-not-here", ["--host", "192.0.2.1"]), ("device-unknown", ["--device", "tpu"]),
+    ]
+    return [Case("serve-start", n, args) for n, args in rows]

@@ -77,7 +77,7 @@ from sspsam.data.shapes import FAMILIES, expressions_by_family, make_scene
 from sspsam.engine.metrics import RESMeter
 from sspsam.engine.shapes_eval import TRAIN_SEED_LIMIT, answers, demo_scene, evaluate, format_table, target_mask
 from sspsam.engine.losses import ssp_loss
-from sspsam.predict.vocabulary import shapes_vocabulary
+from sspsam.data.shapes import shapes_vocabulary
 from sspsam.engine.step import collate, make_sample, param_groups
 
 # What the demo changes in the tiny config (the checkpoint stores the merged config).

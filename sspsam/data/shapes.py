@@ -550,3 +550,26 @@ def expressions_by_family(scene: Scene) -> dict[str, list[Expression]]:
     for e in all_expressions(scene):
         out.setdefault(e.family, []).append(e)
     return out
+
+
+#: image sides of the demo's scenes (width and height drawn independently)
+SIDES = (128, 160, 192, 224, 256)
+
+
+def demo_scene(seed: int) -> Scene:
+    """The demo's scene distribution: 3–5 shapes big enough to be read after the model's
+    128-pixel letterbox (radius ≥ 10 % of the shorter side)."""
+    rng = np.random.default_rng(seed)
+    w, h = (int(rng.choice(SIDES)) for _ in range(2))
+    return make_scene(rng, width=w, height=h, n_objects=(3, 5), radius=(0.1, 0.22))
+
+
+def shapes_vocabulary(scenes: int = 400) -> list[str]:
+    """Every word the shapes generator puts in a phrase (what the bundled ``shapes-demo`` was trained
+    on): the word lists themselves, plus the template words found by generating the phrases of
+    ``scenes`` demo scenes, so a template added to the generator is recorded without a list here."""
+    out = set(COLOURS) | set(SHAPES) | set(PLURAL.values()) | set(NUMBER_WORDS.values()) | {"shape", "shapes"}
+    for seed in range(scenes):
+        for e in all_expressions(demo_scene(seed)):
+            out.update(tokenize(e.text))
+    return sorted(out)

@@ -18,21 +18,10 @@ import sys
 import numpy as np
 
 from sspsam.engine.metrics import RESMeter
-from sspsam.data.shapes import FAMILIES, Expression, Scene, expressions_by_family, make_scene
+from sspsam.data.shapes import FAMILIES, SIDES, Expression, Scene, demo_scene, expressions_by_family, make_scene  # noqa: F401 (demo_scene, SIDES: re-exported)
 
 TRAIN_SEED_LIMIT = 10**9
 HELDOUT_SEED0 = 2_000_000_000
-SIDES = (128, 160, 192, 224, 256)
-
-
-def demo_scene(seed: int) -> Scene:
-    """The demo's scene distribution: 3–5 shapes big enough to be read after the model's
-    128-pixel letterbox (radius ≥ 10 % of the shorter side)."""
-    rng = np.random.default_rng(seed)
-    w, h = (int(rng.choice(SIDES)) for _ in range(2))
-    return make_scene(rng, width=w, height=h, n_objects=(3, 5), radius=(0.1, 0.22))
-
-
 def pick_phrases(scene: Scene, rng: random.Random, families: tuple[str, ...] = FAMILIES) -> list[Expression]:
     """One phrase per family the scene allows (a scene with one circle has no 'all circles')."""
     by_family = expressions_by_family(scene)

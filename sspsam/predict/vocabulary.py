@@ -95,20 +95,6 @@ def check_classes(model: str, vocab: Vocabulary | None, classes: list[str]) -> l
     return [class_warning(model, vocab, c) for c in classes if vocab.unknown(c)[1]]
 
 
-def shapes_vocabulary(scenes: int = 400) -> list[str]:
-    """Every word the shapes generator puts in a phrase (what the bundled ``shapes-demo`` was trained
-    on): the word lists themselves, plus the template words found by generating the phrases of
-    ``scenes`` demo scenes, so a template added to the generator is recorded without a list here."""
-    from sspsam.data.shapes import COLOURS, NUMBER_WORDS, PLURAL, SHAPES, all_expressions, tokenize
-    from sspsam.engine.shapes_eval import demo_scene
-
-    out = set(COLOURS) | set(SHAPES) | set(PLURAL.values()) | set(NUMBER_WORDS.values()) | {"shape", "shapes"}
-    for seed in range(scenes):
-        for e in all_expressions(demo_scene(seed)):
-            out.update(tokenize(e.text))
-    return sorted(out)
-
-
 def classes_vocabulary(classes: list[str]) -> list[str]:
     """An OVSS model trained on a fixed class list knows the words of those classes."""
     return sorted({w for c in classes for w in words(c)})

@@ -513,9 +513,9 @@ def test_nan_checkpoint_is_a_named_error_everywhere(tmp_path, valid_png):
     torch.save(ck, path)
     seg = Segmenter.from_pretrained(str(path))
     with pytest.raises(ModelOutputError, match="non-finite"):
-        seg.segment(np.zeros((32, 32, 3), np.uint8), "x")
+        seg.segment(np.zeros((32, 32, 3), np.uint8), "the blue circle")  # words the demo knows: the model is asked
     with TestClient(create_app(segmenter=seg, ovss=None), raise_server_exceptions=False) as c:
-        r = c.post("/v1/segment", json={"image": base64.b64encode(valid_png).decode(), "phrases": ["x"]})
+        r = c.post("/v1/segment", json={"image": base64.b64encode(valid_png).decode(), "phrases": ["the blue circle"]})
     assert r.json()["error"]["code"] == "model_error" and "NaN" not in r.text.replace("(NaN or inf)", "")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from sspsam.cli.common import fail, say_warning
+from sspsam.cli.common import DTYPE_HELP, check_speed_options, fail, say_dtype, say_warning
 from sspsam.errors import CheckpointError, SSPSamError
 
 DEFAULT_OVSS = "ovss-shapes-demo"
@@ -26,6 +26,7 @@ def serve(
     header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.1, help="Seconds a client may take to send its request head."),
     body_timeout: float = typer.Option(30.0, "--body-timeout", min=0.1, help="Seconds a request body may pause between chunks (then 408)."),
     max_connections: int = typer.Option(1000, "--max-connections", min=1, help="Open connections beyond which uvicorn answers 503."),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Serve POST /v1/segment, POST /v1/ovss, the web page at / and the API docs at /docs.
     One process, one inference thread that micro-batches; run several behind a proxy to scale out."""
@@ -39,20 +40,22 @@ def serve(
 
     ovss = None
     try:  # load here, not in the server's start-up, so a bad model name is one clear line
+        check_speed_options(None, "none", dtype)
         device = str(resolve_device(device))
-        seg, _ = load_models(model, None, device)
+        seg, _ = load_models(model, None, device, dtype)
+        say_dtype(seg)
         if ovss_model.lower() not in ("", "none"):
             try:
-                _, ovss = load_models(None, ovss_model, device)
+                _, ovss = load_models(None, ovss_model, device, dtype)
             except CheckpointError as exc:
                 if ovss_model != DEFAULT_OVSS:  # asked for by name: that is an error
                     raise
                 say_warning(f"{exc}; serving without /v1/ovss")
-    except SSPSamError as exc:
+    except (SSPSamError, ValueError) as exc:  # ValueError: a dtype this device cannot run
         raise fail(exc) from None
     app = create_app(model=model, ovss_model=None, device=device, max_upload_mb=max_upload_mb, timeout_s=timeout_s,
                      queue_size=queue_size, max_batch=max_batch, max_classes=max_classes, segmenter=seg, ovss=ovss,
-                     body_timeout_s=body_timeout, cors_origins=cors_origin or None)
+                     body_timeout_s=body_timeout, cors_origins=cors_origin or None, dtype=dtype)
     typer.echo(f"sspsam serving {seg.name}" + (f" and {ovss.name}" if ovss else "") + f" on http://{host}:{port}/", err=True)
     from sspsam.serve.protocol import timed_h11
 

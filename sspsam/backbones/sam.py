@@ -58,6 +58,10 @@ def _decoder_attention_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return self.out_proj(self._recombine_heads(F.scaled_dot_product_attention(q, k, v)))
 
 
+def _exporting() -> bool:
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def _predict_masks_broadcast(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings):
     """segment_anything's ``MaskDecoder.predict_masks`` without its per-phrase copies.
 
@@ -67,20 +71,17 @@ def _predict_masks_broadcast(self, image_embeddings, image_pe, sparse_prompt_emb
     the image tokens are fp32 (SAM's neck ends in a norm, an fp32 island): every ``keys + key_pe``
     of the two-way transformer then converted it again; upcasting it once gives the same values
     (bf16 → fp32 is exact, and the mixed add promotes to fp32 anyway). The rest is Meta's code,
-    which also answers while gradients are on.
+    which also answers while gradients are on and while torch.onnx traces the decoder.
     """
     output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
     output_tokens = output_tokens.unsqueeze(0).expand(sparse_prompt_embeddings.size(0), -1, -1)
     tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
     n = tokens.shape[0]
     if (image_embeddings.shape[0] == 1 and dense_prompt_embeddings.shape[0] == n and image_pe.shape[0] == 1
-            and not torch.is_grad_enabled()):  # training: Meta's code (an out= add does not differentiate)
-        # written into a contiguous tensor, as Meta's copy leaves it: a channels-last embedding
-        # (the TinyViT neck's) would otherwise make the sum channels-last, and bf16 linears on that
-        # layout round differently
-        src = torch.empty((n, *image_embeddings.shape[1:]), dtype=torch.result_type(image_embeddings, dense_prompt_embeddings),
-                          device=image_embeddings.device)
-        torch.add(image_embeddings, dense_prompt_embeddings, out=src)
+            and not torch.is_grad_enabled() and not _exporting()):  # training and ONNX export: Meta's code
+        # made contiguous, as Meta's copy leaves it: a channels-last embedding (the TinyViT neck's)
+        # would otherwise make the sum channels-last, and bf16 linears on that layout round differently
+        src = (image_embeddings + dense_prompt_embeddings).contiguous()
         pos_src = image_pe.to(torch.promote_types(src.dtype, image_pe.dtype)).expand(n, -1, -1, -1)
     else:
         src = torch.repeat_interleave(image_embeddings, n, dim=0) + dense_prompt_embeddings
@@ -224,7 +225,7 @@ class SAMBackbone(nn.Module):
         autocast) instead of on every decode: it depends on nothing else. Recomputed while
         gradients are on, so training sees Meta's code path unchanged."""
         pe_layer = self.prompt_encoder.pe_layer
-        if not runtime.FAST["decoder_broadcast"] or torch.is_grad_enabled():
+        if not runtime.FAST["decoder_broadcast"] or torch.is_grad_enabled() or _exporting():
             return self.prompt_encoder.get_dense_pe()
         g = pe_layer.positional_encoding_gaussian_matrix
         dev = g.device.type

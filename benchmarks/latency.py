@@ -87,6 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", nargs="+", choices=["fp32", "bf16", "auto"], default=["fp32", "auto"],
                    help="stage-table rows per dtype (default fp32 and auto: what the predictors pick on this machine)")
     p.add_argument("--no-profile", action="store_true", help="skip the per-stage torch.profiler split")
+    p.add_argument("--further", action="store_true",
+                   help="only the further-phrase path (CLIP text + SSP encoder + SAM decoder) of each --variants, "
+                        "per --dtype, with the decoder and sequence rewrites off vs on, interleaved")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 3; --quick 2)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     p.add_argument("--phrases", type=int, default=None, help="T for the batched stages (default 4; --quick 2)")
@@ -424,9 +427,61 @@ def bench_model(name: str, kind: str, args, bench: Bench, peak: dict[int, float]
     return rows, ab
 
 
+FURTHER_FLAGS = ("decoder_broadcast", "seq_contiguous")
+
+
+def further_phrase(args, bench: Bench) -> list[tuple]:
+    """Rows (model, dtype, T, off ms, on ms, max|diff|) of the further-phrase path, T = 1 and
+    --phrases, with :data:`FURTHER_FLAGS` off (the code before the rewrites) vs on."""
+    device = bench.device
+    rows = []
+    for name in args.variants:
+        torch.manual_seed(args.seed)
+        m = build_model(load_config(name)).eval().requires_grad_(False).to(device)
+        g = torch.Generator().manual_seed(args.seed)
+        images = (torch.rand(1, 3, m.image_size, m.image_size, generator=g) * 255).to(device)
+        for dname in args.dtype:
+            md, dtype, autocast = dtype_model(m, dname, device)
+            label = dname if dname != "auto" else f"auto={str(dtype).replace('torch.', '')}"
+            with torch.inference_mode(), autocast:
+                feats = md.encode_image(images)
+            for t in sorted({1, args.phrases}):
+                tokens = md.clip.tokenize([PHRASES[i % len(PHRASES)] for i in range(t)]).to(device)
+                idx = torch.zeros(t, dtype=torch.long, device=device)
+
+                def run(on, md=md, autocast=autocast, tokens=tokens, idx=idx, feats=feats):
+                    with autocast, runtime.fast_paths(**{f: on for f in FURTHER_FLAGS}):
+                        return md.decode(feats, md.encode_text(tokens), idx)
+
+                with torch.inference_mode():
+                    diff = max_abs_diff(run(False), run(True))
+                ms = bench.interleaved({"off": lambda: run(False), "on": lambda: run(True)})
+                rows.append((name, label, t, ms["off"], ms["on"], diff))
+                log(f"  {name:<18} {label:<14} T={t}  off {ms['off']:8.1f} ms  on {ms['on']:8.1f} ms  max|diff| {diff:.1e}")
+            del md
+    return rows
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     runtime.set_threads(runtime.default_threads() if args.threads is None else args.threads)
+    if args.further:
+        bench = Bench(torch.device(args.device), args.warmup, args.repeats)
+        up0 = uptime()
+        rows = further_phrase(args, bench)
+        print(f"uptime before: {up0}")
+        print(f"uptime after:  {uptime()}")
+        print(f"torch {torch.__version__}, device {cpu_name() if args.device == 'cpu' else args.device}, "
+              f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved (warmup {args.warmup}), random weights")
+        print()
+        print("Further phrase (CLIP text + SSP encoder + SAM decoder on cached image features), rewrites "
+              f"{' + '.join(FURTHER_FLAGS)} off vs on")
+        print()
+        print("| model | dtype | phrases T | off ms | on ms | off/on | max abs diff of mask logits |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for name, label, t, off, on, diff in rows:
+            print(f"| {name} | {label} | {t} | {off:.1f} | {on:.1f} | {off / on:.2f} | {diff:.1e} |")
+        return 0
     device = torch.device(args.device)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     up0 = uptime()

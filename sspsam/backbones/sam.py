@@ -79,10 +79,13 @@ def _predict_masks_broadcast(self, image_embeddings, image_pe, sparse_prompt_emb
     n = tokens.shape[0]
     if (image_embeddings.shape[0] == 1 and dense_prompt_embeddings.shape[0] == n and image_pe.shape[0] == 1
             and not torch.is_grad_enabled() and not _exporting()):  # training and ONNX export: Meta's code
-        # made contiguous, as Meta's copy leaves it: a channels-last embedding (the TinyViT neck's)
-        # would otherwise make the sum channels-last, and bf16 linears on that layout round differently
-        src = (image_embeddings + dense_prompt_embeddings).contiguous()
-        pos_src = image_pe.to(torch.promote_types(src.dtype, image_pe.dtype)).expand(n, -1, -1, -1)
+        # contiguous, as Meta's copy leaves it: a channels-last embedding (the TinyViT neck's) would
+        # otherwise make the sum channels-last, and bf16 linears on that layout round differently
+        src = image_embeddings.contiguous() + dense_prompt_embeddings
+        # channels-last, so that the transformer's flatten(2).permute(0, 2, 1) of it is the token-major
+        # layout of the image tokens it is added to (a transposed operand made each add a strided gather)
+        pos_src = image_pe.to(torch.promote_types(src.dtype, image_pe.dtype)).contiguous(memory_format=torch.channels_last)
+        pos_src = pos_src.expand(n, -1, -1, -1)
     else:
         src = torch.repeat_interleave(image_embeddings, n, dim=0) + dense_prompt_embeddings
         pos_src = torch.repeat_interleave(image_pe, n, dim=0)

@@ -38,6 +38,7 @@ def amx(monkeypatch):
     monkeypatch.delenv(precision.ENV_DTYPE, raising=False)
     monkeypatch.setattr(precision, "host_cpu_flags", lambda: frozenset(AMX_HOST))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
 
 
 def test_from_pretrained_defaults_to_the_auto_choice(amx, monkeypatch):

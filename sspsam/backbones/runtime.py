@@ -85,9 +85,9 @@ class _ContiguousMHA(nn.MultiheadAttention):
     Under autocast torch skips MHA's fused inference kernel and projects q/k/v with ``F.linear`` on
     the transposed view of each batch-first input. In a half dtype with more than one sequence
     that view cannot be folded into one matrix product: torch expands the projection weight to
-    one copy per sequence position and runs a batched product (measured: seconds for two phrases
-    through CLIP's text tower on a CPU, most of it copying weights). One contiguous copy of each
-    input avoids it; the projections and the attention are the same arithmetic. Outside autocast
+    one copy per sequence position and runs a batched product, so copying weights dominates the
+    call. One contiguous copy of each input avoids it; the projections and the attention are the
+    same arithmetic (in a half dtype the sums may round differently). Outside autocast
     (fp32, training without AMP) torch's own forward runs unchanged.
     """
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-
-import sspsam.backbones.runtime as runtime
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import sspsam.backbones.runtime as runtime
 
 
 class LinguisticAttentionAdapter(nn.Module):

@@ -84,6 +84,33 @@ def test_ssp_sam_mask_logits_match_reference(one_torch_thread, encoder):
     assert (fast - ref).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoder_broadcast_is_bit_exact(one_torch_thread, dtype):
+    """SAM's decoder without its per-phrase copies of the image embedding and positional table
+    (and with the table computed once) gives the same bits as Meta's code, on TinyViT's
+    channels-last embedding, in fp32 and under the predictors' bf16, for one phrase and three."""
+    from sspsam.predict.precision import apply_dtype, autocast
+
+    m = _ssp_tiny({"encoder": "tiny_vit", "encoder_overrides": {"embed_dims": [16, 32, 40, 48], "depths": [1, 1, 2, 1],
+                                                                 "num_heads": [1, 2, 2, 4]}})
+    m = apply_dtype(m, dtype)
+    images = torch.rand(1, 3, m.image_size, m.image_size, generator=torch.Generator().manual_seed(2)) * 255
+    tokens = m.clip.tokenize(["the red square", "a blue circle on the left", "the biggest shape"])
+    with torch.inference_mode(), autocast(torch.device("cpu"), dtype):
+        feats = m.encode_image(images)
+        for n in (1, 3):
+            idx = torch.zeros(n, dtype=torch.long)
+            sub = m.encode_text(tokens[:n])
+            with runtime.fast_paths(decoder_broadcast=False):
+                ref = m.decode(feats, sub, idx)["mask_logits"]
+            fast = m.decode(feats, sub, idx)["mask_logits"]
+            assert ref.abs().max() > 0.1 and torch.equal(fast, ref)
+        g = m.sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+        before = m.sam._dense_pe()
+        g.mul_(2)  # new weights in place: the cached table must not answer
+        assert not torch.equal(m.sam._dense_pe(), before)
+
+
 def _union_find_groups(link: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     """The per-pair Python union-find that ``connected_groups`` replaced."""
     n = link.shape[0]
@@ -232,6 +259,7 @@ def test_quantize_rejects_unknown_mode():
 @pytest.mark.parametrize("args, message", [
     (["--threads", "0"], "--threads must be >= 1"),
     (["--quantize", "int4"], "--quantize must be none or int8"),
+    (["--dtype", "int4"], "--dtype must be auto, fp32, bf16 or fp16"),
 ])
 @pytest.mark.parametrize("command", [["segment", "examples/shapes.png", "the blue circle"], ["ovss", "examples/shapes.png"]])
 def test_cli_speed_options_bad_values_are_one_line_errors(tmp_path, command, args, message):

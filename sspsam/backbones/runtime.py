@@ -1,5 +1,7 @@
 """Inference speed settings: CPU thread count, opt-in int8 Linear layers, and the switches of the
-exact rewrites (SDPA attention, BatchNorm folding, channels-last convolutions).
+exact rewrites (SDPA attention, BatchNorm folding, channels-last convolutions, SAM's mask decoder
+broadcasting the image embedding and its positional table instead of copying them per phrase,
+batch-first attention and GRUs under autocast reading their sequences contiguously).
 
 The rewrites are on by default and compute the same function as the code they replace (max abs
 diff of mask logits <= 1e-4, ``tests/test_speed_equivalence.py``). Their switches live in
@@ -24,7 +26,7 @@ from torch import nn
 from sspsam.errors import ConfigError
 
 # The exact rewrites; True = fast path. Read at call time by the modules that have one.
-FAST = {"sdpa": True, "fold_bn": True, "channels_last": True}
+FAST = {"sdpa": True, "fold_bn": True, "channels_last": True, "decoder_broadcast": True, "seq_contiguous": True}
 
 
 @contextlib.contextmanager
@@ -74,6 +76,60 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+class _ContiguousMHA(nn.MultiheadAttention):
+    """A batch-first ``nn.MultiheadAttention`` that hands its inputs to the attention sequence-first
+    and contiguous while autocast is on.
+
+    Under autocast torch skips MHA's fused inference kernel and projects q/k/v with ``F.linear`` on
+    the transposed view of each batch-first input. In a half dtype with more than one sequence
+    that view cannot be folded into one matrix product: torch expands the projection weight to
+    one copy per sequence position and runs a batched product, so copying weights dominates the
+    call. One contiguous copy of each input avoids it; the projections and the attention are the
+    same arithmetic (in a half dtype the sums may round differently). Outside autocast
+    (fp32, training without AMP) torch's own forward runs unchanged.
+    """
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if not (FAST["seq_contiguous"] and self.batch_first and query.dim() == 3 and self._qkv_same_embed_dim
+                and torch.is_autocast_enabled(query.device.type)):
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        q = query.transpose(0, 1).contiguous()
+        k = q if key is query else key.transpose(0, 1).contiguous()
+        v = k if value is key else q if value is query else value.transpose(0, 1).contiguous()
+        out, weights = torch.nn.functional.multi_head_attention_forward(
+            q, k, v, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias, self.bias_k, self.bias_v,
+            self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias, training=self.training,
+            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights, is_causal=is_causal)
+        return out.transpose(1, 0), weights
+
+
+def gru_batch_first(gru: nn.GRU, x: torch.Tensor) -> torch.Tensor:
+    """``gru(x)[0]`` for a batch-first GRU and batch-first ``x`` [B, L, E]: under autocast with
+    more than one sequence the recurrence is fed sequence-first and contiguous, for the reason
+    :class:`_ContiguousMHA` gives (the input projection of a transposed half-precision view copies
+    the weight once per position); the same recurrence, from zero states, as ``nn.GRU.forward``."""
+    if not (FAST["seq_contiguous"] and gru.batch_first and x.dim() == 3 and x.shape[0] > 1
+            and torch.is_autocast_enabled(x.device.type) and type(gru) is nn.GRU):
+        return gru(x)[0]
+    seq = x.transpose(0, 1).contiguous()
+    hx = torch.zeros(gru.num_layers * (2 if gru.bidirectional else 1), x.shape[0], gru.hidden_size, dtype=seq.dtype, device=seq.device)
+    out, _ = torch._VF.gru(seq, hx, gru._flat_weights, gru.bias, gru.num_layers, float(gru.dropout), gru.training,
+                           gru.bidirectional, False)
+    return out.transpose(0, 1)
+
+
+def contiguous_attention(root: nn.Module) -> nn.Module:
+    """Give every plain ``nn.MultiheadAttention`` in ``root`` the :class:`_ContiguousMHA` forward
+    (its class is swapped: parameter names, checkpoints and outputs outside autocast are untouched)."""
+    for module in root.modules():
+        if type(module) is nn.MultiheadAttention:
+            module.__class__ = _ContiguousMHA
+    return root
 
 
 QUANTIZE_MODES = ("none", "int8")

@@ -58,6 +58,49 @@ def _decoder_attention_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return self.out_proj(self._recombine_heads(F.scaled_dot_product_attention(q, k, v)))
 
 
+def _exporting() -> bool:
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def _predict_masks_broadcast(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings):
+    """segment_anything's ``MaskDecoder.predict_masks`` without its per-phrase copies.
+
+    Meta's code copies the one image embedding and its positional table T times
+    (``repeat_interleave``) and only then adds the dense prompt: here the add broadcasts, which
+    computes the same sum per element. Under bf16 the table comes out of autocast in bf16 while
+    the image tokens are fp32 (SAM's neck ends in a norm, an fp32 island): every ``keys + key_pe``
+    of the two-way transformer then converted it again; upcasting it once gives the same values
+    (bf16 → fp32 is exact, and the mixed add promotes to fp32 anyway). The rest is Meta's code,
+    which also answers while gradients are on and while torch.onnx traces the decoder.
+    """
+    output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+    output_tokens = output_tokens.unsqueeze(0).expand(sparse_prompt_embeddings.size(0), -1, -1)
+    tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
+    n = tokens.shape[0]
+    if (image_embeddings.shape[0] == 1 and dense_prompt_embeddings.shape[0] == n and image_pe.shape[0] == 1
+            and not torch.is_grad_enabled() and not _exporting()):  # training and ONNX export: Meta's code
+        # contiguous, as Meta's copy leaves it: a channels-last embedding (the TinyViT neck's) would
+        # otherwise make the sum channels-last, and bf16 linears on that layout round differently
+        src = image_embeddings.contiguous() + dense_prompt_embeddings
+        # channels-last, so that the transformer's flatten(2).permute(0, 2, 1) of it is the token-major
+        # layout of the image tokens it is added to (a transposed operand made each add a strided gather)
+        pos_src = image_pe.to(torch.promote_types(src.dtype, image_pe.dtype)).contiguous(memory_format=torch.channels_last)
+        pos_src = pos_src.expand(n, -1, -1, -1)
+    else:
+        src = torch.repeat_interleave(image_embeddings, n, dim=0) + dense_prompt_embeddings
+        pos_src = torch.repeat_interleave(image_pe, n, dim=0)
+    b, c, h, w = src.shape
+    hs, src = self.transformer(src, pos_src, tokens)
+    iou_token_out = hs[:, 0, :]
+    mask_tokens_out = hs[:, 1 : (1 + self.num_mask_tokens), :]
+    src = src.transpose(1, 2).view(b, c, h, w)
+    upscaled_embedding = self.output_upscaling(src)
+    hyper_in = torch.stack([self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in range(self.num_mask_tokens)], dim=1)
+    b, c, h, w = upscaled_embedding.shape
+    masks = (hyper_in @ upscaled_embedding.view(b, c, h * w)).view(b, -1, h, w)
+    return masks, self.iou_prediction_head(iou_token_out)
+
+
 _SDPA_CLASSES: dict[type, type] = {}
 
 
@@ -68,18 +111,20 @@ def _use_sdpa(root: nn.Module) -> None:
     package itself are untouched; with the switch off the subclass calls the original forward.
     """
     modeling = segment_anything_modeling()
-    fast = {modeling.image_encoder.Attention: _vit_attention_sdpa, modeling.transformer.Attention: _decoder_attention_sdpa}
+    fast = {modeling.image_encoder.Attention: ("forward", "sdpa", _vit_attention_sdpa),
+            modeling.transformer.Attention: ("forward", "sdpa", _decoder_attention_sdpa),
+            modeling.MaskDecoder: ("predict_masks", "decoder_broadcast", _predict_masks_broadcast)}
     for module in root.modules():
         base = type(module)
         if base not in fast:
             continue
         if base not in _SDPA_CLASSES:
-            impl = fast[base]
+            method, flag, impl = fast[base]
 
-            def forward(self, *args, _impl=impl, _base=base, **kwargs):
-                return (_impl if runtime.FAST["sdpa"] else _base.forward)(self, *args, **kwargs)
+            def call(self, *args, _impl=impl, _orig=getattr(base, method), _flag=flag, **kwargs):
+                return (_impl if runtime.FAST[_flag] else _orig)(self, *args, **kwargs)
 
-            attrs = {"forward": forward, "__module__": __name__,
+            attrs = {method: call, "__module__": __name__,
                      "_get_rel_pos": staticmethod(modeling.image_encoder.get_rel_pos)}
             _SDPA_CLASSES[base] = type(base.__name__, (base,), attrs)
         module.__class__ = _SDPA_CLASSES[base]
@@ -178,6 +223,23 @@ class SAMBackbone(nn.Module):
             x = x * (rows[:, None, :, None] & cols[:, None, None, :])
         return self.image_encoder(x)
 
+    def _dense_pe(self) -> torch.Tensor:
+        """SAM's positional table of the embedding grid, computed once per (weights, device, dtype,
+        autocast) instead of on every decode: it depends on nothing else. Recomputed while
+        gradients are on, so training sees Meta's code path unchanged."""
+        pe_layer = self.prompt_encoder.pe_layer
+        if not runtime.FAST["decoder_broadcast"] or torch.is_grad_enabled() or _exporting():
+            return self.prompt_encoder.get_dense_pe()
+        g = pe_layer.positional_encoding_gaussian_matrix
+        dev = g.device.type
+        key = (g.data_ptr(), g._version, g.device, g.dtype, torch.is_inference_mode_enabled(),
+               torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None)
+        cached = self.__dict__.get("_pe_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.prompt_encoder.get_dense_pe())
+            self.__dict__["_pe_cache"] = cached
+        return cached[1]
+
     def decode(
         self, image_embedding: torch.Tensor, sparse: torch.Tensor, multimask: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,7 +260,7 @@ class SAMBackbone(nn.Module):
             image_embedding = image_embedding.new_zeros((1, *image_embedding.shape[1:]))
         return self.mask_decoder(
             image_embeddings=image_embedding,
-            image_pe=self.prompt_encoder.get_dense_pe(),
+            image_pe=self._dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask,

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from sspsam.cli.common import fail
+from sspsam.cli.common import DTYPE_HELP, check_speed_options, fail
 from sspsam.errors import SSPSamError
 
 
@@ -23,6 +23,7 @@ def batch(
     ray: bool = typer.Option(False, "--ray", help="Run on Ray Data (local, or the cluster in RAY_ADDRESS)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="With --ray: images per model call batch."),
     concurrency: int = typer.Option(1, "--concurrency", min=1, help="With --ray: model actors (each loads the model)."),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP + " A resumed job should keep the first run's."),
 ) -> None:
     """Segment every (image, phrase) into OUT/results.jsonl, one COCO-RLE line each, in input order.
     Rerun the same command after an interruption: finished items are skipped, the rest appended.
@@ -41,11 +42,12 @@ def batch(
         return lambda n: bar.advance(task, n)
 
     try:
+        check_speed_options(None, "none", dtype)
         device = str(resolve_device(device))
         with bar:
             summary = run_batch(input, output, phrases, model=model, device=device, png=png, use_ray=ray,
-                                batch_size=batch_size, concurrency=concurrency, progress=progress)
-    except SSPSamError as exc:
+                                batch_size=batch_size, concurrency=concurrency, progress=progress, dtype=dtype)
+    except (SSPSamError, ValueError) as exc:  # ValueError: a dtype this device cannot run
         raise fail(exc) from None
     from sspsam.cli.common import say_warning
 

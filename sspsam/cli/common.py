@@ -34,6 +34,11 @@ def say_error(message: object) -> None:
     sys.stderr.flush()
 
 
+def say_info(message: object) -> None:
+    sys.stderr.write(f"info: {one_line(message)}\n")
+    sys.stderr.flush()
+
+
 def say_warning(message: object) -> None:
     sys.stderr.write(f"warning: {one_line(message)}\n")
     sys.stderr.flush()
@@ -105,12 +110,40 @@ THREADS_HELP = ("CPU threads for torch (default: measured best here, see benchma
 QUANTIZE_HELP = "none | int8: dynamic int8 Linear layers on CPU (opt-in; faster text/decoder, masks agree >= 99 % on the demo)."
 
 
-def check_speed_options(threads: int | None, quantize: str) -> None:
-    """Cheap checks of --threads / --quantize before anything loads."""
+DTYPE_HELP = ("auto (bf16 where the hardware has bf16 units: CUDA with bf16 support, a CPU with AMX-BF16 or "
+              "AVX512-BF16; else fp32; SSPSAM_DTYPE overrides auto) | fp32 (the exact fp32 path) | bf16 | fp16.")
+#: the --dtype names (sspsam.predict.precision.DTYPES, named here so that --help never imports torch)
+DTYPE_NAMES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16", "half")
+
+
+def check_speed_options(threads: int | None, quantize: str, dtype: str = "auto") -> None:
+    """Cheap checks of --threads / --quantize / --dtype before anything loads."""
     if threads is not None and threads < 1:
         raise SSPSamError(f"--threads must be >= 1, got {threads}")
     if quantize not in ("none", "int8"):
         raise SSPSamError(f"--quantize must be none or int8, got {quantize!r}")
+    if dtype.lower() not in DTYPE_NAMES:
+        raise SSPSamError(f"--dtype must be auto, fp32, bf16 or fp16, got {dtype!r}")
+    if quantize == "int8" and dtype.lower() not in ("auto", "fp32", "float32"):
+        raise SSPSamError("--quantize int8 runs fp32 activations; use it with --dtype fp32 (or auto)")
+
+
+def model_dtype_args(dtype: str, quantize: str = "none") -> str:
+    """The predictor's dtype for the CLI's --dtype: int8's dynamic kernels take fp32 activations,
+    so --quantize int8 turns auto into fp32 rather than quantising bf16 weights."""
+    return "fp32" if quantize == "int8" and dtype.lower() == "auto" else dtype
+
+
+def say_dtype(predictor) -> None:
+    """The `info:` line naming what --dtype auto picked and why (an explicit choice needs none)."""
+    reason = getattr(predictor, "dtype_reason", "")
+    if reason.startswith("auto"):
+        say_info(f"running in {predictor.dtype_name} ({reason}); --dtype fp32 for the fp32 path")
+
+
+def dtype_of(predictor) -> str:
+    """What outputs' metadata records as the dtype ('float32' for runtimes without a choice)."""
+    return getattr(predictor, "dtype_name", "float32")
 
 
 def apply_threads(threads: int | None) -> None:

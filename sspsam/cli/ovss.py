@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from sspsam.cli.common import (
+    DTYPE_HELP,
     QUANTIZE_HELP,
     THREADS_HELP,
     apply_quantize,
@@ -19,8 +20,11 @@ from sspsam.cli.common import (
     check_input_file,
     check_output_dir,
     check_speed_options,
+    dtype_of,
     fail,
+    model_dtype_args,
     output_stem,
+    say_dtype,
     say_warning,
 )
 from sspsam.errors import SSPSamError
@@ -41,6 +45,7 @@ def ovss(
     slide: Optional[bool] = typer.Option(None, "--slide/--no-slide", help="Sliding-window inference; default: automatic for large images."),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     quantize: str = typer.Option("none", "--quantize", help=QUANTIZE_HELP),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Label every pixel with one class.
 
@@ -49,7 +54,7 @@ def ovss(
     """
     try:  # cheap checks first: a bad image or class list should not wait for a model to load
         check_input_file(image)
-        check_speed_options(threads, quantize)
+        check_speed_options(threads, quantize, dtype)
         from sspsam.cli.common import _offline
         from sspsam.predict.device import resolve_device
         from sspsam.io.images import load_image
@@ -61,13 +66,17 @@ def ovss(
         check_output_dir(output, create=False)
         apply_threads(threads)
         with _offline(offline):
-            seg = OVSS.from_pretrained(model, device=str(dev))
+            try:
+                seg = OVSS.from_pretrained(model, device=str(dev), dtype=model_dtype_args(dtype, quantize))
+            except ValueError as exc:  # a dtype this device cannot run
+                raise SSPSamError(str(exc)) from None
         seg.surface = "cli"
         names = clean_classes(seg._classes_or_default(names))
         if len(names) > 256:
             raise SSPSamError(f"{len(names)} classes do not fit an 8-bit label PNG; give at most 256")
         load_image(rgb, len(names))  # the pixels × classes budget, now that the classes are known
         apply_quantize(seg, quantize)
+        say_dtype(seg)
         res = seg.segment(rgb, names, slide=slide)
     except SSPSamError as exc:
         _fail(exc)
@@ -83,7 +92,7 @@ def ovss(
             out.add(f"{stem}.ovss.labels.png", lambda p: labels_png.save(p, format="PNG"))
             ov = label_overlay(rgb, res.labels, res.classes, res.shares, warnings=res.warnings)
             out.add(f"{stem}.ovss.overlay.png", lambda p: ov.save(p, format="PNG"))
-            payload = {"image": str(image), "model": seg.name, **res.to_json()}
+            payload = {"image": str(image), "model": seg.name, "dtype": dtype_of(seg), **res.to_json()}
             out.add(f"{stem}.ovss.json", lambda p: Path(p).write_text(json.dumps(payload, indent=1)))
         written = out.paths
     except (OSError, SSPSamError) as exc:

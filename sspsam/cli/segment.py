@@ -10,6 +10,7 @@ import typer
 
 from sspsam.cli.common import (
     DEVICE_HELP,
+    DTYPE_HELP,
     QUANTIZE_HELP,
     THREADS_HELP,
     _fail,
@@ -19,7 +20,10 @@ from sspsam.cli.common import (
     check_input_file,
     check_output_dir,
     check_speed_options,
+    dtype_of,
+    model_dtype_args,
     output_stem,
+    say_dtype,
     say_warning,
 )
 from sspsam.errors import SSPSamError, TextError
@@ -61,6 +65,7 @@ def segment(
     offline: bool = typer.Option(False, "--offline", help="Never download missing weights (also: SSPSAM_OFFLINE=1)."),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     quantize: str = typer.Option("none", "--quantize", help=QUANTIZE_HELP),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Segment what each phrase refers to.
 
@@ -79,7 +84,7 @@ def segment(
             text += read_phrases(phrases_file)
         if not text:
             raise TextError('no phrase given: `sspsam segment IMAGE "the blue circle"` or --phrases FILE')
-        check_speed_options(threads, quantize)
+        check_speed_options(threads, quantize, dtype)
         from sspsam.predict.device import resolve_device
         from sspsam.io.images import load_image
         from sspsam.predict.segmenter import Segmenter
@@ -91,16 +96,27 @@ def segment(
         check_output_dir(output, create=False)
         apply_threads(threads)
         with _offline(offline):
-            seg = Segmenter.from_pretrained(model, device=str(dev))
+            seg = _load(model, str(dev), model_dtype_args(dtype, quantize))
         apply_quantize(seg, quantize)
         seg.surface = "cli"
+        say_dtype(seg)
         res = seg.segment(rgb, phrases, **({"allow_unknown_words": True} if allow_unknown else {}))
     except SSPSamError as exc:
         _fail(exc)
-    _write_segment(image, output, seg.name, rgb, res)
+    _write_segment(image, output, seg.name, rgb, res, dtype_of(seg))
 
 
-def _write_segment(image: Path, output: Path, model_name: str, rgb, res) -> None:
+def _load(model: str, device: str, dtype: str):
+    """The Segmenter in ``dtype``; a dtype the device cannot run is a one-line error, not a traceback."""
+    from sspsam.predict.segmenter import Segmenter
+
+    try:
+        return Segmenter.from_pretrained(model, device=device, dtype=dtype)
+    except ValueError as exc:  # an unsupported dtype on this device (fp16 on a CPU torch without it)
+        raise SSPSamError(str(exc)) from None
+
+
+def _write_segment(image: Path, output: Path, model_name: str, rgb, res, dtype: str = "float32") -> None:
     import json
 
     import numpy as np
@@ -120,7 +136,7 @@ def _write_segment(image: Path, output: Path, model_name: str, rgb, res) -> None
                 out.add(name, lambda p, im=mask_png: im.save(p, format="PNG"))
             ov = segmentation_overlay(rgb, res.phrases, res.masks, res.scores, res.no_target, res.warnings, res.instances)
             out.add(f"{stem}.segment.overlay.png", lambda p: ov.save(p, format="PNG"))
-            payload = {"image": str(image), "model": model_name, **res.to_json()}
+            payload = {"image": str(image), "model": model_name, "dtype": dtype, **res.to_json()}
             for r, name in zip(payload["results"], masks):
                 r["mask_file"] = name
             out.add(f"{stem}.segment.json", lambda p: Path(p).write_text(json.dumps(payload, indent=1)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from sspsam.cli.common import fail, say_warning
+from sspsam.cli.common import DTYPE_HELP, check_speed_options, fail, say_dtype, say_warning
 from sspsam.errors import CheckpointError, SSPSamError
 
 DEFAULT_OVSS = "ovss-shapes-demo"
@@ -34,6 +34,7 @@ def serve(
                                     '\'{"min_replicas": 1, "max_replicas": 4}\' (replaces --replicas).'),
     replica_cpus: float = typer.Option(1.0, "--replica-cpus", min=0.0, help="With --ray: CPUs Ray reserves per replica."),
     threads: int = typer.Option(0, "--threads", min=0, help="torch threads (per replica with --ray); 0: torch's default."),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Serve POST /v1/segment, POST /v1/ovss, the web page at / and the API docs at /docs.
     One process, one inference thread that micro-batches; run several behind a proxy to scale out."""
@@ -52,7 +53,7 @@ def serve(
     if ray:
         return _serve_ray(host, port, model, ovss_model, device, queue_size, max_batch, timeout_s, max_upload_mb,
                           max_classes, body_timeout, upload_timeout, cors_origin, replicas, address, autoscaling, replica_cpus,
-                          threads)
+                          threads, dtype)
     if address or autoscaling or replicas != 1:
         raise fail("--replicas, --address and --autoscaling need --ray")
     if threads:
@@ -62,23 +63,26 @@ def serve(
     ovss = None
     sock = None
     try:  # cheap checks, then the port, then the models: a bad name or a busy port is one line, at once
+        check_speed_options(None, "none", dtype)
         device = str(resolve_device(device))
         sock = bind_socket(host, port)
-        seg, _ = load_models(model, None, device)
+        seg, _ = load_models(model, None, device, dtype)
+        say_dtype(seg)
         if ovss_model.lower() != "none":
             try:
-                _, ovss = load_models(None, ovss_model, device)
+                _, ovss = load_models(None, ovss_model, device, dtype)
             except CheckpointError as exc:
                 if ovss_model != DEFAULT_OVSS:  # asked for by name: that is an error
                     raise
                 say_warning(f"{exc}; serving without /v1/ovss")
-    except SSPSamError as exc:
+    except (SSPSamError, ValueError) as exc:  # ValueError: a dtype this device cannot run
         if sock is not None:
             sock.close()
         raise fail(exc) from None
     app = create_app(model=model, ovss_model=None, device=device, max_upload_mb=max_upload_mb, timeout_s=timeout_s,
                      queue_size=queue_size, max_batch=max_batch, max_classes=max_classes, segmenter=seg, ovss=ovss,
-                     body_timeout_s=body_timeout, upload_timeout_s=upload_timeout, cors_origins=cors_origin or None)
+                     body_timeout_s=body_timeout, upload_timeout_s=upload_timeout, cors_origins=cors_origin or None,
+                     dtype=dtype)
     typer.echo(f"sspsam serving {seg.name}" + (f" and {ovss.name}" if ovss else "") + f" on http://{host}:{port}/", err=True)
     from sspsam.serve.protocol import timed_h11
 
@@ -88,7 +92,8 @@ def serve(
 
 
 def _serve_ray(host, port, model, ovss_model, device, queue_size, max_batch, timeout_s, max_upload_mb, max_classes,
-               body_timeout, upload_timeout, cors_origin, replicas, address, autoscaling, replica_cpus, threads) -> None:
+               body_timeout, upload_timeout, cors_origin, replicas, address, autoscaling, replica_cpus, threads,
+               dtype="auto") -> None:
     """The app on Ray Serve. Model names are checked here (cheaply, without loading) so a typo is
     one line, not a replica crash loop; the replicas load the models."""
     import json
@@ -123,7 +128,7 @@ def _serve_ray(host, port, model, ovss_model, device, queue_size, max_batch, tim
         raise fail(exc) from None
     options = {"model": model, "ovss_model": ovss, "device": device, "max_upload_mb": max_upload_mb, "timeout_s": timeout_s,
                "queue_size": queue_size, "max_batch": max_batch, "max_classes": max_classes, "body_timeout_s": body_timeout,
-               "upload_timeout_s": upload_timeout,
+               "upload_timeout_s": upload_timeout, "dtype": dtype,
                "cors_origins": cors_origin or None}
     what = f"{auto}" if auto else f"{replicas} replica{'s' * (replicas != 1)}"
     run(options, host, port, replicas, auto, address or None, replica_cpus, threads or None,

@@ -27,19 +27,22 @@ def evaluate_ovss(model, dataset, protocol: str = "detectron2", slide: bool = Fa
 
     ``protocol="sclip"`` runs SCLIP's inference protocol (``sspsam.models.zeroshot.sclip``) scored with
     mmseg's IoUMetric, as SCLIP reports; ``classes`` may then carry synonyms ("dog, puppy", one
-    entry per dataset class, e.g. the lines of SCLIP's ``cls_*.txt``)."""
+    entry per dataset class, e.g. the lines of SCLIP's ``cls_*.txt``).
+
+    The model runs in the dtype its weights have (``dtype=None``): the predictor's automatic
+    bf16 would cast a model under training in place."""
     was_training = model.training
     classes = list(classes or dataset.classes)
     device = next(model.parameters()).device
     if protocol == "sclip":
         if len(classes) != len(dataset.classes):
             raise ValueError(f"{len(classes)} class lines given for a dataset with {len(dataset.classes)} classes")
-        predictor = OVSS(model, device, protocol="sclip", sclip_options=sclip_options)
+        predictor = OVSS(model, device, protocol="sclip", sclip_options=sclip_options, dtype=None)
         protocol = "mmseg"
     else:
         if clean_classes(classes) != classes:
             raise ValueError("the dataset's class names must be distinct, non-empty and already clean")
-        predictor = OVSS(model, device)
+        predictor = OVSS(model, device, dtype=None)
     meter = SemSegMeter(len(classes), ignore_index=dataset.ignore_index, protocol=protocol)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     t0 = time.perf_counter()

@@ -31,12 +31,15 @@ def build_model(cfg: dict | str | Path):
         cfg = load_config(cfg)
     validate_config(cfg)
     try:
-        return _build(cfg)
+        model = _build(cfg)
     except ConfigError:
         raise
     except (AssertionError, ValueError, TypeError, KeyError, IndexError, AttributeError, ZeroDivisionError,
             RuntimeError) as exc:  # a value the checks above let through that the constructors refuse
         raise ConfigError(f"model config '{cfg.get('name')}' cannot build a model ({type(exc).__name__}: {str(exc)[:200]})") from None
+    import sspsam.backbones.runtime as runtime
+
+    return runtime.contiguous_attention(model)
 
 
 # The initialisers every module here reaches through ``torch.nn.init`` (nn.Linear, nn.Conv2d, open_clip,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from sspsam.config import list_configs, load_config
-from sspsam.errors import CheckpointError, ModelOutputError
+from sspsam.errors import CheckpointError, ConfigError, ModelOutputError
 from sspsam.io.images import is_tensor
 from sspsam.models.build import _model_and_meta
 
@@ -45,16 +45,40 @@ class Predictor:
 
     def _place(self, model, device, dtype) -> None:
         """Put ``model`` on ``device`` in ``dtype`` (see :mod:`sspsam.predict.precision`): sets
-        ``self.device``, ``self.dtype`` and ``self.model`` (in eval mode)."""
+        ``self.device``, ``self.dtype``, ``self.dtype_reason`` and ``self.model`` (in eval mode).
+
+        ``"auto"`` leaves weights a caller already made half (``model.half()``) as they are, as
+        ``None`` does: the automatic choice is for fp32 checkpoints, not an override of a choice
+        the caller made in code."""
         from sspsam.predict.device import resolve_device
-        from sspsam.predict.precision import apply_dtype, check_dtype, resolve_dtype
+        from sspsam.predict.precision import AUTO, apply_dtype, check_dtype, log_choice_once, model_dtype, resolve_auto
 
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype)
+        is_auto = isinstance(dtype, str) and dtype.lower() == AUTO
+        if is_auto and (not isinstance(model, torch.nn.Module) or model_dtype(model) != torch.float32):
+            dtype = None  # an ONNX export (fp32 graphs on ONNX Runtime) or weights halved by hand
+        try:
+            picked, self.dtype_reason = resolve_auto(dtype, self.device)
+        except ValueError as exc:
+            if is_auto:  # a bad $SSPSAM_DTYPE: the user's setting, not a caller's bug
+                raise ConfigError(str(exc)) from None
+            raise
+        self.dtype = torch.float32 if picked is None else picked
         check_dtype(self.device, self.dtype)
         model = model.to(self.device)
-        self.model = (apply_dtype(model, self.dtype) if dtype is not None else model).eval()
+        if picked is not None and not (is_auto and picked == torch.float32):
+            model = apply_dtype(model, picked)
+        self.model = model.eval()
         self.compiled: list[str] = []
+        if is_auto:
+            log_choice_once(self.dtype, self.dtype_reason)
+
+    @property
+    def dtype_name(self) -> str:
+        """The dtype the model runs in, as outputs' metadata names it ('float32', 'bfloat16', …)."""
+        from sspsam.predict.precision import dtype_name
+
+        return dtype_name(self._run_dtype())
 
     def _run_dtype(self) -> torch.dtype:
         """The dtype to autocast to: the one asked for, or what the weights hold (``model.half()``)."""

@@ -308,13 +308,13 @@ class _InOrderWriter:
 class SegmentCallable:
     """Ray Data's model holder: one Segmenter per actor, reused for every batch of units it gets."""
 
-    def __init__(self, model: str, device: str, out_dir: str, png: bool, threads: int):
+    def __init__(self, model: str, device: str, out_dir: str, png: bool, threads: int, dtype: str = "auto"):
         import torch
 
         from sspsam.predict.segmenter import Segmenter
 
         torch.set_num_threads(threads)  # as many as the local run, so the numbers match it
-        self.seg = Segmenter.from_pretrained(model, device=device)
+        self.seg = Segmenter.from_pretrained(model, device=device, dtype=dtype)
         self.out_dir, self.png = Path(out_dir), png
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -345,8 +345,10 @@ def run_batch(
     batch_size: int = 8,
     concurrency: int = 1,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
+    dtype: str = "auto",
 ) -> Summary:
-    """Run (or resume) a job. ``progress(total, already_done)`` returns an ``advance(n)`` callback."""
+    """Run (or resume) a job. ``progress(total, already_done)`` returns an ``advance(n)`` callback.
+    ``dtype`` as for :class:`~sspsam.predict.segmenter.Segmenter`."""
     if use_ray:
         import importlib.util
 
@@ -366,7 +368,7 @@ def run_batch(
     if pending and not use_ray:
         from sspsam.predict.segmenter import Segmenter
 
-        seg = Segmenter.from_pretrained(model, device=device)
+        seg = Segmenter.from_pretrained(model, device=device, dtype=dtype)
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -375,7 +377,7 @@ def run_batch(
     writer = _InOrderWriter(results, pending, done, advance)
     try:
         if pending and use_ray:
-            _run_ray(pending, writer, model, device, output, png, batch_size, concurrency)
+            _run_ray(pending, writer, model, device, output, png, batch_size, concurrency, dtype)
         elif pending:
             for unit in pending:
                 writer.put(unit.index, segment_unit(seg, unit, output, png))
@@ -385,7 +387,7 @@ def run_batch(
 
 
 def _run_ray(pending: list[Unit], writer: _InOrderWriter, model: str, device: str, output: Path, png: bool,
-             batch_size: int, concurrency: int) -> None:
+             batch_size: int, concurrency: int, dtype: str = "auto") -> None:
     import ray
     import torch
 
@@ -399,7 +401,7 @@ def _run_ray(pending: list[Unit], writer: _InOrderWriter, model: str, device: st
         ds = ds.map_batches(
             SegmentCallable,
             fn_constructor_kwargs={"model": model, "device": device, "out_dir": str(output.resolve()), "png": png,
-                                   "threads": torch.get_num_threads()},
+                                   "threads": torch.get_num_threads(), "dtype": dtype},
             concurrency=concurrency,
             batch_size=batch_size,
             batch_format="numpy",

@@ -160,11 +160,11 @@ class OVSS(Predictor):
 
     def __init__(self, model, device: str | torch.device = "auto", name: str | None = None, meta: dict | None = None,
                  protocol: str = "sspsam", sclip_options: dict | None = None,
-                 dtype: torch.dtype | str | None = None, compile: bool = False):
+                 dtype: torch.dtype | str | None = "auto", compile: bool = False):
         """``protocol``: 'sspsam' (the model's own inference: letterbox, windows when large) or
         'sclip' (SCLIP's training-free protocol on the model's CLIP, see :mod:`sspsam.models.zeroshot.sclip`;
         ``sclip_options`` go to :class:`~sspsam.models.zeroshot.sclip.SCLIPProtocol`, e.g. prob_thd, area_thd).
-        ``dtype``: torch.float32 (default), torch.bfloat16 or torch.float16, as for :class:`Segmenter`
+        ``dtype``: 'auto' (default), torch.float32, torch.bfloat16 or torch.float16, as for :class:`Segmenter`
         (norms stay fp32, the model runs under autocast; logits and labels come out fp32);
         ``compile``: wrap the image towers with torch.compile, falling back to eager with a warning."""
         if protocol not in PROTOCOLS:
@@ -196,7 +196,7 @@ class OVSS(Predictor):
     # ---- construction ---------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.device = "auto",
-                        dtype: torch.dtype | str | None = None, compile: bool = False) -> "OVSS":
+                        dtype: torch.dtype | str | None = "auto", compile: bool = False) -> "OVSS":
         """A bundled model, 'zeroshot' (CLIP + SAM from the weights cache), a published OVSS variant
         (downloaded on first use) or an sspsam checkpoint path (see :meth:`Predictor.resolve`).
         ``dtype`` and ``compile`` as in :class:`OVSS`."""

@@ -6,11 +6,21 @@ small differences a norm exists to rescale) and the score heads (the no-target h
 is thresholded, so a rounding step is a flipped answer). Autocast itself keeps softmax and the
 reductions it lists in fp32 and casts each matmul/conv input to the half dtype, so fp32 tensors
 made inside the model (positional tables, masks) mix with half weights without a dtype error.
+
+``dtype="auto"`` (the predictors' default) picks bf16 only where the hardware has bf16 matrix
+units, because elsewhere bf16 is emulated and several times slower than fp32: a CUDA device that
+reports bf16 support, or a CPU with AMX-BF16 or AVX512-BF16 that torch dispatches AVX512 kernels
+on (oneDNN then runs the bf16 matmuls on those units). Everything else runs fp32. The environment
+variable ``SSPSAM_DTYPE`` replaces the automatic choice (the test suite pins fp32 with it, since its
+golden comparisons are fp32 numerics); an explicit ``dtype=`` argument wins over both.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
+import os
 import types
 import warnings
 
@@ -22,13 +32,114 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 FP32_MODULES = ("no_target_head",)  # score heads: thresholded outputs stay fp32
 
 
+AUTO = "auto"
+#: environment variable that replaces what ``dtype="auto"`` picks (any name in DTYPES)
+ENV_DTYPE = "SSPSAM_DTYPE"
+#: /proc/cpuinfo flags of CPUs whose bf16 matmuls run on bf16 units (AMX tiles, AVX512-BF16 dot products)
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+_log = logging.getLogger("sspsam")
+
+
+@functools.lru_cache(maxsize=1)
+def host_cpu_flags() -> frozenset[str]:
+    """The CPU feature flags Linux reports (empty elsewhere: no claim is made about unknown CPUs)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def choose_dtype(device, cpu_flags: set[str] | frozenset[str] | None = None, capability: str | None = None,
+                 cuda_bf16: bool | None = None) -> tuple[torch.dtype, str]:
+    """``(dtype, reason)`` that ``dtype="auto"`` runs on ``device``; pure when every hardware fact
+    is passed in (``None``: ask this machine).
+
+    CUDA: bf16 where ``torch.cuda.is_bf16_supported()`` (Ampere and later), else fp32 (fp16 is
+    never picked: its range overflows in attention logits). CPU: bf16 when the flags name bf16
+    units AND torch dispatches AVX512 kernels; with ``ATEN_CPU_CAPABILITY`` capped lower, or
+    without oneDNN, bf16 would be converted element by element and lose to fp32.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        if cuda_bf16 is None:
+            try:
+                with torch.cuda.device(device):
+                    cuda_bf16 = bool(torch.cuda.is_bf16_supported())
+            except Exception:  # noqa: BLE001 — no usable CUDA: the fp32 answer is always safe
+                cuda_bf16 = False
+        if cuda_bf16:
+            return torch.bfloat16, "CUDA device with bf16 support"
+        return torch.float32, "CUDA device without bf16 support"
+    if device.type != "cpu":
+        return torch.float32, f"no bf16 rule for {device.type} devices"
+    live = cpu_flags is None and capability is None
+    flags = host_cpu_flags() if cpu_flags is None else frozenset(cpu_flags)
+    if capability is None:
+        capability = torch.backends.cpu.get_cpu_capability()
+    units = [f for f in BF16_CPU_FLAGS if f in flags]
+    if not units:
+        return torch.float32, "CPU without AMX-BF16/AVX512-BF16"
+    if not str(capability).upper().startswith("AVX512"):
+        return torch.float32, f"CPU has {units[0]} but torch dispatches {capability} kernels"
+    if live and not torch.backends.mkldnn.is_available():
+        return torch.float32, f"CPU has {units[0]} but this torch build has no oneDNN"
+    return torch.bfloat16, f"CPU has {units[0]}, torch dispatches {capability}"
+
+
+def auto_dtype(device, cpu_flags=None, capability: str | None = None, cuda_bf16: bool | None = None) -> torch.dtype:
+    """The dtype of :func:`choose_dtype`, without the reason."""
+    return choose_dtype(device, cpu_flags, capability, cuda_bf16)[0]
+
+
+def resolve_auto(dtype, device) -> tuple[torch.dtype | None, str]:
+    """``(dtype, how it was chosen)`` for a predictor's ``dtype`` argument on ``device``.
+
+    ``None`` stays ``None`` (the weights run as given, a user's ``model.half()`` included);
+    ``"auto"`` becomes ``$SSPSAM_DTYPE`` when set, else :func:`choose_dtype`'s pick.
+    """
+    if isinstance(dtype, str) and dtype.lower() == AUTO:
+        env = os.environ.get(ENV_DTYPE, "").strip()
+        if env and env.lower() != AUTO:
+            try:
+                return resolve_dtype(env), f"{ENV_DTYPE}={env}"
+            except ValueError as exc:
+                raise ValueError(f"{ENV_DTYPE}: {exc}") from None
+        picked, why = choose_dtype(device)
+        return picked, f"auto: {why}"
+    if dtype is None:
+        return None, "as the weights are"
+    return resolve_dtype(dtype), "asked for"
+
+
+_said: set[tuple[str, str]] = set()
+
+
+def log_choice_once(dtype: torch.dtype, how: str) -> None:
+    """One log line per process for each automatic choice, so a library user can see why a model
+    runs in bf16 without a line per predictor."""
+    if not how.startswith(AUTO) or (str(dtype), how) in _said:
+        return
+    _said.add((str(dtype), how))
+    _log.info("sspsam runs in %s (%s); dtype='float32' for the fp32 path", dtype_name(dtype), how)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32', 'bfloat16', 'float16': the names outputs' metadata carries."""
+    return str(dtype).replace("torch.", "")
+
+
 def resolve_dtype(dtype) -> torch.dtype:
     """None/'float32'/torch.float32 → fp32; 'bf16'/torch.bfloat16, 'fp16'/torch.float16 likewise."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, str):
         if dtype.lower() not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+            raise ValueError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
         return DTYPES[dtype.lower()]
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")

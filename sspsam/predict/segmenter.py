@@ -44,8 +44,9 @@ class Segmenter(Predictor):
     points or boxes; compared with lang-sam's ``LangSAM.predict``: one model (no detector in front),
     masks for every phrase at once, and a list of images in one call. See the README, "Python API".
 
-    ``device``: 'auto' (CUDA, then MPS, then CPU), a name or a torch.device; ``dtype``:
-    torch.float32 (default), torch.bfloat16 or torch.float16 (see :mod:`sspsam.predict.precision`);
+    ``device``: 'auto' (CUDA, then MPS, then CPU), a name or a torch.device; ``dtype``: 'auto'
+    (default: bf16 where the GPU or CPU has bf16 units, else fp32; ``$SSPSAM_DTYPE`` overrides it),
+    torch.float32, torch.bfloat16 or torch.float16 (see :mod:`sspsam.predict.precision`);
     ``compile``: wrap the image towers with torch.compile, falling back to eager with a warning.
     """
 
@@ -58,7 +59,7 @@ class Segmenter(Predictor):
     TASK = "a referring"
 
     def __init__(self, model, device: str | torch.device = "auto", name: str | None = None, meta: dict | None = None,
-                 dtype: torch.dtype | str | None = None, compile: bool = False):
+                 dtype: torch.dtype | str | None = "auto", compile: bool = False):
         self._place(model, device, dtype)
         self._identify(model, name, meta, "ssp-sam")
         inf = model.config.get("inference", {})
@@ -75,7 +76,7 @@ class Segmenter(Predictor):
     # ---- construction ---------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.device = "auto",
-                        dtype: torch.dtype | str | None = None, compile: bool = False) -> "Segmenter":
+                        dtype: torch.dtype | str | None = "auto", compile: bool = False) -> "Segmenter":
         """A bundled model name, 'zeroshot' (training-free), a published variant (downloaded on first
         use), a checkpoint path or a folder `sspsam export onnx` wrote (see :meth:`Predictor.resolve`).
 
@@ -90,7 +91,7 @@ class Segmenter(Predictor):
         if kind == "onnx":
             from sspsam.predict.onnx_runtime import load_graphs
 
-            if dtype is not None or compile:
+            if str(dtype).lower().replace("torch.", "") not in ("none", "auto", "fp32", "float32") or compile:
                 raise ConfigError("an ONNX export runs in fp32 on ONNX Runtime: dtype and compile apply to PyTorch models")
             graphs = load_graphs(path, device=device)
             return cls(graphs, "cpu", graphs.manifest["model"], graphs.manifest.get("meta"))

@@ -508,6 +508,7 @@ class SegmentResponse(BaseModel):
     image_size: list[int]
     results: list[SegmentResult]
     model: str
+    dtype: str = "float32"  # what the model ran in: float32, bfloat16 or float16
     request_id: str
     overlay_png: str | None = None
 
@@ -520,6 +521,7 @@ class OvssResponse(BaseModel):
     colours: list[list[int]] | None = None
     masks: list[dict]
     model: str
+    dtype: str = "float32"
     request_id: str
     overlay_png: str | None = None
 
@@ -569,19 +571,28 @@ def _docs_page(spec: dict) -> str:
 # ---- the app ----------------------------------------------------------------------------------
 
 
-def load_models(model: str | None, ovss_model: str | None, device: str = "cpu"):
-    """(Segmenter or None, OVSS or None), warmed up: the first call through a model is several times slower."""
+def load_models(model: str | None, ovss_model: str | None, device: str = "cpu", dtype: str = "auto"):
+    """(Segmenter or None, OVSS or None), warmed up: the first call through a model is several times slower.
+    What ``dtype="auto"`` picked is logged once per model, so an operator sees it at start-up."""
     seg = ovss = None
     if model:
         from sspsam.predict.segmenter import Segmenter
 
-        seg = Segmenter.from_pretrained(model, device=device)
+        seg = Segmenter.from_pretrained(model, device=device, dtype=dtype)
         seg.segment(np.full((64, 64, 3), 128, np.uint8), "warm up")
+        _log_dtype(seg)
     if ovss_model:
         from sspsam.predict.ovss import OVSS
 
-        ovss = OVSS.from_pretrained(ovss_model, device=device)
+        ovss = OVSS.from_pretrained(ovss_model, device=device, dtype=dtype)
+        _log_dtype(ovss)
     return seg, ovss
+
+
+def _log_dtype(model) -> None:
+    _setup_logging()
+    log.info(json.dumps({"event": "model_loaded", "model": _name(model), "dtype": _dtype(model),
+                         "dtype_reason": getattr(model, "dtype_reason", None)}))
 
 
 def create_app(
@@ -600,6 +611,7 @@ def create_app(
     cors_origins: list[str] | None = None,
     max_pixels: int = 25_000_000,
     upload_timeout_s: float = 120.0,
+    dtype: str = "auto",
 ) -> FastAPI:
     """The service. Models load once at start-up (lifespan), unless ready objects are passed in
     (``segmenter``/``ovss``: anything with the Segmenter / OVSS ``segment`` method, e.g. test stubs).
@@ -614,7 +626,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         seg, ov = await run_in_threadpool(load_models, model if segmenter is None else None,
-                                          ovss_model if ovss is None else None, device)
+                                          ovss_model if ovss is None else None, device, dtype)
         worker = _Worker(seg if segmenter is None else segmenter, ov if ovss is None else ovss, queue_size, max_batch)
         worker.start()
         app.state.worker = worker
@@ -694,7 +706,8 @@ def create_app(
             return out
 
         out = await run_in_threadpool(render)
-        return JSONResponse({**out, "model": _name(request.app.state.worker.segmenter), "request_id": request.state.request_id})
+        seg = request.app.state.worker.segmenter
+        return JSONResponse({**out, "model": _name(seg), "dtype": _dtype(seg), "request_id": request.state.request_id})
 
     @app.post("/v1/ovss", summary="Label every pixel with one of the given classes",
               description="label_png: palette PNG, pixel = index into classes (255 / 65535 = unlabelled); "
@@ -723,7 +736,7 @@ def create_app(
             return out
 
         out = await run_in_threadpool(render)
-        return JSONResponse({**out, "model": _name(worker.ovss), "request_id": request.state.request_id})
+        return JSONResponse({**out, "model": _name(worker.ovss), "dtype": _dtype(worker.ovss), "request_id": request.state.request_id})
 
     @app.head("/healthz", include_in_schema=False)
     @app.get("/healthz", summary="Liveness: 200 while the inference thread runs")
@@ -738,8 +751,10 @@ def create_app(
     async def models(request: Request):
         worker: _Worker = request.app.state.worker
         seg = {"name": _name(worker.segmenter), "device": str(getattr(worker.segmenter, "device", device)),
+               "dtype": _dtype(worker.segmenter),
                "examples": _examples(worker.segmenter, "example_phrases")}
         ov = None if worker.ovss is None else {"name": _name(worker.ovss), "device": str(getattr(worker.ovss, "device", device)),
+                                               "dtype": _dtype(worker.ovss),
                                                "examples": _examples(worker.ovss, "example_classes")}
         return {"segment": seg, "ovss": ov, "limits": limits}
 
@@ -756,6 +771,11 @@ def create_app(
 
 def _name(model) -> str:
     return str(getattr(model, "name", type(model).__name__))
+
+
+def _dtype(model) -> str:
+    """The dtype a model runs in, for responses ('float32' for stubs and runtimes without a choice)."""
+    return str(getattr(model, "dtype_name", "float32"))
 
 
 # What the bundled demo models know, for checkpoints saved before they carried ``example_*`` in meta.

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+import sspsam.backbones.runtime as runtime
+
 
 class LinguisticAttentionAdapter(nn.Module):
     """Word features → bidirectional GRU → phrase attention → one weighted phrase vector.
@@ -34,7 +36,7 @@ class LinguisticAttentionAdapter(nn.Module):
         """words [T,L,E], pad_mask [T,L] → (phrase [T,d], projected words [T,L,d], weights [T,L])."""
         w = self.word_proj(words)
         if self.official:
-            h = self.gru(w)[0]
+            h = runtime.gru_batch_first(self.gru, w)
             weights = self.phrase_attention(h).squeeze(-1).softmax(dim=-1) * (~pad_mask).to(w.dtype)
             weights = weights / weights.sum(1, keepdim=True)
             return torch.bmm(weights.unsqueeze(1), w).squeeze(1), w, weights

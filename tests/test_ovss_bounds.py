@@ -95,3 +95,43 @@ def test_the_limit_follows_the_setting(monkeypatch):
     monkeypatch.setenv("SSPSAM_MAX_OVSS_GFLOP", "lots")
     with pytest.raises(SSPSamError, match="SSPSAM_MAX_OVSS_GFLOP must be a number"):
         OVSS.from_pretrained("ovss-shapes-demo", device="cpu")
+
+
+def test_http_refuses_by_name_before_queueing(ovss):
+    from fastapi.testclient import TestClient
+
+    from sspsam.serve.app import create_app
+
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(buf, format="PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    app = create_app(segmenter=object(), ovss=ovss, max_classes=1000)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.post("/v1/ovss", json={"image": image, "classes": [f"class {i}" for i in range(1000)]})
+        assert r.status_code == 413
+        err = r.json()["error"]
+        assert err["code"] == "too_much_work" and "SSPSAM_MAX_OVSS_GFLOP" in err["message"]
+        assert app.state.worker.stats["jobs"] == 0  # never queued
+        r = client.post("/v1/ovss", json={"image": image, "classes": ["background", "red"]})
+        assert r.status_code == 200 and r.json()["classes"] == ["background", "red"]
+
+
+def test_cli_names_the_limit(tmp_path, monkeypatch):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from sspsam.cli.main import app
+
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "a.png")
+    monkeypatch.setenv("SSPSAM_MAX_OVSS_GFLOP", "2")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["ovss", str(tmp_path / "a.png"), "-c", ", ".join(f"c{i}" for i in range(50)),
+                                   "-o", str(out), "--device", "cpu"])
+    assert res.exit_code == 2
+    assert "error:" in res.output and "GFLOP work limit (SSPSAM_MAX_OVSS_GFLOP)" in res.output
+    assert not out.exists() or not any(out.iterdir())

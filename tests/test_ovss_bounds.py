@@ -135,3 +135,48 @@ def test_cli_names_the_limit(tmp_path, monkeypatch):
     assert res.exit_code == 2
     assert "error:" in res.output and "GFLOP work limit (SSPSAM_MAX_OVSS_GFLOP)" in res.output
     assert not out.exists() or not any(out.iterdir())
+
+
+# ---- strips: overlays sized by the short side --------------------------------------------------------
+
+
+def test_wide_and_tall_strip_overlays_are_drawn_small():
+    from sspsam.io.masks import _scale, label_overlay, overlay_scale
+
+    assert _scale(3000, 4000) == (72, 16)  # a photo keeps its sizes
+    assert _scale(1, 100_000) == (12, 2)  # a strip's lines do not follow its long side
+    for shape in ((1, 100_000), (100_000, 1)):
+        labels = np.zeros(shape, np.int32)
+        labels[..., : shape[-1] // 2] = 1
+        ov = label_overlay(np.zeros((*shape, 3), np.uint8), labels, ["background", "red"])
+        assert ov.width * ov.height < 50_000_000
+        assert overlay_scale(*shape) == 1
+
+
+@pytest.mark.parametrize("command,extra", [("ovss", ["-c", "background, red"]), ("segment", ["the red bar"])])
+def test_strip_far_too_long_is_refused_by_name_leaving_nothing(tmp_path, command, extra):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from sspsam.cli.main import app
+
+    Image.new("RGB", (89_000_000, 1), (200, 20, 20)).save(tmp_path / "strip.png")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, [command, str(tmp_path / "strip.png"), *extra, "-o", str(out), "--device", "cpu"])
+    assert res.exit_code == 2, res.output
+    assert "error: the image is 89,000,000x1 px; overlays are drawn for images up to 1,000,000 px" in res.output
+    assert not out.exists()
+
+
+def test_wide_strip_is_answered_by_the_cli(tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from sspsam.cli.main import app
+
+    Image.new("RGB", (100_000, 1), (200, 20, 20)).save(tmp_path / "strip.png")
+    res = CliRunner().invoke(app, ["ovss", str(tmp_path / "strip.png"), "-c", "background, red", "-o", str(tmp_path / "o"),
+                                   "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    ov = Image.open(tmp_path / "o" / "strip.ovss.overlay.png")
+    assert ov.width >= 100_000 and ov.height < 1000

@@ -83,7 +83,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sspsam import __version__
-from sspsam.errors import ImageLoadError, ImageTooLargeError, ModelOutputError, TextError, WorkLimitError
+from sspsam.errors import ImageLoadError, ImageTooLargeError, ModelOutputError, OutputError, TextError, WorkLimitError
 from sspsam.io.images import load_image
 from sspsam.io.masks import class_colours, encode_rle, label_overlay, label_png, segmentation_overlay
 from sspsam.predict.ovss import clean_classes
@@ -698,7 +698,10 @@ def create_app(
                                                                    res.warnings, res.instances))
             return out
 
-        out = await run_in_threadpool(render)
+        try:
+            out = await run_in_threadpool(render)
+        except OutputError as exc:  # an overlay too long to draw
+            raise ApiError(413, "image_too_large", str(exc)) from None
         return JSONResponse({**out, "model": _name(request.app.state.worker.segmenter), "request_id": request.state.request_id})
 
     @app.post("/v1/ovss", summary="Label every pixel with one of the given classes",
@@ -732,7 +735,10 @@ def create_app(
                                                             warnings=res.warnings))
             return out
 
-        out = await run_in_threadpool(render)
+        try:
+            out = await run_in_threadpool(render)
+        except OutputError as exc:  # an overlay too long to draw
+            raise ApiError(413, "image_too_large", str(exc)) from None
         return JSONResponse({**out, "model": _name(worker.ovss), "request_id": request.state.request_id})
 
     @app.head("/healthz", include_in_schema=False)

@@ -46,3 +46,9 @@ class MissingExtraError(SSPSamError, ImportError):
 class OptionError(SSPSamError, ValueError):
     """An option's value is out of range (a learning rate of NaN, zero steps, an unknown precision).
     Also a ValueError, which the training API raised for these before they were named."""
+
+
+class WorkLimitError(SSPSamError):
+    """A request would make the model do more work than the configured bound (classes × image
+    views × the model's per-class cost): refused before any of it runs, so a long class list
+    answers at once instead of holding the process or the server past its timeout."""

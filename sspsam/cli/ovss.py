@@ -58,10 +58,12 @@ def ovss(
         from sspsam.cli.common import _offline
         from sspsam.predict.device import resolve_device
         from sspsam.io.images import load_image
+        from sspsam.io.masks import check_overlay_size
         from sspsam.predict.ovss import OVSS, clean_classes
 
         names = clean_classes(classes) if classes is not None else None
         rgb = load_image(image, len(names or ()) or 1)
+        check_overlay_size(*rgb.shape[:2])  # the picture it writes must be drawable: known before the model runs
         dev = resolve_device(device)
         check_output_dir(output, create=False)
         apply_threads(threads)

@@ -87,11 +87,13 @@ def segment(
         check_speed_options(threads, quantize, dtype)
         from sspsam.predict.device import resolve_device
         from sspsam.io.images import load_image
+        from sspsam.io.masks import check_overlay_size
         from sspsam.predict.segmenter import Segmenter
         from sspsam.predict.results import clean_phrases
 
         phrases = clean_phrases(text)
         rgb = load_image(image, len(phrases))
+        check_overlay_size(*rgb.shape[:2])  # the picture it writes must be drawable: known before the model runs
         dev = resolve_device(device)
         check_output_dir(output, create=False)
         apply_threads(threads)

@@ -42,7 +42,7 @@ def evaluate_ovss(model, dataset, protocol: str = "detectron2", slide: bool = Fa
     else:
         if clean_classes(classes) != classes:
             raise ValueError("the dataset's class names must be distinct, non-empty and already clean")
-        predictor = OVSS(model, device, dtype=None)
+        predictor = OVSS(model, device, dtype=None, max_gflop=None)  # an evaluation asks its dataset's classes, however many
     meter = SemSegMeter(len(classes), ignore_index=dataset.ignore_index, protocol=protocol)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     t0 = time.perf_counter()

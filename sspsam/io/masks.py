@@ -143,12 +143,34 @@ _UNLABELLED = (0, 0, 0)  # palette entry 255 of the label PNG: pixels no class c
 MIN_OVERLAY_SIDE = 480
 _MAX_UPSCALE = 8
 _MAX_FONT = 72
+_MAX_LINE = 40
+#: an enlarged picture stays under this many pixels: a strip one pixel tall is short but long, and
+#: enlarging it as a thumbnail is enlarged made a 100000×1 image an 800000×8 canvas and more
+_MAX_ENLARGED_PIXELS = 16_000_000
+#: the longest side an overlay is drawn with: past it no image viewer opens the PNG, and PIL's
+#: drawing and encoding fail with a bare OSError
+MAX_OVERLAY_SIDE = 1_000_000
 
 
 def overlay_scale(height: int, width: int) -> int:
-    """The whole factor a small image is enlarged by for its overlay (1 for most photos)."""
+    """The whole factor a small image is enlarged by for its overlay (1 for most photos, and less
+    where the enlarged picture with a legend beside it would pass 16 MP, or a side ``MAX_OVERLAY_SIDE``)."""
     short = max(1, min(height, width))
-    return max(1, min(_MAX_UPSCALE, -(-MIN_OVERLAY_SIDE // short))) if short < MIN_OVERLAY_SIDE else 1
+    k = max(1, min(_MAX_UPSCALE, -(-MIN_OVERLAY_SIDE // short))) if short < MIN_OVERLAY_SIDE else 1
+    long_side = max(height, width)
+    while k > 1 and (long_side * k * (short * k + MIN_OVERLAY_SIDE) > _MAX_ENLARGED_PIXELS or long_side * k > MAX_OVERLAY_SIDE):
+        k -= 1
+    return k
+
+
+def check_overlay_size(height: int, width: int) -> None:
+    """Refuse, by name, an image too long on one side to draw an overlay of (checked before a
+    model runs, so the command fails at once and writes nothing)."""
+    from sspsam.errors import OutputError
+
+    if max(height, width) > MAX_OVERLAY_SIDE:
+        raise OutputError(f"the image is {width:,}x{height:,} px; overlays are drawn for images up to {MAX_OVERLAY_SIDE:,} px "
+                          "a side (a PNG that long opens in no viewer): crop or resize it")
 
 
 def _scale(height: int, width: int) -> tuple[int, int]:
@@ -157,10 +179,13 @@ def _scale(height: int, width: int) -> tuple[int, int]:
     Text is ~1/30 of the short side (a panorama's long side would make labels taller than the
     strip), never below 12 px (the smallest size people read without zooming) and never above
     72 px (beyond that a label hides more than it tells); lines ~1/250 of the long side, at least 2
-    px so a contour stands out from the fill.
+    px so a contour stands out from the fill, with the long side counted as at most four short
+    sides and the width capped at 40 px: a strip's long side made its contours (and the legend's
+    row height) thousands of pixels wide.
     """
     long_side, short_side = max(height, width), min(height, width)
-    return max(12, min(_MAX_FONT, round(short_side / 30))), max(2, round(long_side / 250))
+    return (max(12, min(_MAX_FONT, round(short_side / 30))),
+            max(2, min(_MAX_LINE, round(min(long_side, 4 * short_side) / 250))))
 
 
 @functools.lru_cache(maxsize=32)
@@ -317,7 +342,8 @@ def _legend_panel(rows: list[tuple[tuple[int, int, int] | None, str]], height: i
     sw = asc + desc
     margin = max(6, row_h // 3)
     text_w = max((probe.textlength(t, font=fnt) for _, t in rows), default=0)
-    panel = Image.new("RGB", (int(margin * 3 + sw + text_w), max(height, margin * 2 + row_h * len(rows))), (255, 255, 255))
+    # only as tall as its rows: the picture it is pasted beside is white below them anyway
+    panel = Image.new("RGB", (int(margin * 3 + sw + text_w), margin * 2 + row_h * len(rows)), (255, 255, 255))
     draw = ImageDraw.Draw(panel)
     for k, (colour, text) in enumerate(rows):
         y = margin + k * row_h
@@ -327,6 +353,26 @@ def _legend_panel(rows: list[tuple[tuple[int, int, int] | None, str]], height: i
             draw.line((x0, y1, x1, y0), fill=(60, 60, 60), width=max(1, line // 2))
         draw.text((margin * 2 + sw, y), text, fill=(20, 20, 20), font=fnt)
     return panel
+
+
+#: the most pixels an overlay (picture and legend) may add to the image's own: a legend beside a
+#: strip one pixel tall is a canvas as long as the strip and as tall as the legend
+_MAX_EXTRA_PIXELS = 50_000_000
+
+
+def _beside(img: Image.Image, panel: Image.Image) -> Image.Image:
+    """The picture with the legend panel to its right, on white; a named error where that canvas
+    would be mostly white space the size of a photo album."""
+    from sspsam.errors import OutputError
+
+    w, h = img.width + panel.width, max(img.height, panel.height)
+    if w * h > img.width * img.height + _MAX_EXTRA_PIXELS:
+        raise OutputError(f"the overlay of this {img.width:,}x{img.height:,} px image with its legend would be {w:,}x{h:,} px; "
+                          "overlays add at most 50 MP of legend: crop the image or ask fewer classes")
+    full = Image.new("RGB", (w, h), (255, 255, 255))
+    full.paste(img, (0, 0))
+    full.paste(panel, (img.width, 0))
+    return full
 
 
 def overlay(image: np.ndarray, masks: list[np.ndarray], labels: list[str] | None = None, alpha: float = 0.45,
@@ -375,11 +421,7 @@ def overlay(image: np.ndarray, masks: list[np.ndarray], labels: list[str] | None
     if legend is None:
         return img
     rows = [(c if b is not None else None, f"{k + 1}  {t}") for k, (b, c, t) in enumerate(zip(boxes, colours, legend))]
-    panel = _legend_panel(rows, h, fnt, line)
-    full = Image.new("RGB", (w + panel.width, max(h, panel.height)), (255, 255, 255))
-    full.paste(img, (0, 0))
-    full.paste(panel, (w, 0))
-    return full
+    return _beside(img, _legend_panel(rows, h, fnt, line))
 
 
 def warning_banner(img: Image.Image, warnings: list[str]) -> Image.Image:
@@ -540,11 +582,7 @@ def _label_overlay(rgb: np.ndarray, labels: np.ndarray, classes: list[str], shar
             under = (int(cx - cw / 2), int(cy + ch / 2), int(cx + cw / 2), int(cy + 1.5 * ch))
             _tag(draw, (int(cx - tw / 2), int(cy + size / 2)), classes[i], colours[i], fnt, (w, h), taken, under)
     rows = [(colours[i], f"{classes[i]} {100 * shares[classes[i]]:.1f}%") for i in present]
-    panel = _legend_panel(rows, h, fnt, line)
-    full = Image.new("RGB", (w + panel.width, max(h, panel.height)), (255, 255, 255))
-    full.paste(img, (0, 0))
-    full.paste(panel, (w, 0))
-    return full
+    return _beside(img, _legend_panel(rows, h, fnt, line))
 
 
 def label_png(labels: np.ndarray, classes: list[str]) -> Image.Image:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sspsam.config import load_config
-from sspsam.errors import CheckpointError, TextError
+from sspsam.errors import CheckpointError, TextError, WorkLimitError
 from sspsam.io.images import ImageLike, load_image
 from sspsam.predict.base import OVSS_BUNDLED, REFERRING_BUNDLED, Predictor, check_finite, domain_warnings
 from sspsam.io.transforms import Letterbox, image_key, letterbox_image, to_tensor
@@ -40,6 +41,24 @@ OVSS_MODELS = ("zeroshot", "escnet", "sam-mi")
 OVERLAP = 1 / 3
 PROTOCOLS = ("sspsam", "sclip")
 _CHUNK_PIXELS = 64_000_000  # class×pixel floats upsampled at once to the original size (256 MB)
+#: the model work one ``segment`` call may ask for, in GFLOP (multiply-adds × 2 of the text tower
+#: and the per-view image and class passes); on a CPU about what two cores run in ten seconds or
+#: so with the bundled demo, on an accelerator a hundred times that
+MAX_GFLOP_ENV = "SSPSAM_MAX_OVSS_GFLOP"
+_CPU_GFLOP = 100.0
+_ACCELERATOR_GFLOP = 10_000.0
+
+
+def default_max_gflop(device: torch.device | str) -> float | None:
+    """``SSPSAM_MAX_OVSS_GFLOP`` when set (0 or below: no bound), else the device kind's default."""
+    raw = os.environ.get(MAX_GFLOP_ENV, "").strip()
+    if raw:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise WorkLimitError(f"{MAX_GFLOP_ENV} must be a number of GFLOP, got {raw[:40]!r}") from None
+        return value if value > 0 and math.isfinite(value) else None
+    return _CPU_GFLOP if torch.device(device).type == "cpu" else _ACCELERATOR_GFLOP
 
 
 def clean_classes(classes: str | list[str]) -> list[str]:
@@ -160,13 +179,15 @@ class OVSS(Predictor):
 
     def __init__(self, model, device: str | torch.device = "auto", name: str | None = None, meta: dict | None = None,
                  protocol: str = "sspsam", sclip_options: dict | None = None,
-                 dtype: torch.dtype | str | None = "auto", compile: bool = False):
+                 dtype: torch.dtype | str | None = "auto", compile: bool = False, max_gflop: float | None | str = "auto"):
         """``protocol``: 'sspsam' (the model's own inference: letterbox, windows when large) or
         'sclip' (SCLIP's training-free protocol on the model's CLIP, see :mod:`sspsam.models.zeroshot.sclip`;
         ``sclip_options`` go to :class:`~sspsam.models.zeroshot.sclip.SCLIPProtocol`, e.g. prob_thd, area_thd).
         ``dtype``: 'auto' (default), torch.float32, torch.bfloat16 or torch.float16, as for :class:`Segmenter`
         (norms stay fp32, the model runs under autocast; logits and labels come out fp32);
-        ``compile``: wrap the image towers with torch.compile, falling back to eager with a warning."""
+        ``compile``: wrap the image towers with torch.compile, falling back to eager with a warning.
+        ``max_gflop``: the most model work one image's ``segment`` may ask for (see :meth:`cost`);
+        'auto' = ``SSPSAM_MAX_OVSS_GFLOP`` or the device's default, None = unbounded."""
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown OVSS inference protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
         if protocol == "sclip" and not hasattr(model, "clip"):
@@ -190,6 +211,8 @@ class OVSS(Predictor):
         self._classes: tuple[tuple[str, ...], torch.Tensor] | None = None
         self._logits: tuple[str, tuple[str, ...], torch.Tensor] | None = None
         self.surface = "python"  # who reads the errors and warnings: "python", "cli", "http"
+        self.max_gflop = default_max_gflop(self.device) if max_gflop == "auto" else max_gflop
+        self._unit_gflop: tuple[float, float, float] | None = None
         if compile:
             self._compile()
 
@@ -234,14 +257,7 @@ class OVSS(Predictor):
         list (a service asks the same classes of many images)."""
         key = tuple(classes)
         if self._classes is None or self._classes[0] != key:
-            with self._autocast():
-                if hasattr(self.model, "class_embeddings"):
-                    emb = self.model.class_embeddings(list(classes))
-                else:
-                    from sspsam.models.cost import class_embeddings
-
-                    emb = class_embeddings(self.model.clip, list(classes))
-            self._classes = (key, emb.to(self.device))
+            self._classes = (key, self._embed(list(classes)).to(self.device))
         return self._classes[1]
 
     @torch.inference_mode()
@@ -298,6 +314,81 @@ class OVSS(Predictor):
         check_finite(self.name, logits)
         return logits
 
+    # ---- the work bound ---------------------------------------------------------------------
+    def unit_gflop(self) -> tuple[float, float, float]:
+        """(image pass per view, class pass per class and view, text tower per class) in GFLOP,
+        counted once (torch's FLOP counter) on a blank model input with one and two classes.
+
+        Counted rather than timed so that the bound is the same on a busy machine and an idle one
+        and a test can rely on it; counted rather than derived from the config because the three
+        model families spend their per-class work in different places (ESC-Net's SAM blocks, the
+        training-free path's prompts)."""
+        if self._unit_gflop is None:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            s = self.model.image_size
+            x = torch.zeros(1, 3, s, s, device=self.device)
+            valid = torch.tensor([[s, s]], device=self.device)
+
+            def counted(fn) -> tuple[float, object]:
+                with FlopCounterMode(display=False) as fc:
+                    out = fn()
+                return fc.get_total_flops() / 1e9, out
+
+            with torch.inference_mode():
+                text, emb = counted(lambda: self._embed(["thing"]))
+                one, two = emb, emb.expand(2, -1).contiguous()
+                if self._split:
+                    image, feats = counted(lambda: self.model.encode_image(x, valid))
+                    k1, _ = counted(lambda: self.model.decode_classes(feats, one))
+                    k2, _ = counted(lambda: self.model.decode_classes(feats, two))
+                else:
+                    run = (lambda e: self.model(x, e, valid_hw=valid)) if self._forward_takes_valid else (lambda e: self.model(x, e))
+                    image, (k1, _), (k2, _) = 0.0, counted(lambda: run(one)), counted(lambda: run(two))
+            per_class = max(k2 - k1, 0.0)
+            self._unit_gflop = (max(image + k1 - per_class, 0.0), per_class, text)
+        return self._unit_gflop
+
+    def views_for(self, hw: tuple[int, int], slide: bool | None = None) -> int:
+        """How many model inputs an image of ``hw`` is cut into (the global view + any windows)."""
+        s = self.model.image_size
+        h, w = hw
+        if not ((max(h, w) > self.slide_above * s) if slide is None else bool(slide)):
+            return 1
+        work_long = min(max(h, w, s), int(round(self.slide_max_scale * s)))
+        wh, ww = Letterbox.fit((h, w), work_long).scaled_hw
+        return 1 + len(_starts(wh, s)) * len(_starts(ww, s))
+
+    def cost(self, hw: tuple[int, int], n_classes: int, slide: bool | None = None) -> float:
+        """The model work, in GFLOP, of labelling an image of ``hw`` with ``n_classes`` classes."""
+        img, per_class, text = self.unit_gflop()
+        views = self.views_for(hw, slide)
+        return views * (img + n_classes * per_class) + n_classes * text
+
+    def check_cost(self, hw: tuple[int, int], n_classes: int, slide: bool | None = None) -> None:
+        """Raise :class:`WorkLimitError` when :meth:`cost` is over ``max_gflop``; nothing runs first."""
+        if self.max_gflop is None or self.protocol != "sspsam":
+            return
+        need = self.cost(hw, n_classes, slide)
+        if need <= self.max_gflop:
+            return
+        img, per_class, text = self.unit_gflop()
+        views = self.views_for(hw, slide)
+        fit = int((self.max_gflop - views * img) // max(views * per_class + text, 1e-12))
+        h, w = hw
+        raise WorkLimitError(
+            f"{n_classes} classes on a {w}x{h} image ({views} model view{'s' * (views != 1)}) need about {need:,.0f} GFLOP "
+            f"of {self.name}, over the {self.max_gflop:,.0f} GFLOP work limit ({MAX_GFLOP_ENV}); "
+            + (f"at most {fit} classes fit on this image" if fit >= 1 else "use a smaller image"))
+
+    def _embed(self, classes: list[str]) -> torch.Tensor:
+        with self._autocast():
+            if hasattr(self.model, "class_embeddings"):
+                return self.model.class_embeddings(list(classes))
+            from sspsam.models.cost import class_embeddings
+
+            return class_embeddings(self.model.clip, list(classes))
+
     # ---- inference ------------------------------------------------------------------------
     @property
     def default_classes(self) -> list[str] | None:
@@ -342,7 +433,9 @@ class OVSS(Predictor):
         if self.protocol == "sclip":
             return _as_output(self._segment_sclip(image, classes, allow_urls), return_tensors, self.device)
         names = clean_classes(classes)
-        rgb = self.set_image(image, slide, items=len(names), allow_urls=allow_urls)
+        rgb = load_image(image, len(names), allow_urls=allow_urls)
+        self.check_cost(rgb.shape[:2], len(names), slide)
+        rgb = self.set_image(rgb, slide, items=len(names))
         canvas, q = self._canvas(names)
         labels, scores = self._finalise(canvas, q)
         return _as_output(self._result(names, labels, scores, rgb), return_tensors, self.device)
@@ -372,6 +465,8 @@ class OVSS(Predictor):
             return [self._segment_sclip(im, c, allow_urls) for im, c in zip(images, classes if per_image else [classes] * len(images))]
         names = [clean_classes(c) for c in classes] if per_image else [clean_classes(classes)] * len(images)
         rgbs = [load_image(im, len(n), allow_urls=allow_urls) for im, n in zip(images, names)]
+        for rgb, n in zip(rgbs, names):
+            self.check_cost(rgb.shape[:2], len(n), slide)
         cuts = [self._cut(rgb, slide) for rgb in rgbs]
         groups: dict[tuple[str, ...], list[int]] = {}
         for i, n in enumerate(names):
@@ -440,7 +535,12 @@ class OVSS(Predictor):
         return out
 
     def _finalise(self, canvas: torch.Tensor, q: float, ent: _ImageEntry | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Upsample to the original size class-chunk by chunk: arg-max label and max softmax prob."""
+        """Upsample to the original size class-chunk by chunk: arg-max label and max softmax prob.
+
+        The running maximum, label and log-sum-exp are updated in place and a one-class chunk skips
+        the reductions over its single class: on a 90 MP image each full-size buffer is 360 MB, and
+        the fresh tensors ``torch.where`` and the int64 arg-max made per chunk took the peak past
+        4 GB. The arithmetic is the same, so the labels and scores are too."""
         ent = self._image if ent is None else ent
         h, w = ent.orig_hw
         wh, ww = ent.work_hw
@@ -448,7 +548,7 @@ class OVSS(Predictor):
         k = canvas.shape[0]
         chunk = max(1, _CHUNK_PIXELS // max(1, h * w + up_hw[0] * up_hw[1]))
         best = torch.full((h, w), -torch.inf, device=canvas.device)
-        label = torch.zeros((h, w), dtype=torch.long, device=canvas.device)
+        label = torch.zeros((h, w), dtype=torch.int32, device=canvas.device)
         lse = torch.full((h, w), -torch.inf, device=canvas.device)
         for i in range(0, k, chunk):
             c = canvas[i : i + chunk][None]
@@ -456,13 +556,24 @@ class OVSS(Predictor):
             if (wh, ww) != (h, w):
                 up = F.interpolate(up, size=(h, w), mode="bilinear", align_corners=False)
             up = up[0]
-            m, a = up.max(0)
+            if up.shape[0] == 1:
+                m, a, sum_exp = up[0], None, up[0]  # max and log-sum-exp over one class: the class itself
+            else:
+                m, a = up.max(0)
+                sum_exp = torch.logsumexp(up, 0)
             better = m > best
-            label = torch.where(better, a + i, label)
-            best = torch.where(better, m, best)
-            lse = torch.logaddexp(lse, torch.logsumexp(up, 0))
-        score = (best - lse).exp()
-        return label.to(torch.int32).cpu().numpy(), score.float().cpu().numpy()
+            if a is None:
+                label.masked_fill_(better, i)
+            else:
+                torch.where(better, a.to(torch.int32) + i, label, out=label)
+            del a
+            torch.where(better, m, best, out=best)
+            del better, m
+            torch.logaddexp(lse, sum_exp, out=lse)
+            del up, sum_exp
+        score = best.sub_(lse).exp_()
+        del lse
+        return label.cpu().numpy(), score.float().cpu().numpy()
 
 
 def _as_output(res: SemanticSegmentation, return_tensors: str, device: torch.device) -> SemanticSegmentation:

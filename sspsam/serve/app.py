@@ -36,7 +36,9 @@ Errors are JSON ``{"error": {"code", "message", "request_id"}}`` with these stat
 415    ``unsupported_media_type`` (body neither multipart/form-data nor application/json)
 408    ``body_timeout`` (the body paused for over ``body_timeout_s``, or did not finish within
        ``upload_timeout_s``: a trickling client)
-413    ``image_too_large`` also when pixels × phrases (or classes) exceed ``SSPSAM_MAX_WORK``
+413    ``image_too_large`` also when pixels × phrases (or classes) exceed ``SSPSAM_MAX_WORK``;
+       ``too_much_work`` when an OVSS request's model work (classes × image views × the model's
+       per-class cost, in GFLOP) exceeds ``SSPSAM_MAX_OVSS_GFLOP``: refused before it is queued
 422    ``missing_field`` / ``invalid_field`` (empty phrase, too many phrases or classes, wrong type)
 500    ``model_error`` (the model produced NaN/inf: damaged weights), ``internal_error`` (a bug; the
        server logs the traceback and carries on)
@@ -81,7 +83,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sspsam import __version__
-from sspsam.errors import ImageLoadError, ImageTooLargeError, ModelOutputError, TextError
+from sspsam.errors import ImageLoadError, ImageTooLargeError, ModelOutputError, OutputError, TextError, WorkLimitError
 from sspsam.io.images import load_image
 from sspsam.io.masks import class_colours, encode_rle, label_overlay, label_png, segmentation_overlay
 from sspsam.predict.ovss import clean_classes
@@ -586,6 +588,7 @@ def load_models(model: str | None, ovss_model: str | None, device: str = "cpu", 
 
         ovss = OVSS.from_pretrained(ovss_model, device=device, dtype=dtype)
         _log_dtype(ovss)
+        ovss.unit_gflop()  # counted now, so a request's work check is arithmetic on the event loop
     return seg, ovss
 
 
@@ -672,6 +675,8 @@ def create_app(
             raise ApiError(422, "invalid_field", str(exc)) from None
         except ImageTooLargeError as exc:
             raise ApiError(413, "image_too_large", str(exc)) from None
+        except WorkLimitError as exc:
+            raise ApiError(413, "too_much_work", str(exc)) from None
         except ImageLoadError as exc:
             raise ApiError(400, "bad_image", str(exc)) from None
         except ModelOutputError as exc:  # broken weights: the operator's problem, said plainly, logged once per request
@@ -705,7 +710,10 @@ def create_app(
                                                                    res.warnings, res.instances))
             return out
 
-        out = await run_in_threadpool(render)
+        try:
+            out = await run_in_threadpool(render)
+        except OutputError as exc:  # an overlay too long to draw
+            raise ApiError(413, "image_too_large", str(exc)) from None
         seg = request.app.state.worker.segmenter
         return JSONResponse({**out, "model": _name(seg), "dtype": _dtype(seg), "request_id": request.state.request_id})
 
@@ -719,6 +727,11 @@ def create_app(
         if worker.ovss is None:
             raise ApiError(503, "unavailable", "this server runs without an OVSS model (start it with --ovss-model)")
         payload, classes, rgb, key = await _parse(request, ("classes", "class"), clean_classes, max_classes, "classes")
+        if hasattr(worker.ovss, "check_cost"):  # before the queue: a request the model cannot finish in time waits for nothing
+            try:
+                worker.ovss.check_cost(rgb.shape[:2], len(classes))
+            except WorkLimitError as exc:
+                raise ApiError(413, "too_much_work", str(exc)) from None
         res = await _infer(request, "ovss", rgb, key, classes)
 
         def render() -> dict:
@@ -735,7 +748,10 @@ def create_app(
                                                             warnings=res.warnings))
             return out
 
-        out = await run_in_threadpool(render)
+        try:
+            out = await run_in_threadpool(render)
+        except OutputError as exc:  # an overlay too long to draw
+            raise ApiError(413, "image_too_large", str(exc)) from None
         return JSONResponse({**out, "model": _name(worker.ovss), "dtype": _dtype(worker.ovss), "request_id": request.state.request_id})
 
     @app.head("/healthz", include_in_schema=False)

@@ -88,6 +88,15 @@ def test_batch_full_disk_then_rerun(tmp_path, monkeypatch):
         def close(self):
             self.fh.close()
 
+        def read(self, *args):
+            return self.fh.read(*args)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.close()
+
     monkeypatch.setattr(batch, "open", FullAfterTwo, raising=False)
     with pytest.raises(batch.BatchError, match="No space left.*rerun"):
         batch.run_batch(src, out, phrases)

@@ -335,7 +335,7 @@ class OVSS(Predictor):
                     out = fn()
                 return fc.get_total_flops() / 1e9, out
 
-            with torch.inference_mode():
+            with torch.inference_mode(), self._autocast():  # the dtype the model runs in, as a request would
                 text, emb = counted(lambda: self._embed(["thing"]))
                 one, two = emb, emb.expand(2, -1).contiguous()
                 if self._split:

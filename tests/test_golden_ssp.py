@@ -160,7 +160,7 @@ def test_trained_checkpoint_containers_load_weights_only(tmp_path):
 
     from safetensors.torch import save_file
 
-    from sspsam.io.checkpoint import _unwrap, torch_load
+    from sspsam.io.checkpoint import unwrap_state_dict, torch_load
 
     sd = {"phrase_attn.fc.weight": torch.ones(1, 1024), "reg_token.weight": torch.zeros(1, 256),
           "vl_transformer.encoder.layers.0.linear1.weight": torch.zeros(4, 4)}
@@ -172,7 +172,7 @@ def test_trained_checkpoint_containers_load_weights_only(tmp_path):
     }
     for fname, obj in forms.items():
         torch.save(obj, tmp_path / fname)
-        got = _unwrap(torch_load(tmp_path / fname, "checkpoint"))
+        got = unwrap_state_dict(torch_load(tmp_path / fname, "checkpoint"))
         assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd), fname
         with pytest.raises(CheckpointError, match="official SSP-SAM checkpoint"):  # recognised, then named as incomplete
             read_sspsam_checkpoint(tmp_path / fname)

@@ -262,9 +262,9 @@ def _cache_bundled(monkeypatch):
     for cls, name in ((Segmenter, "shapes-demo"), (OVSS, "ovss-shapes-demo")):
         real = cls.from_pretrained.__func__
 
-        def cached(klass, name_or_path=name, device="cpu", real=real, bundled=name):
+        def cached(klass, name_or_path=name, device="cpu", real=real, bundled=name, **options):
             if str(name_or_path) != bundled:
-                return real(klass, name_or_path, device)
+                return real(klass, name_or_path, device, **options)
             if bundled not in _BUNDLED_CACHE:
                 _BUNDLED_CACHE[bundled] = real(klass, name_or_path, device)
             return _BUNDLED_CACHE[bundled]

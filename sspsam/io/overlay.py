@@ -81,7 +81,7 @@ def _erode_rows(a: np.ndarray, width: int) -> np.ndarray:
 
     Windows grow by doubling (a window of r+s is one of r ANDed with one of s shifted by r), so a
     band of any width costs a handful of whole-array ANDs, not one per pixel of width.
-    Not ``scipy.ndimage.minimum_filter``: same band (tests/test_masks.py), 2-3x slower on 4000x3000.
+    Not ``scipy.ndimage.minimum_filter``: the same band (tests/test_masks.py), but slower on large images.
     """
     k, n = 2 * width + 1, a.shape[0]
     if k > n:

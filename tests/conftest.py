@@ -6,6 +6,7 @@ the work needs; a tiny conv training loop measured 2.8x slower spinning than pas
 Set before torch loads (libgomp reads it once); test subprocesses inherit it.
 """
 
+import json
 import os
 import shutil
 import tempfile
@@ -42,22 +43,76 @@ def pytest_unconfigure(config):
         shutil.rmtree(os.environ.pop(REPORTS), ignore_errors=True)
 
 
-# Seconds per test file in a quiet 2-core run (`pytest --durations`, 2026-12-05), the long files
-# only. xdist's loadfile hands files out with the most tests first, which put the few-test training
-# files (two or three tests, minutes each) last: one worker idled for about a minute at the end while
-# the other trained. With `--no-loadscope-reorder` (pyproject) files go out in collection order, and
-# this puts the longest first: the longest-processing-time-first schedule. A file not listed keeps
-# its place among the short ones; a stale figure only costs balance, never a result.
-LONG_FILES = {
-    "test_ovss_train.py": 240, "test_e2e.py": 196, "test_golden_ssp.py": 107, "test_trainer_ovss.py": 86,
-    "test_fuzz.py": 74, "test_golden_clip.py": 57, "test_demo_quality.py": 55, "test_api.py": 42,
-    "test_serve_ray.py": 43, "test_track.py": 38, "test_batch.py": 31, "test_onnx.py": 23, "test_faults.py": 19, "test_golden_recipe.py": 19,
-    "test_feature_cache.py": 18, "test_browser.py": 12, "test_ovss_models.py": 12, "test_distributed.py": 7,
-}
+# Files go out to the xdist workers whole (``--dist loadfile``: module fixtures are built once) and,
+# with ``--no-loadscope-reorder`` (pyproject), in collection order. Sorting them longest first is
+# the longest-processing-time-first schedule: left in xdist's order (most tests first), the
+# few-test training files came last and one worker idled at the end while the other trained.
+# The figures are the suite's own: each full run writes the seconds per file it measured to
+# DURATIONS, and the next run orders by them. A file not in it keeps its place among the short
+# ones; a stale or missing file only costs balance, never a result.
+DURATIONS = Path(__file__).with_name("durations.json")
+
+
+def read_durations(path: Path = DURATIONS) -> dict[str, float]:
+    """{test file name: seconds} from the last full run; {} when there is none (or it is unreadable)."""
+    try:
+        files = json.loads(path.read_text())["files"]
+        return {str(k): float(v) for k, v in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def write_durations(seconds: dict[str, float], path: Path = DURATIONS) -> None:
+    """Write the table atomically (a temporary file renamed over the old one): a run killed while
+    writing leaves the previous table, never half of one."""
+    body = {"about": "seconds per test file in the last full run (setup + call + teardown), written by "
+                     "tests/conftest.py; the suite hands files to the workers longest first",
+            "files": {k: round(v, 1) for k, v in sorted(seconds.items(), key=lambda kv: (-kv[1], kv[0]))}}
+    fd, tmp = tempfile.mkstemp(prefix=".durations-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(body, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def pytest_collection_modifyitems(session, config, items):
-    items.sort(key=lambda item: -LONG_FILES.get(item.path.name, 0))  # stable: files stay whole, in order
+    known = read_durations()
+    items.sort(key=lambda item: -known.get(item.path.name, 0.0))  # stable: files stay whole, in order
+
+
+_measured: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Sum each file's phases (the first test's setup carries the module fixtures). Under xdist the
+    controller receives every worker's reports, so its sum covers the whole run."""
+    name = report.nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    _measured[name] = _measured.get(name, 0.0) + report.duration
+
+
+def _full_run(session) -> bool:
+    """The whole suite ran, unfiltered: a partial run's figures would drop files from the table."""
+    config = session.config
+    opt = config.option
+    if getattr(opt, "keyword", "") or getattr(opt, "markexpr", "") or getattr(opt, "deselect", None) \
+            or getattr(opt, "lf", False) or getattr(opt, "exitfirst", False) or getattr(opt, "collectonly", False):
+        return False
+    here = Path(__file__).resolve().parent
+    return bool(config.args) and all(Path(config.invocation_params.dir, a).resolve() == here for a in config.args)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller writes
+        return
+    if exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) and _measured and _full_run(session):
+        # a file that ran nothing this time (skipped as a whole: no browser, no Ray) keeps its last figure
+        here = Path(__file__).parent
+        kept = {k: v for k, v in read_durations().items() if k not in _measured and (here / k).is_file()}
+        write_durations({**kept, **_measured})
 
 
 def write_report(name: str, lines: list[str]) -> None:

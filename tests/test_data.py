@@ -29,7 +29,6 @@ from sspsam.data import (
     generate_refer,
 )
 from sspsam.data.base import swap_left_right
-from sspsam.data.generate import main as generate_main
 from sspsam.data.shapes import (
     COLOURS,
     make_scene,
@@ -571,9 +570,26 @@ def test_expressions_are_true_of_their_scene():
             assert not scene.select(colour, shape) and e.no_target
 
 
-def test_cli(tmp_path, capsys):
-    assert generate_main(["phrasecut", str(tmp_path / "pc"), "--n", "2", "--seed", "4"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert (tmp_path / "pc" / "image_data_split.json").is_file() and out["images"]
-    assert generate_main(["refcocog", str(tmp_path / "r"), "--n", "2"]) == 0
+def test_cli(tmp_path):
+    """`sspsam tools generate-data` and `generate-semseg` write the sets and print their summaries;
+    a request that cannot be written is one error line, exit 2."""
+    from typer.testing import CliRunner
+
+    from sspsam.cli.main import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["tools", "generate-data", "phrasecut", str(tmp_path / "pc"), "--n", "2", "--seed", "4"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "pc" / "image_data_split.json").is_file() and json.loads(res.stdout)["images"]
+    res = runner.invoke(app, ["tools", "generate-data", "refcocog", str(tmp_path / "r"), "--n", "2"])
+    assert res.exit_code == 0, res.output
     assert (tmp_path / "r" / "refcocog" / "refs(umd).p").is_file()
+    for bad in (["phrasecut", str(tmp_path / "x"), "--official"], ["refcoco", str(tmp_path / "x"), "--n", "0"],
+                ["coco", str(tmp_path / "x")]):
+        res = runner.invoke(app, ["tools", "generate-data", *bad])
+        assert res.exit_code == 2 and res.output.count("error:") == 1, res.output
+    res = runner.invoke(app, ["tools", "generate-semseg", str(tmp_path / "s"), "--n", "1", "--size", "96", "--splits", "val"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["images"] == {"val": 1} and (tmp_path / "s").is_dir()
+    res = runner.invoke(app, ["tools", "generate-semseg", str(tmp_path / "t"), "--size", "8"])
+    assert res.exit_code == 2 and res.output.count("error:") == 1, res.output

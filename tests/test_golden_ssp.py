@@ -4,7 +4,7 @@ The fixtures hold the official model's inputs and outputs for random weights tha
 ``sspsam.tools.golden`` regenerates bit for bit. Each fixture is checked once (module scope)
 through the public loading path — the official state dict is written as an official-layout
 checkpoint file and loaded by the official-checkpoint loader — by the same check functions that
-``python -m sspsam.tools.fidelity`` prints. The CLIP towers are real size (ViT-B/16, ViT-L/14@336);
+`sspsam tools fidelity` prints. The CLIP towers are real size (ViT-B/16, ViT-L/14@336);
 the SAM image encoder is not run: the fixture gives the embeddings, as the official pipeline
 caches them.
 """
@@ -33,10 +33,9 @@ ONLY_224 = {"clip_image_tokens", "clip_words"}  # the 336 fixture does not store
 SMALL = {"phrase_attn_weights", "similarity_map", "verify_score"}
 
 
-# The opt-in speed settings (issue 12) must keep >= 99 % of the official masks. Checked on the 224
-# fixture: the 336 one's CLIP-L forward alone takes ~30 s in fp32 here, and bf16 autocast runs
-# several times slower on a CPU without bf16 matmul units (`python -m sspsam.tools.fidelity
-# --fixture ssp_sam_336 --precision bf16 int8` measures it).
+# The opt-in speed settings must keep >= 99 % of the official masks. Checked on the 224 fixture
+# only: the 336 one's CLIP-L forward is slow on a CPU, and bf16 autocast slower still without bf16
+# matmul units (`sspsam tools fidelity --fixture ssp_sam_336 --precision bf16,int8` measures it).
 PRECISIONS = {"ssp_sam_224": ("bf16", "int8"), "ssp_sam_336": ()}
 
 
@@ -160,7 +159,7 @@ def test_trained_checkpoint_containers_load_weights_only(tmp_path):
 
     from safetensors.torch import save_file
 
-    from sspsam.io.checkpoint import _unwrap, torch_load
+    from sspsam.io.checkpoint import unwrap_state_dict, torch_load
 
     sd = {"phrase_attn.fc.weight": torch.ones(1, 1024), "reg_token.weight": torch.zeros(1, 256),
           "vl_transformer.encoder.layers.0.linear1.weight": torch.zeros(4, 4)}
@@ -172,7 +171,7 @@ def test_trained_checkpoint_containers_load_weights_only(tmp_path):
     }
     for fname, obj in forms.items():
         torch.save(obj, tmp_path / fname)
-        got = _unwrap(torch_load(tmp_path / fname, "checkpoint"))
+        got = unwrap_state_dict(torch_load(tmp_path / fname, "checkpoint"))
         assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd), fname
         with pytest.raises(CheckpointError, match="official SSP-SAM checkpoint"):  # recognised, then named as incomplete
             read_sspsam_checkpoint(tmp_path / fname)
@@ -253,7 +252,7 @@ def test_official_head_in_the_predictor():
 
 
 def test_fidelity_table_takes_the_clip_rows(monkeypatch, capsys):
-    """``python -m sspsam.tools.fidelity`` appends ``fidelity_clip.checks()`` rows (label rows carry
+    """`sspsam tools fidelity` (``fidelity.report``) appends ``fidelity_clip.checks()`` rows (label rows carry
     no max abs diff) and fails when any row fails."""
     import sys
     import types
@@ -267,12 +266,12 @@ def test_fidelity_table_takes_the_clip_rows(monkeypatch, capsys):
     # once the real module was imported, `from . import fidelity_clip` finds it on the package
     monkeypatch.setattr(sys.modules["sspsam.tools"], "fidelity_clip", fake, raising=False)
     monkeypatch.setattr(fidelity, "CHECKS", {})
-    assert fidelity.main([]) == 0
+    assert fidelity.report() == 0
     out = capsys.readouterr().out
     assert "| sclip " in out and "dense_224" in out and "seg_pred" in out and "NO" not in out
     fake.checks = lambda: [{"fixture": "sclip", "quantity": "seg_pred", "max_abs_diff": None, "tolerance": 1e-3,
                             "mask_disagreement": 0.01}]
-    assert fidelity.main([]) == 1
+    assert fidelity.report() == 1
     assert "NO" in capsys.readouterr().out
 
 

@@ -155,7 +155,7 @@ def test_segment_phrases_file_and_named_refusals(tmp_path):
 
 
 def test_cjk_label_has_no_tofu():
-    from sspsam.io.masks import _tag, font
+    from sspsam.io.overlay import _tag, font
 
     fnt = font(32)
     text = "赤い丸"
@@ -175,7 +175,7 @@ def test_cjk_label_has_no_tofu():
 
 
 def test_palette_keeps_twenty_phrases_apart_and_labels_do_not_collide():
-    from sspsam.io.masks import _overlap, _place, palette
+    from sspsam.io.overlay import _overlap, _place, palette
 
     cols = np.array(palette(20), float)
     dist = np.sqrt(((cols[:, None] - cols[None]) ** 2).sum(-1)) + np.eye(20) * 1e9

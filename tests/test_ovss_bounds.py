@@ -141,7 +141,7 @@ def test_cli_names_the_limit(tmp_path, monkeypatch):
 
 
 def test_wide_and_tall_strip_overlays_are_drawn_small():
-    from sspsam.io.masks import _scale, label_overlay, overlay_scale
+    from sspsam.io.overlay import _scale, label_overlay, overlay_scale
 
     assert _scale(3000, 4000) == (72, 16)  # a photo keeps its sizes
     assert _scale(1, 100_000) == (12, 2)  # a strip's lines do not follow its long side

@@ -330,7 +330,7 @@ def test_models_suggest_examples_the_model_knows(server):
 
     import torch
 
-    from sspsam.serve.app import _examples
+    from sspsam.serve.routes import examples as _examples
 
     models = server.get("/v1/models").json()
     assert models["segment"]["examples"] and all(isinstance(p, str) and p for p in models["segment"]["examples"])

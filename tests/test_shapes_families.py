@@ -12,7 +12,7 @@ from sspsam.data.shapes import (
     Expression,
     ShapeObject,
     Scene,
-    _polygon,
+    shape_polygon,
     all_expressions,
     expressions_by_family,
     make_scene,
@@ -21,7 +21,7 @@ from sspsam.engine.shapes_eval import HELDOUT_SEED0, TRAIN_SEED_LIMIT, demo_scen
 
 
 def _scene(specs: list[tuple[str, str, float, float]], w: int = 200, h: int = 150) -> Scene:
-    objs = [ShapeObject(i, s, c, x, y, 15.0, _polygon(s, x, y, 15.0)) for i, (s, c, x, y) in enumerate(specs)]
+    objs = [ShapeObject(i, s, c, x, y, 15.0, shape_polygon(s, x, y, 15.0)) for i, (s, c, x, y) in enumerate(specs)]
     return Scene(w, h, objs, np.full((h, w, 3), 180, np.uint8))
 
 

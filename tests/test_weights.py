@@ -18,6 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 import sspsam.io.weights as weights
+import sspsam.io.weights_registry as weights_registry
 from sspsam.cli.weights import app
 from sspsam.io.weights import ChecksumError, DownloadError, WeightSpec
 
@@ -97,7 +98,9 @@ def server() -> Iterator[Server]:
 @pytest.fixture(autouse=True)
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("SSPSAM_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(weights, "REGISTRY", dict(weights.REGISTRY))
+    registry = dict(weights.REGISTRY)  # the registry module's functions read their own global
+    monkeypatch.setattr(weights_registry, "REGISTRY", registry)
+    monkeypatch.setattr(weights, "REGISTRY", registry)
     return tmp_path / "home"
 
 

@@ -121,7 +121,7 @@ class CLIPBackbone(nn.Module):
 
         Under the causal mask no token after a text's EOT can reach it, so the context is cut
         after the longest EOT of the batch: prompt templates are ~15 of 77 tokens, and class
-        embeddings over 80 templates cost 4–5× less with the same result.
+        embeddings over 80 templates cost a fraction of the full length with the same result.
         """
         m = self.model
         n = int(tokens.argmax(dim=-1).max()) + 1

@@ -218,7 +218,7 @@ class Attention(nn.Module):
         q, k, v = qkv.split(self.head_dim, dim=-1)
         # Indexed on every call rather than cached in eval() as the reference does: a cache
         # goes stale when weights are loaded after eval(), and the gather is cheap.
-        # 4-D bias: a 3-D mask sends CPU SDPA down its unfused math path (2-4x slower, measured).
+        # 4-D bias: a 3-D mask sends CPU SDPA down its slower unfused math path.
         bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
         if runtime.FAST["sdpa"]:
             bias = bias[None]
@@ -407,7 +407,7 @@ class TinyViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Channels-last through the conv stem and stage 0: oneDNN's convolutions (the 1x1 ones
-        # included) run 1.3-10x faster on NHWC than on NCHW on CPU (benchmarks/latency.py).
+        # included) run faster on NHWC than on NCHW on CPU (benchmarks/latency.py measures it).
         if runtime.FAST["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.patch_embed(x)  # [B,C0,S/4,S/4]

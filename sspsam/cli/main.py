@@ -67,6 +67,7 @@ app.command("push")(cli_push.push)
 
 app.add_typer(cli_weights.app, name="weights", help="List, fetch, import and verify checkpoint files (offline-friendly).")
 app.add_typer(cli_export.app, name="export", help="Export a model to ONNX (`sspsam export onnx MODEL -o DIR`).")
+app.add_typer(__import__("sspsam.cli.tools", fromlist=["app"]).app, name="tools", help="Developer tools: fidelity reports, synthetic data sets.")
 
 
 def main() -> None:  # pragma: no cover - console entry

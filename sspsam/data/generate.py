@@ -1,10 +1,10 @@
 """Write tiny synthetic datasets in the exact distributed layouts (for tests and demos).
 
-    python -m sspsam.data.generate refcoco   ROOT --n 20            # ROOT/refcoco/..., ROOT/images/mscoco/...
-    python -m sspsam.data.generate refcocog  ROOT --n 20 --split-by umd
-    python -m sspsam.data.generate grefcoco  ROOT --n 20            # ROOT/grefcoco/..., ROOT/images/train2014/
-    python -m sspsam.data.generate phrasecut ROOT --n 20            # ROOT is the VGPhraseCut_v0 folder
-    python -m sspsam.data.generate refcoco   ROOT --official        # + ROOT/data_seg/anns/refcoco.json etc. (SSP-SAM layout)
+    sspsam tools generate-data refcoco   ROOT --n 20            # ROOT/refcoco/..., ROOT/images/mscoco/...
+    sspsam tools generate-data refcocog  ROOT --n 20 --split-by umd
+    sspsam tools generate-data grefcoco  ROOT --n 20            # ROOT/grefcoco/..., ROOT/images/train2014/
+    sspsam tools generate-data phrasecut ROOT --n 20            # ROOT is the VGPhraseCut_v0 folder
+    sspsam tools generate-data refcoco   ROOT --official        # + ROOT/data_seg/anns/refcoco.json etc. (SSP-SAM layout)
 
 Images are scenes of coloured shapes (:mod:`sspsam.data.shapes`); every sentence is true of its
 scene. Each image's colours are painted exactly on the masks its annotation decodes to (COCO's
@@ -16,10 +16,8 @@ Everything is a pure function of ``seed``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pickle
-import sys
 from collections import Counter
 from collections.abc import Collection
 from pathlib import Path
@@ -450,43 +448,33 @@ def generate_phrasecut(
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# command line
+KINDS = ("refcoco", "refcoco+", "refcocog", "grefcoco", "phrasecut")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sspsam.data.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("kind", choices=["refcoco", "refcoco+", "refcocog", "grefcoco", "phrasecut"])
-    p.add_argument("root", type=Path)
-    p.add_argument("--n", type=int, default=20, help="number of images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split-by", default=None, help="unc / umd / google (RefCOCO family)")
-    p.add_argument("--ext", default="jpg", choices=["jpg", "png"])
-    p.add_argument("--official", action="store_true",
-                   help="also write the official SSP-SAM layout (ROOT/data_seg/anns, ROOT/data_seg/masks, ROOT/data/) of the same data")
-    a = p.parse_args(argv)
-    if a.n < 1:
-        p.error("--n must be at least 1")
-    if a.official and a.kind == "phrasecut":
-        p.error("--official: the SSP-SAM layout is written for the RefCOCO family and gRefCOCO")
-    if a.kind in ("refcoco", "refcoco+", "refcocog"):
-        split_by = a.split_by or ("umd" if a.kind == "refcocog" else "unc")
-        try:
-            summary = generate_refer(a.root, a.kind, split_by, a.n, a.seed, image_ext=a.ext)
-        except ValueError as exc:
-            p.error(str(exc))
-    elif a.kind == "grefcoco":
-        summary = generate_grefcoco(a.root, a.n, a.seed, split_by=a.split_by or "unc", image_ext=a.ext)
+def generate(kind: str, root: Path | str, n: int = 20, seed: int = 0, split_by: str | None = None,
+             image_ext: str = "jpg", official: bool = False) -> dict:
+    """Write the data set ``kind`` (one of :data:`KINDS`) under ``root`` and return its summary
+    (what `sspsam tools generate-data` prints). ``official`` also writes the SSP-SAM layout
+    (``ROOT/data_seg/anns``, ``ROOT/data_seg/masks``, ``ROOT/data/``) of the same data.
+    Raises ValueError for a request that cannot be written."""
+    root = Path(root)
+    if kind not in KINDS:
+        raise ValueError(f"unknown data set {kind!r}; one of {', '.join(KINDS)}")
+    if n < 1:
+        raise ValueError("--n must be at least 1")
+    if image_ext not in ("jpg", "png"):
+        raise ValueError(f"image format {image_ext!r}: jpg or png")
+    if official and kind == "phrasecut":
+        raise ValueError("--official: the SSP-SAM layout is written for the RefCOCO family and gRefCOCO")
+    if kind in ("refcoco", "refcoco+", "refcocog"):
+        summary = generate_refer(root, kind, split_by or ("umd" if kind == "refcocog" else "unc"), n, seed,
+                                 image_ext=image_ext)
+    elif kind == "grefcoco":
+        summary = generate_grefcoco(root, n, seed, split_by=split_by or "unc", image_ext=image_ext)
     else:
-        summary = generate_phrasecut(a.root, a.n, a.seed, image_ext=a.ext)
-    if a.official:
+        summary = generate_phrasecut(root, n, seed, image_ext=image_ext)
+    if official:
         from sspsam.data.official_anns import write_official_anns
 
-        summary["official"] = write_official_anns(a.root, a.root, a.kind, a.split_by)
-    json.dump(summary, sys.stdout, indent=2)
-    sys.stdout.write("\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        summary["official"] = write_official_anns(root, root, kind, split_by)
+    return summary

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from sspsam.data.shapes import COLOURS, _polygon, rasterize_coco
+from sspsam.data.shapes import COLOURS, shape_polygon, rasterize_coco
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def make_clip(frames: int = 60, size: int = 256, movers: list[Mover] | None = No
         full = []
         for m in movers:
             cx, cy = m.path(t)
-            full.append(rasterize_coco([_polygon(m.shape, cx, cy, m.radius)], size, size))
+            full.append(rasterize_coco([shape_polygon(m.shape, cx, cy, m.radius)], size, size))
         for i, m in enumerate(movers):
             img[full[i]] = COLOURS[m.colour]
             masks[f, i] = full[i]

@@ -18,15 +18,13 @@ without ``image_size``; ``label`` LongTensor S×S (H×W) with ``ignore_index`` i
 ``raw(i)`` gives the original image and label for evaluation at full resolution.
 
 :func:`generate_semseg` writes the generic layout from synthetic shape scenes whose classes are
-colour names, so a class name alone determines its pixels (``python -m sspsam.data.semseg
-generate ROOT --n N``).
+colour names, so a class name alone determines its pixels (`sspsam tools
+generate-semseg ROOT --n N`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import zlib
 from pathlib import Path
 from typing import Callable, Sequence
@@ -340,22 +338,3 @@ def generate_semseg(
             Image.fromarray(label, mode="L").save(lab_dir / f"{name}.png")
         counts[split] = n
     return {"root": str(root), "classes": list(classes), "images": counts}
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sspsam.data.semseg", description="Write a synthetic semantic-segmentation set.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("generate", help="coloured shapes in the generic layout")
-    g.add_argument("root")
-    g.add_argument("--n", type=int, default=64, help="images per split")
-    g.add_argument("--size", type=int, default=128)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--splits", default="train,val")
-    a = p.parse_args(argv)
-    summary = generate_semseg(a.root, n=a.n, size=a.size, seed=a.seed, splits=tuple(a.splits.split(",")))
-    print(json.dumps(summary))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,7 @@ from sspsam.errors import CheckpointError, OutputError
 FORMAT_VERSION = 1
 
 
-def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
+def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     # Training frameworks nest the weights under a few customary keys.
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
@@ -85,7 +85,7 @@ def read_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> dict[s
     except Exception as exc:  # torch raises several types for truncated zips and pickles
         raise _corrupt(f"{what} file", path, exc, "download or import it again") from exc
     try:
-        return _unwrap(obj.get("state_dict", obj) if isinstance(obj, Mapping) and "sspsam" in obj else obj)
+        return unwrap_state_dict(obj.get("state_dict", obj) if isinstance(obj, Mapping) and "sspsam" in obj else obj)
     except CheckpointError as exc:
         raise CheckpointError(f"{what} file {path}: {exc}") from None
 
@@ -176,7 +176,7 @@ def save_checkpoint(path: str | os.PathLike, config: dict, state_dict: Mapping[s
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def _check_crc(path: Path) -> None:
+def check_crc(path: Path) -> None:
     """torch's zip records carry CRC-32s that torch.load never checks: a flipped bit in the weights
     would load and give silently wrong masks. Checking them costs about 1 s per GB."""
     try:
@@ -266,3 +266,8 @@ class OutputSet:
                 self.folder.rmdir()
             except OSError:
                 pass
+
+
+# The names models/build.py imported before they were public; kept for one release.
+_unwrap = unwrap_state_dict
+_check_crc = check_crc

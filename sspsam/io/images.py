@@ -62,7 +62,7 @@ def _from_tensor(t) -> np.ndarray:
     return t.cpu().numpy()
 
 
-def _fetch_url(url: str) -> bytes:
+def fetch_url(url: str) -> bytes:
     import urllib.error
     import urllib.request
 
@@ -195,7 +195,7 @@ def load_image(image: ImageLike, items: int = 1, max_pixels: int | None = None, 
     if is_url(image):
         if not allow_urls:
             raise ImageLoadError(f"{image[:200]} is a URL; pass allow_urls=True to fetch it")
-        image = _fetch_url(image)
+        image = fetch_url(image)
     if isinstance(image, np.ndarray):
         return _from_array(image, items, max_pixels)
     if isinstance(image, Image.Image):
@@ -234,3 +234,6 @@ def load_image(image: ImageLike, items: int = 1, max_pixels: int | None = None, 
         raise ImageLoadError(f"{name} is corrupt or truncated ({type(exc).__name__}: {str(exc)[:200]})") from None
     finally:
         source.close()
+
+
+_fetch_url = fetch_url  # the earlier private name (predict/zeroshot_res.py), kept for one release

@@ -18,7 +18,7 @@ from typing import Any
 from sspsam.errors import SSPSamError
 
 
-def _require_serve():
+def require_serve():
     try:
         from ray import serve
     except ImportError as exc:
@@ -32,7 +32,7 @@ def build_app(app_options: dict[str, Any], replicas: int | None = 1, autoscaling
     """The Ray Serve application (``serve.run`` it). ``app_options``: :func:`create_app`'s keyword
     arguments with model names (replicas load them; objects cannot travel); ``autoscaling``:
     Ray Serve's ``autoscaling_config`` (then ``replicas`` is ignored)."""
-    serve = _require_serve()
+    serve = require_serve()
     options = dict(app_options)
     if options.get("segmenter") is not None or options.get("ovss") is not None:
         raise ValueError("replicas load their own models: pass model names, not loaded objects")
@@ -63,7 +63,7 @@ def run(app_options: dict[str, Any], host: str, port: int, replicas: int | None 
     """Start Ray (or join ``address``), deploy, and serve until interrupted."""
     import ray
 
-    serve = _require_serve()
+    serve = require_serve()
     if address:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     else:
@@ -86,3 +86,6 @@ def run(app_options: dict[str, Any], host: str, port: int, replicas: int | None 
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+_require_serve = require_serve  # the earlier private name (cli/serve.py), kept for one release

@@ -1,6 +1,6 @@
 """How close sspsam is to the official reference code, measured on the golden fixtures.
 
-``python -m sspsam.tools.fidelity`` prints one row per fixture and quantity: the max abs
+`sspsam tools fidelity` prints one row per fixture and quantity: the max abs
 difference to the reference output, the tolerance it must meet, and for masks the fraction of
 pixels whose binary decision differs, among the pixels whose reference logit is at least
 ``MASK_MARGIN`` from 0 (the fixtures' README: 0.013 % / 0.003 % of the logits lie closer). The golden tests call the same check functions
@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import functools
 import gc
-import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -46,7 +45,8 @@ def row(fixture: str, quantity: str, ours, ref, tolerance: float, mask: bool = F
     return out
 
 
-PRECISIONS = ("bf16", "int8")  # the opt-in speed settings (issue 12): masks must agree >= 99 % with the official fp32
+# the opt-in speed settings change the numerics; their masks must still agree >= 99 % with the official fp32
+PRECISIONS = ("bf16", "int8")
 PRECISION_MASK_TOLERANCE = 0.01
 
 
@@ -216,23 +216,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sspsam.tools.fidelity", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--fixture", action="append", choices=sorted(CHECKS), help="only these SSP-SAM fixtures")
-    ap.add_argument("--no-clip", action="store_true", help="skip the SCLIP / CLIP-Surgery / TinyViT rows")
-    ap.add_argument("--precision", nargs="+", choices=PRECISIONS, default=[],
-                    help="also run the SSP-SAM fixtures in these reduced precisions (masks must agree >= 99 %%)")
-    args = ap.parse_args(argv)
+def report(fixtures: list[str] | None = None, clip: bool = True, precisions: tuple[str, ...] = ()) -> int:
+    """Print the table (the SSP-SAM ``fixtures``, default all; the CLIP-family rows unless
+    ``clip`` is false; each fixture also in the reduced ``precisions``): 0 when every row passes, else 1.
+    `sspsam tools fidelity` runs this."""
+    unknown = [f for f in fixtures or () if f not in CHECKS]
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if unknown or bad:
+        raise ValueError(f"unknown fixture {unknown[0]!r} (one of {', '.join(sorted(CHECKS))})" if unknown
+                         else f"unknown precision {bad[0]!r} (one of {', '.join(PRECISIONS)})")
     rows: list[dict] = []
-    for name in args.fixture or list(CHECKS):
+    for name in fixtures or list(CHECKS):
         with tempfile.TemporaryDirectory(prefix="sspsam-fidelity-") as d:
-            rows += CHECKS[name](Path(d), tuple(args.precision))
+            rows += CHECKS[name](Path(d), tuple(precisions))
         gc.collect()
-    if not args.no_clip:
+    if clip:
         rows += other_rows()
     print(table(rows))
     return 0 if all(passed(r) for r in rows) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,7 @@ loaders are under test too. ``checks()`` returns one row per compared quantity::
 ``mask_disagreement`` is, for label maps, the fraction of pixels whose label differs among the
 pixels where the reference's top-1/top-2 margin exceeds ``tolerance`` (random weights leave
 near-ties that float rounding may break either way); those rows have no ``max_abs_diff``.
-``tests/test_golden_clip.py`` asserts these same rows; ``python -m sspsam.tools.fidelity_clip``
+``tests/test_golden_clip.py`` asserts these same rows; `sspsam tools fidelity-clip`
 prints them.
 """
 
@@ -204,7 +204,3 @@ def format_rows(rows: list[dict]) -> str:
         ok = "yes" if passed(r) else "NO"
         lines.append(f"| {r['fixture']} | {r['quantity']} | {d} | {r['tolerance']:.0e} | {m} | {ok} |")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # pragma: no cover - command-line report
-    print(format_rows(checks()))

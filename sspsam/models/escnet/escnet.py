@@ -64,7 +64,7 @@ from sspsam.backbones.clip import CLIPBackbone
 from sspsam.backbones.sam import SAMBackbone
 from sspsam.errors import ConfigError
 from sspsam.models.cost import class_embeddings, correlation, resolve_templates
-from sspsam.models.escnet.blocks import (
+from sspsam.models.common.cost_aggregation import (
     ClassLinearAttention,
     GuidanceProjection,
     GuidedUpsampleDecoder,

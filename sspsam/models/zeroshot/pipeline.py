@@ -8,7 +8,8 @@ SAM-MI's recipe with every learned part replaced by a rule:
    cosine × 40) where the class dominates, above ``point_threshold``, at least ``nms_distance`` apart,
    top ``points_per_class`` — a few points per class instead of SAM's 32×32 grid;
 3. SAM masks for all points at once (prompt encoder + mask decoder on the cached image embedding);
-4. Shallow Mask Aggregation (``smagg.py``) merges partial and duplicate masks of one object;
+4. the overlap merge (``mask_merge.py``, after SAM-MI's Shallow Mask Aggregation) merges partial
+   and duplicate masks of one object;
 5. mask injection without DMI's layers: per-pixel logits = (1 − w)·cost logits + w·(mask-pooled
    cost logits, averaged over the masks covering the pixel). Masks are soft guidance: a pixel's
    label can still disagree with its mask, so wrong masks cost little (SAM-MI's point against
@@ -30,7 +31,7 @@ from sspsam.backbones.clip import CLIPBackbone
 from sspsam.backbones.sam import SAMBackbone
 from sspsam.errors import ConfigError
 import sspsam.models.cost as cost_ops
-from sspsam.models.sam_mi.smagg import Aggregated, ShallowMaskAggregation
+from sspsam.models.zeroshot.mask_merge import MergedMasks, OverlapMaskMerge
 
 DEFAULTS = {
     "dense_mode": "sclip",  # surgery | sclip | csa-no-ffn | maskclip
@@ -151,7 +152,7 @@ class ZeroShot(nn.Module):
         self.clip = clip
         self.sam = sam
         self.config = config or {}
-        self.smagg = ShallowMaskAggregation(self.cfg["smagg_iou"], self.cfg["smagg_contain"])
+        self.merge = OverlapMaskMerge(self.cfg["smagg_iou"], self.cfg["smagg_contain"])
 
     @property
     def image_size(self) -> int:
@@ -234,7 +235,7 @@ class ZeroShot(nn.Module):
             if cfg["prompt"] == "grid" and masks.shape[0]:  # unprompted masks take their pooled class
                 _, pooled = inject_masks(logits0, masks, 1.0)
                 groups = pooled.argmax(1)
-            agg = self.smagg(masks, iou, groups)
+            agg = self.merge(masks, iou, groups)
             logits, _ = inject_masks(logits0, agg.masks, float(cfg["mask_weight"]))
             out_logits.append(logits)
             all_points.append(pts)
@@ -253,4 +254,4 @@ class ZeroShot(nn.Module):
         return self.decode_classes(self.encode_image(images, valid_hw), class_emb)
 
 
-__all__ = ["ZeroShot", "ZeroShotFeatures", "Points", "tspp_points", "grid_points", "inject_masks", "Aggregated"]
+__all__ = ["ZeroShot", "ZeroShotFeatures", "Points", "tspp_points", "grid_points", "inject_masks", "MergedMasks"]

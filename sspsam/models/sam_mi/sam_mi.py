@@ -25,9 +25,10 @@ from torch import nn
 from sspsam.backbones.clip import CLIPBackbone
 from sspsam.backbones.sam import SAMBackbone
 from sspsam.errors import ConfigError
-from sspsam.models.cost import correlation
+from sspsam.models.cost import class_embeddings, correlation
 from sspsam.models.common.cost_aggregation import ClassLinearAttention, GuidanceProjection, SpatialBlock, UpsampleDecoder, clip_features
 from sspsam.models.common.masks import mask_pool
+from sspsam.models.common.ovss import ImageInput
 from sspsam.models.sam_mi.smagg import shallow_mask_aggregation
 
 
@@ -178,6 +179,18 @@ class SAMMI(nn.Module):
             out[i, : len(merged)] = merged
             out_valid[i, : len(merged)] = True
         return out, out_valid
+
+    def class_embeddings(self, classes: list[str]) -> torch.Tensor:
+        """[K,E] text embeddings of the class names (:data:`sspsam.models.cost.DEFAULT_TEMPLATES`)."""
+        return class_embeddings(self.clip, classes)
+
+    def encode_image(self, images: torch.Tensor, valid_hw: torch.Tensor | None = None) -> ImageInput:
+        """The image side is not cached (SAM's points come from the class scores): the input is
+        kept and :meth:`decode_classes` runs the whole model."""
+        return ImageInput(images, valid_hw)
+
+    def decode_classes(self, features: ImageInput, class_emb: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self(features.images, class_emb, features.valid_hw)
 
     def forward(self, images: torch.Tensor, class_emb: torch.Tensor, valid_hw: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``valid_hw`` [B,2] (optional): the letterboxed content size, so SAM zeroes the padding as it does."""

@@ -212,21 +212,21 @@ class ZeroShot(nn.Module):
 
     # ---- the class-dependent pass -----------------------------------------------------------
     @torch.no_grad()
-    def decode_classes(self, feats: ZeroShotFeatures, class_emb: torch.Tensor) -> dict:
+    def decode_classes(self, features: ZeroShotFeatures, class_emb: torch.Tensor) -> dict:
         """Cached image features × class embeddings [K,E] → {"logits": [B,K,o,o], ...}."""
         cfg, o, s = self.cfg, self.mask_size, self.image_size
         scale = float(cfg["logit_scale"])
-        cost = cost_ops.upsample_cost(cost_ops.correlation(feats.clip_dense, class_emb.to(feats.clip_dense)), o)
+        cost = cost_ops.upsample_cost(cost_ops.correlation(features.clip_dense, class_emb.to(features.clip_dense)), o)
         out_logits, all_points, all_masks, counts = [], [], [], []
         for b in range(cost.shape[0]):
-            vh, vw = (int(-(-int(v) * o // s)) for v in feats.valid_hw[b])  # content size at mask resolution
+            vh, vw = (int(-(-int(v) * o // s)) for v in features.valid_hw[b])  # content size at mask resolution
             logits0 = cost[b] * scale
             if cfg["prompt"] == "tspp":
                 pts = tspp_points(logits0.softmax(0), cfg["points_per_class"], cfg["point_threshold"],
                                   cfg["nms_distance"] * max(vh, vw), (vh, vw))
             else:
                 pts = grid_points(cfg["grid_points"], (vh, vw), device=cost.device)
-            low, iou = self.sam_masks(feats.sam[b : b + 1], pts)
+            low, iou = self.sam_masks(features.sam[b : b + 1], pts)
             masks = low > 0
             masks[:, vh:] = False
             masks[:, :, vw:] = False
@@ -250,7 +250,8 @@ class ZeroShot(nn.Module):
         }
 
     def forward(self, images: torch.Tensor, class_emb: torch.Tensor, valid_hw: torch.Tensor | None = None) -> dict:
-        """[B,3,S,S] letterboxed 0..255 and class embeddings [K,E] → {"logits": [B,K,S/4,S/4], ...}."""
+        """[B,3,S,S] letterboxed 0..255 and class embeddings [K,E] → {"logits": [B,K,S/4,S/4], ...}
+        (the OVSS method set of :mod:`sspsam.models.common.ovss`)."""
         return self.decode_classes(self.encode_image(images, valid_hw), class_emb)
 
 

@@ -21,8 +21,8 @@ from sspsam.models.build import build_model, read_sspsam_checkpoint
 from sspsam.config import load_config
 from sspsam.errors import CheckpointError
 from sspsam.engine.losses import box_cxcywh_to_xyxy, dice_loss, generalized_box_iou, sigmoid_focal_loss, ssp_loss
-from sspsam.models.ssp_sam.linguistic_adapter import LinguisticAttentionAdapter
-from sspsam.models.ssp_sam.visual_adapter import VisualAttentionAdapter
+from sspsam.models.ssp_sam.legacy_head import LegacyLinguisticAttentionAdapter as LinguisticAttentionAdapter
+from sspsam.models.ssp_sam.legacy_head import LegacyVisualAttentionAdapter as VisualAttentionAdapter
 
 EOT = 49407
 PHRASES = ["the red square", "a small blue circle on the left", "green"]

@@ -19,7 +19,7 @@ from sspsam.config import load_config
 from sspsam.errors import CheckpointError
 from sspsam.predict.onnx import MANIFEST, OnnxSegmenter, PackFreeLinguisticAdapter, export_onnx
 from sspsam.predict.segmenter import Segmenter
-from sspsam.models.ssp_sam.linguistic_adapter import LinguisticAttentionAdapter
+from sspsam.models.ssp_sam.legacy_head import LegacyLinguisticAttentionAdapter as LinguisticAttentionAdapter
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-3  # max abs diff of mask logits the issue allows

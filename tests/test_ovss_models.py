@@ -28,11 +28,11 @@ from sspsam.data.semseg import (
 from sspsam.data.shapes import COLOURS
 from sspsam.models.cost import class_embeddings
 from sspsam.models.escnet.escnet import PseudoPromptGenerator, kmeans
-from sspsam.models.escnet.blocks import SwinTransformerBlock, shifted_window_mask
+from sspsam.models.common.cost_aggregation import SwinTransformerBlock, shifted_window_mask
 from sspsam.engine.evaluate_ovss import evaluate_ovss, format_iou_table
 from sspsam.engine.train_ovss import catseg_bce_loss, param_groups, train_ovss
 from sspsam.models.build import _model_from_checkpoint, build_model
-from sspsam.models.sam_mi.sam_mi import shallow_mask_aggregation
+from sspsam.models.sam_mi.smagg import shallow_mask_aggregation
 
 
 @pytest.fixture(scope="module", params=["escnet-tiny", "sam-mi-tiny"])

@@ -1,11 +1,13 @@
-"""Mask grouping in SAM-MI (``connected_groups`` on scipy's csgraph) against hand-worked answers."""
+"""Mask grouping (``connected_groups`` on scipy's csgraph), SAM-MI's SMAgg and the training-free overlap merge
+against hand-worked answers."""
 
 from __future__ import annotations
 
 import torch
 
-from sspsam.models.sam_mi.sam_mi import connected_groups, shallow_mask_aggregation
-from sspsam.models.sam_mi.smagg import ShallowMaskAggregation
+from sspsam.models.common.masks import connected_groups
+from sspsam.models.sam_mi.smagg import shallow_mask_aggregation
+from sspsam.models.zeroshot.mask_merge import OverlapMaskMerge
 
 
 def _link(n: int, pairs: list[tuple[int, int]]) -> torch.Tensor:
@@ -44,7 +46,7 @@ def test_shallow_aggregation_known_groups():
         _rect(0, 6, 0, 6),  # 5: a copy of the whole, another class: never merged across classes
     ])
     scores = torch.tensor([0.1, 0.5, 0.9, 0.2, 0.3, 0.4])
-    out = ShallowMaskAggregation()(masks, scores, torch.tensor([0, 0, 0, 0, 0, 1]))
+    out = OverlapMaskMerge()(masks, scores, torch.tensor([0, 0, 0, 0, 0, 1]))
     assert out.members == [[0], [1, 2, 3], [4], [5]]
     assert out.groups.tolist() == [0, 0, 0, 1]
     assert torch.allclose(out.scores, torch.tensor([0.1, 0.9, 0.3, 0.4]))

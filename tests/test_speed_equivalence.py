@@ -16,8 +16,9 @@ import sspsam.backbones.runtime as runtime
 from sspsam.backbones.tiny_vit import TinyViT
 from sspsam.models.build import build_model
 from sspsam.config import load_config
-from sspsam.models.sam_mi.sam_mi import connected_groups, shallow_mask_aggregation
-from sspsam.models.sam_mi.smagg import ShallowMaskAggregation
+from sspsam.models.common.masks import connected_groups
+from sspsam.models.sam_mi.smagg import shallow_mask_aggregation
+from sspsam.models.zeroshot.mask_merge import OverlapMaskMerge as ShallowMaskAggregation
 
 OFF = {k: False for k in runtime.FAST}
 

@@ -16,7 +16,7 @@ from sspsam.predict.segmenter import Segmenter
 from sspsam.io.weights import WeightsMissingError
 from sspsam.models.zeroshot.pipeline import ZeroShot, inject_masks, tspp_points
 from sspsam.predict.zeroshot_res import ZeroShotSegmenter, calibrate_threshold
-from sspsam.models.sam_mi.smagg import ShallowMaskAggregation
+from sspsam.models.zeroshot.mask_merge import OverlapMaskMerge as ShallowMaskAggregation
 
 
 @pytest.fixture(scope="module")

@@ -118,12 +118,15 @@ def class_embeddings(
     return F.normalize(sent, dim=-1)
 
 
-def _preprocess(clip: CLIPBackbone, images: torch.Tensor, size: int | None) -> torch.Tensor:
+def clip_preprocess(clip: CLIPBackbone, images: torch.Tensor, size: int | None) -> torch.Tensor:
     """CLIP normalisation at ``size`` (default: CLIP's own input size); positions are interpolated."""
     size = size or clip.image_size
     if images.shape[-2:] != (size, size):
         images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return (images - clip.mean) / clip.std
+
+
+_preprocess = clip_preprocess  # the former name, kept for importers until they move
 
 
 def csa_attention(attn: torch.nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +169,7 @@ def sclip_tokens(clip: CLIPBackbone, x: torch.Tensor, csa: bool = True) -> torch
 
 def _last_block_dense(clip: CLIPBackbone, images: torch.Tensor, mode: str, size: int | None = None) -> torch.Tensor:
     """Patch tokens [B, g*g, E] with the last vision block replaced by SCLIP's or MaskCLIP's variant."""
-    x = _preprocess(clip, images, size)
+    x = clip_preprocess(clip, images, size)
     if mode == "sclip":
         return sclip_tokens(clip, x)[:, 1:]
     vis = clip.model.visual

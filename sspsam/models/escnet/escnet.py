@@ -64,7 +64,8 @@ from sspsam.backbones.clip import CLIPBackbone
 from sspsam.backbones.sam import SAMBackbone
 from sspsam.errors import ConfigError
 from sspsam.models.cost import class_embeddings, correlation, resolve_templates
-from sspsam.models.escnet.blocks import (
+from sspsam.models.common.ovss import ImageInput
+from sspsam.models.common.cost_aggregation import (
     ClassLinearAttention,
     GuidanceProjection,
     GuidedUpsampleDecoder,
@@ -368,7 +369,18 @@ class ESCNet(nn.Module):
         single "A photo of a {} in the scene"); differentiable, since the text tower may train."""
         return class_embeddings(self.clip, classes, self.templates)
 
-    def forward(self, images: torch.Tensor, class_emb: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode_image(self, images: torch.Tensor, valid_hw: torch.Tensor | None = None) -> ImageInput:
+        """The image side is not cached: CLIP's dense features feed the class-wise blocks in one
+        pass, so the input is kept and :meth:`decode_classes` runs the whole model."""
+        return ImageInput(images, valid_hw)
+
+    def decode_classes(self, features: ImageInput, class_emb: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self(features.images, class_emb, features.valid_hw)
+
+    def forward(self, images: torch.Tensor, class_emb: torch.Tensor, valid_hw: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """images [B,3,S,S] 0..255, class_emb [K,E] → {"logits": [B,K,4g,4g], ...}. ``valid_hw`` is
+        accepted for the shared OVSS contract and not read: CLIP sees the whole square, padding
+        included, as CAT-Seg feeds it (SAM's image encoder, which would mask it, is not run)."""
         dense, guides = clip_features(self.clip, images, self.guidance_layers, self.dense_mode, self.clip_size)
         corr = correlation(dense, class_emb.to(dense.dtype))  # [B,K,g,g]
         b, k, h, w = corr.shape

@@ -25,8 +25,11 @@ from torch import nn
 from sspsam.backbones.clip import CLIPBackbone
 from sspsam.backbones.sam import SAMBackbone
 from sspsam.errors import ConfigError
-from sspsam.models.cost import correlation
-from sspsam.models.escnet.blocks import ClassLinearAttention, GuidanceProjection, SpatialBlock, UpsampleDecoder, clip_features
+from sspsam.models.cost import class_embeddings, correlation
+from sspsam.models.common.cost_aggregation import ClassLinearAttention, GuidanceProjection, SpatialBlock, UpsampleDecoder, clip_features
+from sspsam.models.common.masks import mask_pool
+from sspsam.models.common.ovss import ImageInput
+from sspsam.models.sam_mi.smagg import shallow_mask_aggregation
 
 
 class TextGuidedSparsePointPrompter(nn.Module):
@@ -54,82 +57,6 @@ class TextGuidedSparsePointPrompter(nn.Module):
         top, idx = ranked.topk(n, dim=1)
         points = torch.stack([idx % w, idx // w], -1)
         return scores, points, torch.isfinite(top)
-
-
-def mask_pool(masks: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-    """Average features inside soft masks: masks [..., N, h, w], feats [..., D, h, w] → [..., N, D]."""
-    num = torch.einsum("...nhw,...dhw->...nd", masks, feats)
-    return num / masks.sum((-2, -1))[..., None].clamp(min=1e-6)
-
-
-def connected_groups(link: torch.Tensor, ok: torch.Tensor | None = None) -> torch.Tensor:
-    """Transitive closure of a pairwise link [N,N] (read above the diagonal) → a group id per item
-    [N], groups numbered in the order of their first item; −1 where ``ok`` [N] is False.
-
-    ``scipy.sparse.csgraph.connected_components`` on the linked pairs (C, no per-item Python loop).
-    """
-    import numpy as np
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    n = link.shape[0]
-    ok = torch.ones(n, dtype=torch.bool, device=link.device) if ok is None else ok
-    group = torch.full((n,), -1, dtype=torch.long, device=link.device)
-    if n == 0:
-        return group
-    i, j = (link & ok[:, None] & ok[None]).triu(1).nonzero(as_tuple=True)
-    graph = coo_matrix((np.ones(i.numel(), dtype=np.int8), (i.cpu().numpy(), j.cpu().numpy())), shape=(n, n))
-    labels = connected_components(graph, directed=False)[1]
-    okn = ok.cpu().numpy()
-    # renumber in the order of each group's first ok item
-    _, first, inv = np.unique(labels[okn], return_index=True, return_inverse=True)
-    rank = np.empty(len(first), dtype=np.int64)
-    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
-    group[ok] = torch.from_numpy(rank[inv.reshape(-1)]).to(link.device)
-    return group
-
-
-def shallow_mask_aggregation(
-    masks: torch.Tensor,
-    feats: torch.Tensor | None = None,
-    valid: torch.Tensor | None = None,
-    containment: float = 0.8,
-    similarity: float = 0.8,
-    touch: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SMAgg: merge partial masks of one object against SAM's over-segmentation.
-
-    masks [N,H,W] (probabilities or bool; foreground is > 0.5), feats [N,D] per-mask features
-    (e.g. mask-pooled CLIP features) or None, valid [N]. Masks i, j are merged when their
-    features agree (cosine ≥ ``similarity``; always true without ``feats``) and one mostly lies
-    inside the other (|i∩j| / min(|i|,|j|) ≥ ``containment``) or — with features only — they
-    touch (adjacent within one pixel), as two halves of one object do. Merging is transitive.
-    Returns (merged masks [M,H,W], the max of their members, and group ids [N], −1 for invalid
-    or empty masks).
-    """
-    n = masks.shape[0]
-    hard = masks.detach().float() > 0.5
-    ok = hard.flatten(1).any(1) if valid is None else valid & hard.flatten(1).any(1)
-    flat = hard.flatten(1).float()
-    area = flat.sum(1)
-    inter = flat @ flat.T
-    linked = inter / torch.minimum(area[:, None], area[None]).clamp(min=1) >= containment
-    if feats is not None:
-        f = F.normalize(feats.detach().float(), dim=-1)
-        agree = f @ f.T >= similarity
-        if touch:
-            grown = F.max_pool2d(hard[:, None].float(), 3, 1, 1).flatten(1)
-            linked = linked | ((grown @ flat.T) > 0)
-        linked = linked & agree
-    group = connected_groups(linked, ok)
-    n_groups = int(group.max()) + 1 if n else 0
-    if n_groups == 0:
-        return masks.new_zeros((0, *masks.shape[1:])), group
-    member = group >= 0
-    src = masks[member].float().flatten(1)
-    index = group[member][:, None].expand_as(src)
-    merged = src.new_zeros((n_groups, src.shape[1])).scatter_reduce(0, index, src, "amax", include_self=False)
-    return merged.view(n_groups, *masks.shape[1:]), group
 
 
 class LowFrequencyInjection(nn.Module):
@@ -252,6 +179,18 @@ class SAMMI(nn.Module):
             out[i, : len(merged)] = merged
             out_valid[i, : len(merged)] = True
         return out, out_valid
+
+    def class_embeddings(self, classes: list[str]) -> torch.Tensor:
+        """[K,E] text embeddings of the class names (:data:`sspsam.models.cost.DEFAULT_TEMPLATES`)."""
+        return class_embeddings(self.clip, classes)
+
+    def encode_image(self, images: torch.Tensor, valid_hw: torch.Tensor | None = None) -> ImageInput:
+        """The image side is not cached (SAM's points come from the class scores): the input is
+        kept and :meth:`decode_classes` runs the whole model."""
+        return ImageInput(images, valid_hw)
+
+    def decode_classes(self, features: ImageInput, class_emb: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self(features.images, class_emb, features.valid_hw)
 
     def forward(self, images: torch.Tensor, class_emb: torch.Tensor, valid_hw: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``valid_hw`` [B,2] (optional): the letterboxed content size, so SAM zeroes the padding as it does."""

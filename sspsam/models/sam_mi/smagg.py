@@ -1,75 +1,61 @@
-"""Shallow Mask Aggregation without learned parts (after SAM-MI's SMAgg).
+"""SAM-MI's Shallow Mask Aggregation (SMAgg): merge the partial masks SAM returns for one object.
 
-SAM over-segments: points on one object often return its parts (a shirt, a face) and near-copies
-of the same mask. Before masks guide the cost map, partial masks of one object are merged into
-one, so that mask pooling averages over the whole object rather than over a part. "Shallow": one
-pass of pairwise overlap tests and scipy's connected components (``connected_groups``, shared
-with SAM-MI's learned SMAgg), no features, no training.
+SAM over-segments: points on one object often return its parts (a shirt, a face). Before the
+masks guide the cost map, masks whose mask-pooled CLIP features agree and that contain or touch
+each other are merged, so that mask pooling averages over the whole object rather than a part.
+"Shallow": one pass of pairwise tests, then the transitive closure
+(:func:`sspsam.models.common.masks.connected_groups`); no learned parameters of its own.
 
-Two masks of the same group (the class that prompted them) are merged when either
-
-* their IoU ≥ ``iou_thr`` (near-duplicates from nearby points or multimask outputs), or
-* the smaller lies mostly inside the larger, intersection / smaller area ≥ ``contain_thr`` (a part
-  and its whole).
-
-Disjoint masks stay apart, even with the same class: they are separate instances.
+(The training-free path merges masks by a different rule, IoU and containment within a class,
+without features: :mod:`sspsam.models.zeroshot.mask_merge`.)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+import torch.nn.functional as F
 
-from sspsam.models.sam_mi.sam_mi import connected_groups
-
-
-@dataclass
-class Aggregated:
-    masks: torch.Tensor  # [M, h, w] bool, merged
-    scores: torch.Tensor  # [M] the best member's score
-    groups: torch.Tensor  # [M] group (class) id
-    members: list[list[int]]  # input indices merged into each output mask
+from sspsam.models.common.masks import connected_groups
 
 
-class ShallowMaskAggregation:
-    """Merge same-group masks that duplicate or contain each other; keep disjoint ones apart."""
+def shallow_mask_aggregation(
+    masks: torch.Tensor,
+    feats: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    containment: float = 0.8,
+    similarity: float = 0.8,
+    touch: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SMAgg: merge partial masks of one object against SAM's over-segmentation.
 
-    def __init__(self, iou_thr: float = 0.6, contain_thr: float = 0.8, min_area: int = 1):
-        self.iou_thr = float(iou_thr)
-        self.contain_thr = float(contain_thr)
-        self.min_area = int(min_area)
-
-    def __call__(self, masks: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor | None = None) -> Aggregated:
-        masks = masks.bool()
-        n = masks.shape[0]
-        groups = torch.zeros(n, dtype=torch.long, device=masks.device) if groups is None else groups.long()
-        keep = masks.flatten(1).sum(1) >= self.min_area
-        idx = keep.nonzero().flatten().tolist()
-        if not idx:
-            h, w = masks.shape[-2:]
-            return Aggregated(masks.new_zeros((0, h, w)), scores.new_zeros(0), groups.new_zeros(0), [])
-        sel = torch.tensor(idx, dtype=torch.long, device=masks.device)
-        flat = masks[sel].flatten(1)
-        g_in = groups[sel]
-        # Pairwise overlaps only within a group (masks of different classes never merge): one
-        # [n_c, hw] @ [hw, n_c] product per class instead of [n, hw] @ [hw, n] — grid mode has ~1000 masks.
-        link = torch.zeros(len(idx), len(idx), dtype=torch.bool, device=masks.device)
-        for g in g_in.unique().tolist():
-            rows = (g_in == g).nonzero().flatten()
-            f = flat[rows].float()
-            area = f.sum(1)
-            inter = f @ f.T
-            iou = inter / (area[:, None] + area[None, :] - inter).clamp(min=1)
-            contain = inter / torch.minimum(area[:, None], area[None, :]).clamp(min=1)
-            link[rows[:, None], rows[None, :]] = (iou >= self.iou_thr) | (contain >= self.contain_thr)
-
-        cluster = connected_groups(link)  # numbered in the order of each cluster's first mask
-        n_out = int(cluster.max()) + 1
-        merged = torch.zeros((n_out, flat.shape[1]), dtype=torch.int32, device=masks.device)
-        merged.index_add_(0, cluster, flat.int())
-        best = scores.new_full((n_out,), float("-inf")).scatter_reduce(0, cluster, scores[sel], "amax")
-        order = cluster.argsort(stable=True)
-        first = order[torch.cat([order.new_zeros(1), cluster[order].bincount(minlength=n_out).cumsum(0)[:-1]])]
-        members = [m.tolist() for m in sel[order].split(cluster.bincount(minlength=n_out).tolist())]
-        return Aggregated((merged > 0).view(n_out, *masks.shape[1:]), best, g_in[first], members)
+    masks [N,H,W] (probabilities or bool; foreground is > 0.5), feats [N,D] per-mask features
+    (e.g. mask-pooled CLIP features) or None, valid [N]. Masks i, j are merged when their
+    features agree (cosine ≥ ``similarity``; always true without ``feats``) and one mostly lies
+    inside the other (|i∩j| / min(|i|,|j|) ≥ ``containment``) or — with features only — they
+    touch (adjacent within one pixel), as two halves of one object do. Merging is transitive.
+    Returns (merged masks [M,H,W], the max of their members, and group ids [N], −1 for invalid
+    or empty masks).
+    """
+    n = masks.shape[0]
+    hard = masks.detach().float() > 0.5
+    ok = hard.flatten(1).any(1) if valid is None else valid & hard.flatten(1).any(1)
+    flat = hard.flatten(1).float()
+    area = flat.sum(1)
+    inter = flat @ flat.T
+    linked = inter / torch.minimum(area[:, None], area[None]).clamp(min=1) >= containment
+    if feats is not None:
+        f = F.normalize(feats.detach().float(), dim=-1)
+        agree = f @ f.T >= similarity
+        if touch:
+            grown = F.max_pool2d(hard[:, None].float(), 3, 1, 1).flatten(1)
+            linked = linked | ((grown @ flat.T) > 0)
+        linked = linked & agree
+    group = connected_groups(linked, ok)
+    n_groups = int(group.max()) + 1 if n else 0
+    if n_groups == 0:
+        return masks.new_zeros((0, *masks.shape[1:])), group
+    member = group >= 0
+    src = masks[member].float().flatten(1)
+    index = group[member][:, None].expand_as(src)
+    merged = src.new_zeros((n_groups, src.shape[1])).scatter_reduce(0, index, src, "amax", include_self=False)
+    return merged.view(n_groups, *masks.shape[1:]), group

@@ -5,15 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sspsam.backbones.clip import CLIPBackbone, TextFeatures
 from sspsam.backbones.sam import SAMBackbone
 from sspsam.errors import ConfigError
+from sspsam.models.common.masks import OFFICIAL_MASK_SIZE, official_mask_logits
 from sspsam.models.ssp_sam.encoder import SemanticSpatialPromptEncoder
+from sspsam.models.ssp_sam.legacy_head import LegacySemanticSpatialPromptEncoder
 from sspsam.models.ssp_sam.no_target_head import NoTargetHead
 from sspsam.models.ssp_sam.official_inputs import clip_input, clip_input_from_letterbox, format_phrase, letterbox_box_to_clip
+
+
+#: ``ssp.head`` → the SSP head's class, chosen once when the model is built
+SSP_HEADS: dict[str, type[SemanticSpatialPromptEncoder]] = {
+    "official": SemanticSpatialPromptEncoder,
+    "legacy": LegacySemanticSpatialPromptEncoder,
+}
 
 
 @dataclass
@@ -46,20 +54,20 @@ class SSPSAM(nn.Module):
         ssp = dict(ssp)
         no_target = ssp.pop("no_target_head", False)
         head = ssp.pop("head", "legacy")
-        if head not in ("official", "legacy"):
+        if head not in SSP_HEADS:
             raise ConfigError(f"ssp.head must be 'official' or 'legacy', got {head!r}")
-        self.official = head == "official"
-        self.clip_geometry = ssp.pop("clip_input", "centered" if self.official else "letterbox")
+        self.head = head
+        encoder_class = SSP_HEADS[head]
+        self.clip_geometry = ssp.pop("clip_input", encoder_class.default_clip_input)
         if self.clip_geometry not in ("centered", "letterbox"):
             raise ConfigError(f"ssp.clip_input must be 'centered' or 'letterbox', got {self.clip_geometry!r}")
-        self.phrase_format = ssp.pop("phrase_format", "official" if self.official else "plain")
+        self.phrase_format = ssp.pop("phrase_format", encoder_class.default_phrase_format)
         if self.phrase_format not in ("official", "plain"):
             raise ConfigError(f"ssp.phrase_format must be 'official' or 'plain', got {self.phrase_format!r}")
         ssp.setdefault("prompt_dim", sam.prompt_encoder.embed_dim)
-        if self.official:
-            ssp.setdefault("vaa_dropout", 0.1)  # the official img2text_attn dropout
-            ssp["word_dim"] = clip.text_width  # unprojected ln_final word tokens
-        self.ssp_encoder = SemanticSpatialPromptEncoder(clip.embed_dim, clip.grid_size**2, official=self.official, **ssp)
+        defaults, fixed = encoder_class.config_defaults(clip.text_width)
+        ssp = {**defaults, **ssp, **fixed}
+        self.ssp_encoder = encoder_class(clip.embed_dim, clip.grid_size**2, **ssp)
         if no_target not in (False, True, "mask"):
             raise ConfigError(f"ssp.no_target_head must be false, true or 'mask', got {no_target!r}")
         self.no_target_head = NoTargetHead(ssp["prompt_dim"], use_mask=no_target == "mask") if no_target else None
@@ -137,6 +145,16 @@ class SSPSAM(nn.Module):
         """Training path: one phrase per image."""
         return self.decode(self.encode_image(images, valid_hw), self.encode_text(tokens))
 
+    def mask_logits_512(self, low_res: torch.Tensor) -> torch.Tensor:
+        """SAM's low-res logits [T,1,h,w] → the official 512² frame (where the official code
+        evaluates and applies GRES's "fewer than 50 pixels" no-target rule): [T,1,512,512] fp32."""
+        return official_mask_logits(low_res, self.image_size, OFFICIAL_MASK_SIZE)
+
+    @property
+    def official(self) -> bool:
+        """Whether the SSP head is the official one (``ssp.head: official``)."""
+        return self.head == "official"
+
     def freeze(self, parts: list[str]) -> None:
         """Freeze named sub-modules, e.g. ['clip', 'sam.image_encoder'] (the paper's default)."""
         for name in parts:
@@ -145,9 +163,4 @@ class SSPSAM(nn.Module):
             module.eval()
 
 
-def official_mask_logits(low_res: torch.Tensor, sam_size: int, out_size: int = 512) -> torch.Tensor:
-    """SAM low-res logits [T,1,h,w] → the official ``pred_masks`` frame: bilinear to SAM's input
-    square, then to ``out_size``² (the official code evaluates and applies its GRES
-    "fewer than 50 pixels" rule there)."""
-    x = F.interpolate(low_res.float(), size=(sam_size, sam_size), mode="bilinear", align_corners=False)
-    return F.interpolate(x, size=(out_size, out_size), mode="bilinear", align_corners=False)
+__all__ = ["SSPSAM", "ImageFeatures", "SSP_HEADS", "official_mask_logits"]

@@ -144,9 +144,13 @@ def convert(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
         else:
             unknown.append(key)
     if unknown:
-        raise CheckpointError(f"official SSP-SAM checkpoint with {len(unknown)} keys no rule maps: {_few(unknown)}")
+        raise CheckpointError(f"official SSP-SAM checkpoint with {len(unknown)} keys no rule maps: {first_keys(unknown)}")
     return out, dropped
 
 
-def _few(keys: list[str], n: int = 6) -> str:
+def first_keys(keys: list[str], n: int = 6) -> str:
+    """The first ``n`` keys and how many more, for an error message that names what went wrong."""
     return ", ".join(keys[:n]) + (f" … (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+_few = first_keys  # the former name, kept for importers until they move

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class _EncoderLayer(nn.Module):
+class EncoderLayer(nn.Module):
     """Post-norm transformer layer with positions added to queries and keys only (as DETR)."""
 
     def __init__(self, dim: int, heads: int, ffn: int, dropout: float):
@@ -42,11 +42,11 @@ class PromptGenerator(nn.Module):
     The learnable tokens read the whole fused map through self-attention, so each becomes a
     prompt carrying both what (semantics) and where (position) — unlike a click, which only says where.
 
-    ``official=True`` (config ``ssp.head: official``) adds the official code's final LayerNorm
-    (``norm``) on every output token before the prompts and the box head read them, and uses the
-    official initialisation: the box token, prompt tokens and positions are ``nn.Embedding``
-    weights (N(0, 1)), and every matrix of the encoder layers is Xavier-uniform (DETR's
-    ``_reset_parameters``). The legacy layout (bundled ``shapes-demo``) has neither.
+    As the official code: a final LayerNorm (``norm``) on every output token before the prompts
+    and the box head read them, and the official initialisation: the box token, prompt tokens and
+    positions are ``nn.Embedding`` weights (N(0, 1)), and every matrix of the encoder layers is
+    Xavier-uniform (DETR's ``_reset_parameters``). (The bundled ``shapes-demo`` runs an earlier
+    layout without either: :class:`sspsam.models.ssp_sam.legacy_head.LegacyPromptGenerator`.)
     """
 
     def __init__(
@@ -58,25 +58,21 @@ class PromptGenerator(nn.Module):
         heads: int = 8,
         ffn: int = 2048,
         dropout: float = 0.0,
-        official: bool = False,
     ):
         super().__init__()
         self.num_prompts = num_prompts
-        self.official = official
-        std = 1.0 if official else 0.02
-        self.box_token = nn.Parameter(torch.randn(1, 1, dim) if official else torch.zeros(1, 1, dim))
-        self.prompt_tokens = nn.Parameter(torch.randn(1, num_prompts, dim) * std)
-        self.pos_embed = nn.Parameter(torch.randn(1, 1 + num_prompts + num_tokens, dim) * std)
-        self.layers = nn.ModuleList([_EncoderLayer(dim, heads, ffn, dropout) for _ in range(layers)])
-        self.norm = nn.LayerNorm(dim) if official else None
+        self.box_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.prompt_tokens = nn.Parameter(torch.randn(1, num_prompts, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + num_prompts + num_tokens, dim))
+        self.layers = nn.ModuleList([EncoderLayer(dim, heads, ffn, dropout) for _ in range(layers)])
+        self.norm = nn.LayerNorm(dim)
         self.box_head = BoxHead(dim)
-        if official:
-            for p in self.layers.parameters():
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
+        for p in self.layers.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
 
-    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """tokens [T,N,dim] → prompts [T,K,dim], box [T,4], box_token [T,dim]."""
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [T,N,dim] → the encoder's output over [box token, prompts, tokens] [T,1+K+N,dim]."""
         t, n, _ = tokens.shape
         if 1 + self.num_prompts + n != self.pos_embed.shape[1]:
             raise ValueError(f"PromptGenerator was built for {self.pos_embed.shape[1] - 1 - self.num_prompts} tokens, got {n}")
@@ -84,7 +80,13 @@ class PromptGenerator(nn.Module):
         pos = self.pos_embed.expand(t, -1, -1)
         for layer in self.layers:
             x = layer(x, pos)
-        if self.norm is not None:
-            x = self.norm(x)
+        return x
+
+    def heads(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The encoder's output → prompts [T,K,dim], box [T,4], box_token [T,dim]."""
         box_token = x[:, 0]
         return {"prompts": x[:, 1 : 1 + self.num_prompts], "box": self.box_head(box_token), "box_token": box_token}
+
+    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """tokens [T,N,dim] → prompts [T,K,dim], box [T,4], box_token [T,dim]."""
+        return self.heads(self.norm(self.encode(tokens)))

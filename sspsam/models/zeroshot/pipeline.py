@@ -8,7 +8,8 @@ SAM-MI's recipe with every learned part replaced by a rule:
    cosine × 40) where the class dominates, above ``point_threshold``, at least ``nms_distance`` apart,
    top ``points_per_class`` — a few points per class instead of SAM's 32×32 grid;
 3. SAM masks for all points at once (prompt encoder + mask decoder on the cached image embedding);
-4. Shallow Mask Aggregation (``smagg.py``) merges partial and duplicate masks of one object;
+4. the overlap merge (``mask_merge.py``, after SAM-MI's Shallow Mask Aggregation) merges partial
+   and duplicate masks of one object;
 5. mask injection without DMI's layers: per-pixel logits = (1 − w)·cost logits + w·(mask-pooled
    cost logits, averaged over the masks covering the pixel). Masks are soft guidance: a pixel's
    label can still disagree with its mask, so wrong masks cost little (SAM-MI's point against
@@ -30,7 +31,7 @@ from sspsam.backbones.clip import CLIPBackbone
 from sspsam.backbones.sam import SAMBackbone
 from sspsam.errors import ConfigError
 import sspsam.models.cost as cost_ops
-from sspsam.models.sam_mi.smagg import Aggregated, ShallowMaskAggregation
+from sspsam.models.zeroshot.mask_merge import MergedMasks, OverlapMaskMerge
 
 DEFAULTS = {
     "dense_mode": "sclip",  # surgery | sclip | csa-no-ffn | maskclip
@@ -151,7 +152,7 @@ class ZeroShot(nn.Module):
         self.clip = clip
         self.sam = sam
         self.config = config or {}
-        self.smagg = ShallowMaskAggregation(self.cfg["smagg_iou"], self.cfg["smagg_contain"])
+        self.merge = OverlapMaskMerge(self.cfg["smagg_iou"], self.cfg["smagg_contain"])
 
     @property
     def image_size(self) -> int:
@@ -211,21 +212,21 @@ class ZeroShot(nn.Module):
 
     # ---- the class-dependent pass -----------------------------------------------------------
     @torch.no_grad()
-    def decode_classes(self, feats: ZeroShotFeatures, class_emb: torch.Tensor) -> dict:
+    def decode_classes(self, features: ZeroShotFeatures, class_emb: torch.Tensor) -> dict:
         """Cached image features × class embeddings [K,E] → {"logits": [B,K,o,o], ...}."""
         cfg, o, s = self.cfg, self.mask_size, self.image_size
         scale = float(cfg["logit_scale"])
-        cost = cost_ops.upsample_cost(cost_ops.correlation(feats.clip_dense, class_emb.to(feats.clip_dense)), o)
+        cost = cost_ops.upsample_cost(cost_ops.correlation(features.clip_dense, class_emb.to(features.clip_dense)), o)
         out_logits, all_points, all_masks, counts = [], [], [], []
         for b in range(cost.shape[0]):
-            vh, vw = (int(-(-int(v) * o // s)) for v in feats.valid_hw[b])  # content size at mask resolution
+            vh, vw = (int(-(-int(v) * o // s)) for v in features.valid_hw[b])  # content size at mask resolution
             logits0 = cost[b] * scale
             if cfg["prompt"] == "tspp":
                 pts = tspp_points(logits0.softmax(0), cfg["points_per_class"], cfg["point_threshold"],
                                   cfg["nms_distance"] * max(vh, vw), (vh, vw))
             else:
                 pts = grid_points(cfg["grid_points"], (vh, vw), device=cost.device)
-            low, iou = self.sam_masks(feats.sam[b : b + 1], pts)
+            low, iou = self.sam_masks(features.sam[b : b + 1], pts)
             masks = low > 0
             masks[:, vh:] = False
             masks[:, :, vw:] = False
@@ -234,7 +235,7 @@ class ZeroShot(nn.Module):
             if cfg["prompt"] == "grid" and masks.shape[0]:  # unprompted masks take their pooled class
                 _, pooled = inject_masks(logits0, masks, 1.0)
                 groups = pooled.argmax(1)
-            agg = self.smagg(masks, iou, groups)
+            agg = self.merge(masks, iou, groups)
             logits, _ = inject_masks(logits0, agg.masks, float(cfg["mask_weight"]))
             out_logits.append(logits)
             all_points.append(pts)
@@ -249,8 +250,9 @@ class ZeroShot(nn.Module):
         }
 
     def forward(self, images: torch.Tensor, class_emb: torch.Tensor, valid_hw: torch.Tensor | None = None) -> dict:
-        """[B,3,S,S] letterboxed 0..255 and class embeddings [K,E] → {"logits": [B,K,S/4,S/4], ...}."""
+        """[B,3,S,S] letterboxed 0..255 and class embeddings [K,E] → {"logits": [B,K,S/4,S/4], ...}
+        (the OVSS method set of :mod:`sspsam.models.common.ovss`)."""
         return self.decode_classes(self.encode_image(images, valid_hw), class_emb)
 
 
-__all__ = ["ZeroShot", "ZeroShotFeatures", "Points", "tspp_points", "grid_points", "inject_masks", "Aggregated"]
+__all__ = ["ZeroShot", "ZeroShotFeatures", "Points", "tspp_points", "grid_points", "inject_masks", "MergedMasks"]

@@ -1,4 +1,4 @@
-"""Cost-aggregation building blocks shared by ESC-Net and SAM-MI (both follow CAT-Seg here).
+"""CAT-Seg's cost-aggregation building blocks, run by ESC-Net and by SAM-MI (both build on CAT-Seg).
 
 * :func:`clip_features` — one CLIP pass giving the unit-norm dense features (CLIP-Surgery path,
   as :func:`sspsam.models.cost.dense_features`) and intermediate ViT tokens for decoder guidance.
@@ -25,7 +25,7 @@ from torch import nn
 
 from sspsam.backbones.clip import CLIPBackbone
 from sspsam.errors import ConfigError
-from sspsam.models.cost import _preprocess, dense_features
+from sspsam.models.cost import clip_preprocess, dense_features
 
 
 def clip_features(
@@ -65,7 +65,7 @@ def clip_features(
 
 def _plain_dense(clip: CLIPBackbone, images: torch.Tensor, size: int | None) -> torch.Tensor:
     vis = clip.model.visual
-    x = vis.conv1(_preprocess(clip, images, size))
+    x = vis.conv1(clip_preprocess(clip, images, size))
     b, c, gh, gw = x.shape
     x = x.flatten(2).transpose(1, 2)
     x = torch.cat([vis.class_embedding.expand(b, 1, c).to(x.dtype), x], dim=1)

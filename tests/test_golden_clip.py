@@ -3,7 +3,7 @@
 The weights are regenerated from the fixtures' manifests (``sspsam.tools.golden``) and go through
 the public loaders: an OpenAI-format CLIP ``.pt`` → ``CLIPBackbone.load_checkpoint``; a MobileSAM
 checkpoint (``image_encoder.*``) → ``SAMBackbone.load_checkpoint``. The rows are those of
-``sspsam.tools.fidelity_clip`` (what ``python -m sspsam.tools.fidelity_clip`` prints).
+``sspsam.tools.fidelity_clip`` (what ``sspsam tools fidelity-clip`` prints).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Readers (``torch.utils.data.Dataset``; one sample per (referent, sentence)):
   ``data_seg/masks/<dataset>/<mask_id>.npy``); :func:`write_official_anns` converts to it.
 
 Generators writing the same layouts from synthetic shape scenes: :func:`generate_refer`,
-:func:`generate_grefcoco`, :func:`generate_phrasecut` (also ``python -m sspsam.data.generate``).
+:func:`generate_grefcoco`, :func:`generate_phrasecut` (also ``sspsam tools generate-data``).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    # lazy, so ``python -m sspsam.data.generate`` does not import its own module twice
+    # lazy: `import sspsam.data` stays cheap, and a data set module loads only when its class is asked for
     if name in _LAZY:
         import importlib
 

@@ -130,6 +130,8 @@ class TrainTask:
 
     def plan(self, batches_per_epoch: int, grad_accum: int, steps: int | None, total_steps: int | None) -> tuple[int, int, int]:
         """(steps, total_steps, steps_per_epoch); ``steps_per_epoch`` 0 when the schedule counts steps."""
+        if steps is None:
+            raise OptionError("steps is required (the number of optimizer steps to reach)")
         return int(steps), int(total_steps or steps), 0
 
     def scheduler(self, optimizer, total_steps: int, steps_per_epoch: int):

@@ -9,7 +9,8 @@ The checkpoint's ``meta`` says what the CLI/web page may suggest: ``domain`` and
 ``example_classes`` (the class list it was trained on, which is what it knows) and
 ``vocabulary`` (the words of those classes: a class with none of them gets a warning).
 ``--annotate`` only (re)writes that meta on an existing checkpoint, weights untouched — how the
-shipped one got it (held-out mIoU 0.912 on 100 fresh scenes, so it was not retrained).
+shipped one got it (benchmarks/demo_models.md has its scores). Training is
+:func:`sspsam.engine.train_ovss.train_ovss`, the shared loop every method trains with.
 """
 
 from __future__ import annotations

@@ -7,44 +7,20 @@ between shapes, several objects at once, and "nothing matches" — and nothing a
 Why this recipe (the first demo froze CLIP and SAM at random init and never learnt colour words):
 every tower trains, from scratch; CLIP and SAM both read 256 px (a 16×16 patch grid, 64×64 mask
 logits: at 128 px an 8×8 grid left a shape one or two patches to be told apart by, and the 32×32
-masks capped a right answer's IoU near 0.89); the text context is 16 tokens (the longest generated phrase
+masks capped a right answer's IoU); the text context is 16 tokens (the longest generated phrase
 is 11); phrases are drawn family by family (absent objects a little more often), so relations and
 multi-target phrases are not drowned by the easy ones; a dense phrase–patch alignment loss
 stands in for the image–text alignment a pretrained CLIP would bring (:func:`alignment_loss`);
 AdamW with warm-up and cosine decay.
 
-Rerun (CPU, 2 threads; resumable — the state file is rewritten atomically every 200 steps, and
-a killed run continues where the last state left it when started again with the same --state):
+Rerun (CPU, 2 threads; resumable: the run folder's ``last.pt`` is rewritten atomically every 200
+steps, and a killed run continues where it left off when started again with the same --run):
     OMP_NUM_THREADS=2 python scripts/train_shapes_demo.py --steps 6500 --batch 6 --phrases 6 \
-        --align 5 --state runs/shapes-demo.state.pt --out sspsam/assets/shapes-demo.pt --eval 200
-The shipped checkpoint is the 128-px model below (15000 steps) moved to 256 px by :func:`widen`
-and trained on (``--init``): ``--init runs/shapes-demo-128.pt --steps 5000 --lr 4e-4
---family-weights colour=1,shape=3,colour-shape=1.5,relation=1.5,size=2.5,multi=2.5,absent=2`` to
-step 3200, then ``--steps 9000 --family-weights …,size=4,…`` (a warm restart; at step 9000:
-mIoU 0.889, no-target 0.890), then ``--steps 11000 --lr 1e-3 --family-weights colour=1,shape=3,
-colour-shape=2.5,relation=1.5,size=4,multi=2.5,absent=3`` (the cosine tail from 1e-4; 113
-CPU-minutes on 2 shared cores; held-out 0.907 / 0.970 once its threshold was chosen by the fixed
-calibration below), then 3000 steps more on one thread (80 min), absent twins beside colour–shape
-phrases: ``--init <that file> --steps 3000 --lr 3e-4 --threads 1 --pair-rate 0.6 --family-weights
-colour=1,shape=2,colour-shape=3,relation=1.5,size=3,multi=2,absent=3``, and ``--recalibrate``.
-Its no-target threshold (0.85) is chosen by :func:`calibrate_no_target`; the mask decoder now
-draws nothing for most absent objects, so the empty-mask rule does most of that work. Held-out
-scores (200 scenes): mIoU 0.921, no-target 0.990; colour 0.97, shape 0.97, relation 0.93,
-colour-shape 0.93, position 0.92, multi 0.87, size 0.83 (the 128-px model: 0.764 / 0.865, shape
-0.64, size 0.59).
-The 128-px model was found on a shared 2-core CPU, changing the recipe at resumes as probes
-of the model showed what was missing: steps 1–800 ``--batch 8 --phrases 4``, only absent
-objects up-weighted, no alignment loss (it learnt objectness and positions); 800–1000 the
-current family weights, 6×6 phrases; 1000–2200 ``--align 2``; from 2200 ``--align 5`` (colour
-and shape words start to bind only around step 3000); the cosine schedule's length was
-raised at resumes (2000 → 2900 → 3500 → 4700 → 6500) and the run stopped at a ``--deadline``
-(step 5815); from step 6400 ``--lr 8e-4 --steps 16000 --family-weights colour=1,shape=2.5,
-colour-shape=1.5,relation=1.5,size=1.5,multi=2,absent=1.5`` and from step 8400 ``--threads 1
---steps 12000`` (a shorter cosine tail to fit the session); from step 12000 ``--steps 15000
---family-weights colour=1,shape=3,colour-shape=1.5,relation=1.5,size=2.5,multi=2.5,absent=2`` (a
-small warm restart), to step 15000. The last 9000 steps moved held-out mIoU 0.65 → 0.77 → 0.76 and
-no-target accuracy 0.64 → 0.84 → 0.87: at this size and recipe the model has levelled off.
-Its ``meta`` holds the step count, minutes and held-out scores.
+        --align 5 --run runs/shapes-demo --out sspsam/assets/shapes-demo.pt --eval 200
+The shipped checkpoint was trained in several legs, each changing the recipe (family weights,
+alignment weight, a 128-px model widened to 256 px by :func:`widen` and trained on with
+``--init``): benchmarks/demo_models.md records them and the held-out scores. Its ``meta`` holds
+the step count, minutes and held-out scores.
 
 `examples/shapes.png` is ``make_scene(np.random.default_rng(12), width=256, height=192,
 n_objects=(4, 4), radius=(0.12, 0.2), background="plain", palette=(red, green, blue, yellow))``
@@ -70,15 +46,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sspsam.io.checkpoint import atomic_write, save_checkpoint
-from sspsam.models.build import build_model
 from sspsam.config import load_config, merge
-from sspsam.data.shapes import FAMILIES, expressions_by_family, make_scene
+from sspsam.data.shapes import expressions_by_family, make_scene, shapes_vocabulary
+from sspsam.engine.loop import LoopOptions, fit
+from sspsam.engine.losses import ssp_loss
 from sspsam.engine.metrics import RESMeter
 from sspsam.engine.shapes_eval import TRAIN_SEED_LIMIT, answers, demo_scene, evaluate, format_table, target_mask
-from sspsam.engine.losses import ssp_loss
-from sspsam.data.shapes import shapes_vocabulary
-from sspsam.engine.step import collate, make_sample, param_groups
+from sspsam.engine.step import collate, make_sample
+from sspsam.engine.state import seed_everything
+from sspsam.engine.tasks.referring import ReferringTask
+from sspsam.models.build import build_model
+from sspsam.io.checkpoint import atomic_write, save_checkpoint
 
 # What the demo changes in the tiny config (the checkpoint stores the merged config).
 OVERRIDES = {
@@ -149,24 +127,74 @@ def alignment_loss(model, patches: torch.Tensor, sentence: torch.Tensor, mask: t
     return F.binary_cross_entropy_with_logits(10.0 * cos, share)
 
 
-def train_step(model, scenes: list[list[dict]], opt, loss_cfg: dict, align_weight: float = 0.0) -> dict:
-    flat = [s for group in scenes for s in group]
-    batch = collate(flat)
-    index = torch.tensor([i for i, group in enumerate(scenes) for _ in group])
-    first = [group[0] for group in scenes]
-    model.train()
-    feats = model.encode_image(torch.stack([s["image"] for s in first]), torch.stack([s["valid_hw"] for s in first]))
-    text = model.encode_text(model.clip.tokenize(batch["text"]))
-    out = model.decode(feats, text, index)
-    losses = ssp_loss(out, batch["mask"], batch["box"], batch["no_target"], loss_cfg)
-    if align_weight:
-        losses["align"] = align_weight * alignment_loss(model, feats.clip_patches[index], text.sentence, batch["mask"])
-        losses["total"] = losses["total"] + losses["align"]
-    opt.zero_grad(set_to_none=True)
-    losses["total"].backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    return {k: float(v.detach()) for k, v in losses.items()}
+class SceneStream(torch.utils.data.Dataset):
+    """Training scenes drawn on the fly from the global ``random`` generator (which the loop
+    seeds and saves in ``last.pt``, so a resumed run draws what the uninterrupted one would);
+    the index only feeds the sampler."""
+
+    def __init__(self, size: int, phrases: int, pair_rate: float, length: int = 100_000) -> None:
+        self.size, self.phrases, self.pair_rate, self.length = size, phrases, pair_rate, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> list[dict]:
+        return sample_scene(random, self.size, self.phrases, self.pair_rate)
+
+
+class ShapesDemoTask(ReferringTask):
+    """The referring task on generated scenes: several phrases share one scene, so the image
+    towers run once per scene (``decode`` with an image index), plus :func:`alignment_loss`;
+    every tower trains; the lr follows :func:`lr_at`."""
+
+    def __init__(self, cfg: dict, *, lr: float, phrases: int, pair_rate: float, align: float, align_from: int,
+                 init: str | None = None) -> None:
+        super().__init__(cfg, None, lr=lr, decoder_lr=lr, weight_decay=0.01, clip_grad=1.0, load_backbones=False)
+        self.phrases, self.pair_rate, self.align, self.align_from, self.init_path = phrases, pair_rate, align, align_from, init
+        self.step = 0
+        self.frozen = []
+
+    def build(self, seed):
+        seed_everything(seed)
+        model = build_model(self.cfg)  # nothing frozen, whatever the tiny config freezes
+        if self.init_path:  # a resumed run's last.pt then overwrites every weight
+            ck = torch.load(self.init_path, map_location="cpu", weights_only=False)
+            old = {k: v.float() if v.is_floating_point() else v for k, v in ck["state_dict"].items()}
+            model.load_state_dict(widen(old, model.state_dict(), self.cfg["ssp"]["num_prompts"]))
+        return model
+
+    def open_data(self):
+        return None
+
+    def dataset(self, core):
+        return SceneStream(core.image_size, self.phrases, self.pair_rate)
+
+    def collate(self, scenes: list[list[dict]]) -> dict:
+        batch = collate([s for group in scenes for s in group])
+        first = [group[0] for group in scenes]
+        batch["scene_image"] = torch.stack([s["image"] for s in first])
+        batch["scene_valid_hw"] = torch.stack([s["valid_hw"] for s in first])
+        batch["index"] = torch.tensor([i for i, group in enumerate(scenes) for _ in group])
+        return batch
+
+    def scheduler(self, optimizer, total_steps, steps_per_epoch):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, 1.0))
+
+    def prepare(self, step, core):
+        self.step = step
+        return False
+
+    def loss(self, module, core, batch, autocast):
+        index = batch["index"]
+        with autocast():
+            feats = core.encode_image(batch["scene_image"], batch["scene_valid_hw"])
+            text = core.encode_text(core.clip.tokenize(batch["text"]).to(index.device))
+            out = core.decode(feats, text, index)
+        losses = ssp_loss(out, batch["mask"], batch["box"], batch["no_target"], self.loss_weights)
+        if self.align and self.step >= self.align_from:
+            losses["align"] = self.align * alignment_loss(core, feats.clip_patches[index], text.sentence, batch["mask"])
+            losses["total"] = losses["total"] + losses["align"]
+        return losses
 
 
 def _grid(t: torch.Tensor, size: int) -> torch.Tensor:
@@ -215,9 +243,7 @@ def calibrate_no_target(segmenter, n_scenes: int = 200, seed0: int = TRAIN_SEED_
     circle" (absent), since the two read alike and colour–shape is one family among seven.
 
     "No target" is scored as the Segmenter decides it: the probability above the threshold *or* an
-    empty mask (a phrase is never "found" with nothing drawn). The first calibration counted the
-    probability alone, so it guarded absent objects the empty-mask rule already caught, and chose
-    0.30 where 0.5 lost no absent object and gained colour–shape 0.75 → 0.85 (held-out)."""
+    empty mask (a phrase is never "found" with nothing drawn); benchmarks/demo_models.md says why."""
     saved, segmenter.no_target_prob = segmenter.no_target_prob, 2.0  # masks for every phrase
     scorer = RESMeter()  # the held-out table's IoU
     rows = []  # (family, no-target prob, mask empty, IoU if answered)
@@ -269,6 +295,7 @@ def _heldout(result: dict, n_eval: int) -> dict:
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
+    """Linear warm-up, then a cosine to 2% of ``peak``: the demo trains every tower from scratch."""
     if step < warmup:
         return peak * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
@@ -307,7 +334,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=3407)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--state", default="runs/shapes-demo.state.pt", help="resumable training state")
+    ap.add_argument("--run", default="runs/shapes-demo", help="run folder (last.pt, log.jsonl, model.pt): continued when it holds a last.pt")
     ap.add_argument("--out", default="sspsam/assets/shapes-demo.pt")
     ap.add_argument("--align", type=float, default=5.0, help="weight of the phrase–patch alignment loss")
     ap.add_argument("--align-from", type=int, default=0, help="first step with the alignment loss")
@@ -319,7 +346,7 @@ def main() -> None:
                     "threshold on before the held-out evaluation (0: keep 0.5)")
     ap.add_argument("--pair-rate", type=float, default=0.0, help="share of colour-shape phrases drawn with an absent twin "
                     "sharing its colour or its shape, in the same scene")
-    ap.add_argument("--init", help="warm-start from this checkpoint (position tables resized by widen()) when no --state exists")
+    ap.add_argument("--init", help="warm-start from this checkpoint (position tables resized by widen()); give it again to resume")
     ap.add_argument("--example", action="store_true", help="only (re)write examples/shapes.png and its mask")
     ap.add_argument("--annotate", action="store_true", help="only (re)write the vocabulary in --out's meta; "
                     "the weights stay bit for bit")
@@ -347,50 +374,34 @@ def main() -> None:
             ap.error(f"--family-weights: unknown family {fam!r} (one of {', '.join(FAMILY_WEIGHTS)})")
         FAMILY_WEIGHTS[fam] = float(w)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
     cfg = merge(load_config("ssp-sam-tiny"), OVERRIDES)
-    model = build_model(cfg)
-    opt = torch.optim.AdamW(param_groups(model, args.lr, args.lr, weight_decay=0.01), lr=args.lr)
-    step, elapsed, init = 0, 0.0, None
-    state_path = Path(args.state)
-    if state_path.is_file():
-        st = torch.load(state_path, weights_only=False)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        step, elapsed, init = st["step"], st["elapsed"], st.get("init")
-        rng.setstate(st["rng"])
-        torch.set_rng_state(st["torch_rng"])
-        print(f"resumed at step {step} ({elapsed / 60:.1f} min)", flush=True)
-    elif args.init:
-        ck = torch.load(args.init, map_location="cpu", weights_only=False)
-        old = {k: v.float() if v.is_floating_point() else v for k, v in ck["state_dict"].items()}
-        model.load_state_dict(widen(old, model.state_dict(), cfg["ssp"]["num_prompts"]))
-        init = {"from": os.path.basename(args.init), "steps": ck.get("meta", {}).get("steps"),
-                "train_minutes": ck.get("meta", {}).get("train_minutes")}
+    run = Path(args.run)
+    resume = (run / "last.pt").is_file()
+    init = None
+    if args.init:
+        meta0 = torch.load(args.init, map_location="cpu", weights_only=False).get("meta", {})
+        init = {"from": os.path.basename(args.init), "steps": meta0.get("steps"), "train_minutes": meta0.get("train_minutes")}
         print(f"warm start from {args.init} ({init['steps']} steps)", flush=True)
-    t0 = time.time() - elapsed
-    stop_at = float("inf")
+    time_limit = None
     if args.deadline:
         now = datetime.datetime.now(datetime.timezone.utc)
         hh, mm = map(int, args.deadline.split(":"))
         stop = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
-        stop_at = (stop if stop > now else stop + datetime.timedelta(days=1)).timestamp()  # 00:10 at 22:50 is tomorrow's
-    while step < args.steps and time.time() < stop_at:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr)
-        scenes = [sample_scene(rng, model.image_size, args.phrases, args.pair_rate) for _ in range(args.batch)]
-        losses = train_step(model, scenes, opt, cfg["loss"], args.align if step >= args.align_from else 0.0)
-        step += 1
-        if step % 25 == 0:
-            print(f"step {step} {time.time() - t0:.0f}s lr={opt.param_groups[0]['lr']:.2e} "
-                  + " ".join(f"{k}={v:.3f}" for k, v in losses.items()), flush=True)
-        if step % 200 == 0 or step == args.steps or time.time() >= stop_at:
-            st = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": time.time() - t0,
-                  "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "init": init}
-            state_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(state_path, lambda t: torch.save(st, t))
-    minutes = (time.time() - t0) / 60
+        time_limit = ((stop if stop > now else stop + datetime.timedelta(days=1)) - now).total_seconds()  # 00:10 at 22:50 is tomorrow's
+    task = ShapesDemoTask(cfg, lr=args.lr, phrases=args.phrases, pair_rate=args.pair_rate, align=args.align,
+                          align_from=args.align_from, init=args.init)
+    t0 = time.time()
+
+    def report(rec: dict) -> None:
+        if rec["step"] % 25 == 0:
+            print(f"step {rec['step']} {time.time() - t0:.0f}s lr={rec['lr']:.2e} "
+                  + " ".join(f"{k}={v:.3f}" for k, v in rec.items() if k not in ("step", "lr", "decoder_lr")), flush=True)
+
+    options = LoopOptions(steps=args.steps, batch_size=args.batch, seed=args.seed, resume=resume, ckpt_every=200,
+                          log_every=25, time_limit=time_limit, tensorboard=False)
+    res = fit(task, run, options, echo=lambda m: print(m, flush=True), on_step=report)
+    model, step = res["module"], res["step"]
+    minutes = res["seconds"] / 60  # this call's; earlier legs are in benchmarks/demo_models.md
     meta = {"steps": step, "batch": args.batch, "phrases_per_scene": args.phrases, "seed": args.seed, "train_minutes": round(minutes, 1),
             "trained_on": "generated shape scenes", "domain": "generated-shapes", "example_phrases": EXAMPLE_PHRASES,
             "vocabulary": demo_vocabulary(), "prompt_clicks": False}

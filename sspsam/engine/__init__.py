@@ -1,2 +1,3 @@
-"""Training and evaluation for every method: the trainer (DDP, bit-exact resume, AMP, TensorBoard,
-atomic checkpoints), losses, the reference metrics, evaluation and the feature cache."""
+"""Training and evaluation for every method: one loop (:mod:`~sspsam.engine.loop`) running a task
+per method family (:mod:`~sspsam.engine.tasks`), losses, the reference metrics, evaluation and the
+feature cache. No command lines here: those are ``sspsam/cli`` and ``scripts/``."""

@@ -26,13 +26,15 @@ bytes on the same machine and thread count (tests/test_feature_cache.py kills a 
 and compares). One writer per folder (``flock``).
 
 Precision: ``float16`` (the default) halves the disk size; it changes the embeddings by their
-rounding (relative ~5e-4) and therefore the losses: on the tiny test config the loss curve moved
-by 1.9e-6 at most over 6 steps (the test prints it and holds it under 1e-5), but that is a
-measurement, not a guarantee for other models. ``float32`` stores the encoder's output as it came:
-the loss curve then equals the uncached one (the exactness tests use it; the only remaining
-difference is float rounding between encoder batches of different sizes, ~1e-7). The cache is
-computed in fp32 whatever ``--precision`` training uses; under bf16 autocast the uncached path runs
-the encoder in bf16, so the two paths differ by bf16's rounding there.
+rounding and therefore the losses, slightly (tests/test_feature_cache.py measures the gap on the
+tiny config; that is a measurement, not a guarantee for other models). ``float32`` stores the
+encoder's output as it came: the loss curve then equals the uncached one up to float rounding
+between encoder batches of different sizes. The cache is computed in fp32 whatever
+``--precision`` training uses; under bf16 autocast the uncached path runs the encoder in bf16, so
+the two paths differ by bf16's rounding there.
+
+One builder serves every task (:func:`build_cache`): the task says which rows there are, what
+images they hold and what identity they carry (:class:`CacheRows`); this module runs the encoder.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -132,6 +134,41 @@ def image_index(dataset, data_root: str | Path) -> ImageIndex:
             first.append(i)
         rows[i] = where[key]
     return ImageIndex(keys, rows, first, files)
+
+
+# ----------------------------------------------------------------------------------------------
+# building
+
+
+class CacheRows(NamedTuple):
+    """What a training task caches: its identity (model, config, SAM section and weights, dataset,
+    views), the number of rows, and ``images(rows)`` → (images [N,3,S,S], valid_hw [N,2] or None),
+    each row's input exactly as the encoder sees it in training."""
+
+    identity: dict
+    rows: int
+    images: Callable
+
+
+def build_cache(task, out_dir: str | Path, *, seed: int, batch_size: int = 8, shard_size: int = 64,
+                dtype: str = "float16", device: str = "cpu", progress=None) -> dict:
+    """SAM image embeddings of every row ``task`` trains on, for ``--cached-features out_dir`` with
+    the same config, data, seed and task options: the model is the one the task builds for training."""
+    import torch
+
+    model = task.build(seed)
+    plan = task.cache_rows(model)
+    dev = torch.device(device)
+    sam = model.sam.to(dev).eval()
+
+    def encode(rows: list[int]):
+        images, valid = plan.images(rows)
+        with torch.no_grad():
+            return sam.encode_image(images.to(dev), None if valid is None else valid.to(dev)).float().cpu().numpy()
+
+    identity = dict(plan.identity)
+    identity.update(dtype=dtype, shape=list(encode([0]).shape[1:]), shard_size=int(shard_size), rows=int(plan.rows))
+    return write_cache(out_dir, identity, encode, batch_size=batch_size, progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,13 @@ number of boxes — sspsam's older ``mean`` reduction (still the code default, s
 checkpoints keep their loss scale) averages over coordinates too, which is 4x smaller; GIoU is the
 mean over boxes in both. ``loss.mask_size`` (official: 512) is the resolution the mask losses are
 computed at: the official decoder output is upsampled 256 → 1024 → 512 bilinearly and compared
-with the ground truth resized to 1024 and then to 512 by nearest neighbour."""
+with the ground truth resized to 1024 and then to 512 by nearest neighbour.
+
+OVSS (ESC-Net, SAM-MI): per-pixel binary cross-entropy over classes (CAT-Seg's, which both keep),
+logits upsampled to the label; pixels labelled ``ignore_index`` are left out (``masked``, the
+default) or, as CAT-Seg exactly, kept with an all-zero target (``catseg``). Auxiliary maps (ESC-Net's
+per-block scores, SAM-MI's point scores) get the same loss against the label resized with nearest
+neighbour."""
 
 from __future__ import annotations
 
@@ -89,3 +95,37 @@ def ssp_loss(out: dict, mask: torch.Tensor, box: torch.Tensor, no_target: torch.
         )
     losses["total"] = sum(losses.values())
     return losses
+
+
+def bce_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """logits [B,K,h,w] (any size), label [B,H,W] → mean BCE over classes and valid pixels."""
+    k = logits.shape[1]
+    if logits.shape[-2:] != label.shape[-2:]:
+        logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
+    valid = label != ignore_index
+    target = F.one_hot(torch.where(valid, label, 0), k).permute(0, 3, 1, 2).to(logits.dtype)
+    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1)
+    return (loss * valid).sum() / valid.sum().clamp(min=1)
+
+
+def catseg_bce_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """CAT-Seg's per-pixel BCE: logits upsampled (bilinear) to the label, one-hot targets where the
+    label is valid and all zeros where it is ignored, mean over B·H·W·K."""
+    k = logits.shape[1]
+    if logits.shape[-2:] != label.shape[-2:]:
+        logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
+    valid = label != ignore_index
+    target = F.one_hot(torch.where(valid, label, 0), k).permute(0, 3, 1, 2).to(logits.dtype) * valid[:, None]
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+SEMSEG_LOSSES = {"masked": bce_loss, "catseg": catseg_bce_loss}
+
+
+def aux_loss(aux: list[torch.Tensor], label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """The same BCE for low-resolution maps, against the label resized (nearest) to each map."""
+    total = label.new_zeros((), dtype=torch.float32)
+    for a in aux:
+        small = F.interpolate(label[:, None].float(), size=a.shape[-2:], mode="nearest")[:, 0].long()
+        total = total + bce_loss(a, small, ignore_index)
+    return total / max(len(aux), 1)

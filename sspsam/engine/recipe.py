@@ -93,3 +93,13 @@ def stage(cfg: dict, number: int) -> Stage:
     if out.epochs < 1 or out.warmup_epochs < 0 or out.freeze_decoder_epochs < 0:
         raise ConfigError(f"train.stages.{number}: epochs must be >= 1 and warmup/freeze epochs >= 0")
     return out
+
+
+def official_schedule(st: Stage, base_lrs: list[float], steps_per_epoch: int) -> list:
+    """LambdaLR factors, one per parameter group, for the official per-epoch schedule: optimizer
+    step s runs in epoch s // steps_per_epoch at that epoch's lr (:meth:`Stage.lr`)."""
+
+    def make(base: float):
+        return lambda s: st.lr(s // steps_per_epoch, base) / base if base else 0.0
+
+    return [make(b) for b in base_lrs]

@@ -6,14 +6,12 @@ for every kind of phrase the generator makes. Training draws scene seeds below
 never meet. Target phrases are scored with :class:`sspsam.engine.metrics.RESMeter` (mean IoU of the
 union mask of the referents), absent-object phrases by whether the model said "no target".
 
-    python -m sspsam.engine.shapes_eval --model shapes-demo --scenes 200
+    python scripts/shapes_eval.py --model shapes-demo --scenes 200
 """
 
 from __future__ import annotations
 
-import argparse
 import random
-import sys
 
 import numpy as np
 
@@ -93,23 +91,9 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="shapes-demo", help="bundled model name or checkpoint path")
-    ap.add_argument("--scenes", type=int, default=200)
-    ap.add_argument("--seed0", type=int, default=HELDOUT_SEED0)
-    args = ap.parse_args(argv)
+def report(model: str = "shapes-demo", n_scenes: int = 200, seed0: int = HELDOUT_SEED0) -> str:
+    """The per-family table of a bundled model name or checkpoint path, for a command to print."""
     from sspsam.predict.segmenter import Segmenter
 
-    try:
-        result = evaluate(Segmenter.from_pretrained(args.model), args.scenes, args.seed0)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"{args.model} on {args.scenes} held-out generated scenes")
-    print(format_table(result))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    result = evaluate(Segmenter.from_pretrained(model), n_scenes, seed0)
+    return f"{model} on {n_scenes} held-out generated scenes\n{format_table(result)}"

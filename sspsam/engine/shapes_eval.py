@@ -6,7 +6,7 @@ for every kind of phrase the generator makes. Training draws scene seeds below
 never meet. Target phrases are scored with :class:`sspsam.engine.metrics.RESMeter` (mean IoU of the
 union mask of the referents), absent-object phrases by whether the model said "no target".
 
-    python scripts/shapes_eval.py --model shapes-demo --scenes 200
+    sspsam tools shapes-eval --model shapes-demo --scenes 200
 """
 
 from __future__ import annotations

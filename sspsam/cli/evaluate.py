@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from sspsam.cli.common import DEVICE_HELP, _fail, _offline, check_output_dir
+from sspsam.cli.common import DEVICE_HELP, abort, offline_mode, check_output_dir
 from sspsam.errors import SSPSamError
 
 def evaluate(
@@ -38,13 +38,15 @@ def evaluate(
     try:
         device = str(resolve_device(device))
     except SSPSamError as exc:
-        _fail(exc)
+        abort(exc)
     if dataset in ev.SEMSEG_DATASETS:
         sclip = {"class_names": class_names, "prob_thd": prob_thd, "area_thd": area_thd}
         return _evaluate_ovss(model, data, dataset, split, output, max_samples, device, protocol or "detectron2", slide, sclip, offline)
     if protocol is not None:
-        if protocol != "ssp-sam":
-            _fail(ValueError(f"unknown --protocol {protocol!r} for a referring dataset; use ssp-sam, or leave it out for sspsam's protocol"))
+        from sspsam.models.registry import OFFICIAL_PROTOCOL
+
+        if protocol != OFFICIAL_PROTOCOL:
+            abort(ValueError(f"unknown --protocol {protocol!r} for a referring dataset; use ssp-sam, or leave it out for sspsam's protocol"))
         return _evaluate_sspsam_protocol(model, data, dataset, split, split_by, output, max_samples, device, offline)
     try:
         task = ev.task_of(dataset)
@@ -56,7 +58,7 @@ def evaluate(
             ds = OfficialAnnsDataset(data, dataset, split, 1024, split_by=split_by)
         else:
             ds = ev.open_dataset(dataset, data, split, 1024, split_by)
-        with _offline(offline):
+        with offline_mode(offline):
             seg = Segmenter.from_pretrained(model, device=device)
         ds.image_size = int(seg.model.image_size)
         with Progress(console=Console(stderr=True), transient=True) as bar:
@@ -64,7 +66,7 @@ def evaluate(
             res = ev.evaluate(seg, ds, task, max_samples=max_samples, progress=lambda d, t: bar.update(job, completed=d))
         files = ev.write_report(output, res, task, dataset, split, seg.name)
     except SSPSamError as exc:
-        _fail(exc)
+        abort(exc)
     print(ev.markdown_table(res["metrics"], task, dataset, split, seg.name), end="")
     print(f"{res['n']} samples in {res['seconds']:.1f} s")
     for f in files.values():
@@ -93,12 +95,12 @@ def _evaluate_ovss(model, data, dataset, split, output, max_samples, device, pro
             classes = [", ".join(n for n, i in zip(names, idx) if i == k) for k in range(max(idx) + 1)]
         check_output_dir(output, create=False)
         ds = ev.open_semseg(dataset, data, split)  # the data is checked before the model loads
-        with _offline(offline):
+        with offline_mode(offline):
             ovss = OVSS.from_pretrained(model, device=device)
         res = evaluate_ovss(ovss.model, ds, protocol=protocol, slide=slide, limit=max_samples, classes=classes,
                             sclip_options=sclip if protocol == "sclip" else None)
     except (SSPSamError, ValueError) as exc:
-        _fail(exc)
+        abort(exc)
     output.mkdir(parents=True, exist_ok=True)
     table = format_iou_table(res)
     payload = {"model": ovss.name, "dataset": dataset, "split": split, "protocol": protocol, "slide": slide,
@@ -125,7 +127,7 @@ def _evaluate_sspsam_protocol(model, data, dataset, split, split_by, output, max
     try:
         if dataset not in off.DATASETS:
             raise ValueError(f"--protocol ssp-sam covers {', '.join(off.DATASETS)}, not {dataset!r}")
-        with _offline(offline):
+        with offline_mode(offline):
             seg = Segmenter.from_pretrained(model, device=device)
         size = getattr(getattr(seg, "model", None), "image_size", 1024)
         if is_official_layout(data):
@@ -147,7 +149,7 @@ def _evaluate_sspsam_protocol(model, data, dataset, split, split_by, output, max
         variant = getattr(seg.model, "config", {}).get("name")
         files = off.write_report(output, res, seg.name, dataset, split, layout, variant)
     except (SSPSamError, ValueError) as exc:
-        _fail(exc)
+        abort(exc)
     print(off.markdown_table(res["metrics"], seg.name, dataset, split, variant), end="")
     print(f"{res['n']} samples ({layout} layout) in {res['seconds']:.1f} s")
     for f in files.values():

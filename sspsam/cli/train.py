@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from sspsam.cli.common import DEVICE_HELP, _fail
+from sspsam.cli.common import DEVICE_HELP, abort
 from sspsam.errors import SSPSamError
 
 OVSS_MODELS = ("escnet", "sam-mi")
@@ -111,5 +111,5 @@ def train(
                                init=init, **common)
             step, model = res["step"], res["model"]
     except SSPSamError as exc:
-        _fail(exc)
+        abort(exc)
     print(f"trained to step {step}; model: {model}")

@@ -93,7 +93,7 @@ _BUILTIN = (
            training_task="sspsam.engine.trainer:ReferringTask", seed=3407, lr=1e-4, decoder_lr=1e-5,
            caches_features=True, exportable=True, description="SSP-SAM (referring segmentation)"),
     Method("escnet", OVSS, "sspsam.models.escnet.escnet:ESCNet", "escnet", f"{_SECTIONS}:ESCNetSection",
-           training_task="sspsam.engine.train_ovss:train_ovss", seed=0,  # TODO(engine B): tasks.ovss:OVSSTask
+           training_task="sspsam.engine.train_ovss:train_ovss", seed=0, caches_features=True,  # TODO(engine B): tasks.ovss:OVSSTask
            description="ESC-Net (open-vocabulary semantic segmentation)"),
     Method("sam-mi", OVSS, "sspsam.models.sam_mi.sam_mi:SAMMI", "sam_mi", f"{_SECTIONS}:SAMMISection",
            training_task="sspsam.engine.train_ovss:train_ovss", seed=0, caches_features=True,

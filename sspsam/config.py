@@ -313,6 +313,11 @@ def apply_overrides(cfg: dict, overrides: list[str] | tuple[str, ...]) -> dict:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as text: a number was meant
+            try:
+                value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "+inf", "infinity") else value
+            except ValueError:
+                pass
         node = out
         parts = key.split(".")
         for p in parts[:-1]:

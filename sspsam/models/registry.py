@@ -192,7 +192,7 @@ def load(path: str):
 
 
 def validate(cfg):
-    """A config dict checked against its method's schema (see :func:`sspsam.config.validate_config`);
+    """A config dict checked against its method's schema (see :func:`sspsam.config.typed_config`);
     returns the typed :class:`sspsam.config.ModelConfig`."""
     from sspsam.config import check_structure, typed_config
 

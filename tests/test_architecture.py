@@ -88,7 +88,7 @@ def _layer(module: str) -> tuple[str, int] | None:
 
 def test_the_graph_sees_lazy_imports():
     graph = import_graph()
-    assert "sspsam.predict.zeroshot_res" in graph["sspsam.predict.segmenter"]  # imported inside from_pretrained
+    assert "sspsam.predict.onnx_runtime" in graph["sspsam.predict.segmenter"]  # imported inside from_pretrained
     assert "sspsam.models.build" in graph["sspsam.predict.base"]
 
 
@@ -120,5 +120,67 @@ def test_the_command_line_imports_no_torch():
     code = ("import sys, sspsam.cli, sspsam.cli.main; from sspsam.cli import app; "
             "heavy = [m for m in ('torch', 'numpy', 'sspsam.models', 'sspsam.predict') if m in sys.modules]; "
             "print(heavy); sys.exit(bool(heavy))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# ---- one place for "what a method is" --------------------------------------------------------
+
+BUILTIN_TYPES = ("ssp-sam", "escnet", "sam-mi", "zeroshot")
+
+
+def _sources():
+    for p in sorted(PACKAGE.rglob("*.py")):
+        yield p, p.relative_to(PACKAGE).as_posix()
+
+
+def test_model_type_strings_live_only_in_models():
+    """A model-type string ('ssp-sam', 'escnet', …) as a literal anywhere but models/ (the registry
+    and the method packages) and the YAML configs is a second definition of what a method is."""
+    found = []
+    for path, rel in _sources():
+        if rel.startswith("models/"):
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+                      and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and node.value in BUILTIN_TYPES and id(node) not in docstrings:
+                found.append(f"{rel}:{node.lineno} {node.value!r}")
+    assert not found, found
+
+
+def test_no_module_imports_another_modules_private_names():
+    wrong = []
+    for path, rel in _sources():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sspsam"):
+                wrong += [f"{rel}:{node.lineno} from {node.module} import {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not wrong, wrong
+
+
+def test_no_source_file_is_over_500_lines():
+    long = [f"{rel}: {n}" for path, rel in _sources() if (n := len(path.read_text().splitlines())) > 500]
+    assert not long, long
+
+
+def test_no_argparse_parsers_in_the_package():
+    """Every command is a typer command of `sspsam`; no second command-line parser."""
+    found = []
+    for path, rel in _sources():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "ArgumentParser":
+                found.append(f"{rel}:{node.lineno}")
+            elif isinstance(node, ast.ImportFrom) and node.module == "argparse" and any(a.name == "ArgumentParser" for a in node.names):
+                found.append(f"{rel}:{node.lineno}")
+    assert not found, found
+
+
+def test_the_registry_loads_no_torch_and_knows_every_bundled_config():
+    code = ("import sys; from sspsam.models import registry; from sspsam.config import list_configs, load_config; "
+            "[registry.validate(load_config(c)) for c in list_configs()]; "
+            "sys.exit('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -50,11 +50,13 @@ def cache_features(
         if init is not None and not init.is_file():
             raise SSPSamError(f"--init checkpoint not found: {init}")
         from sspsam.config import load_config
+        from sspsam.models import registry
 
         cfg = load_config(config)
-        kind = cfg.get("model", "ssp-sam")
-        ovss = kind in ("sam-mi", "escnet")
-        if kind not in ("ssp-sam", "sam-mi", "escnet"):
+        method = registry.for_config(cfg)
+        kind = method.name
+        ovss = method.task == registry.OVSS
+        if not method.trains:
             raise SSPSamError(f"config '{cfg.get('name')}' is a {kind} model, which is not trained: nothing to cache")
         if ovss and (dataset is not None or init is not None):
             raise SSPSamError(f"--dataset and --init are for SSP-SAM; a {kind} model trains on the semseg folder --data")
@@ -69,11 +71,11 @@ def cache_features(
         if ovss:  # trained by `sspsam train sam-mi-… --cached-features OUT` (its --seed default: 0)
             from sspsam.engine.train_ovss import build_ovss_feature_cache
 
-            info = build_ovss_feature_cache(cfg, data, out, seed=0 if seed is None else seed, **common)
+            info = build_ovss_feature_cache(cfg, data, out, seed=method.seed if seed is None else seed, **common)
         else:
             from sspsam.engine.trainer import build_feature_cache
 
-            info = build_feature_cache(cfg, data, out, dataset=dataset, seed=3407 if seed is None else seed, init=init, **common)
+            info = build_feature_cache(cfg, data, out, dataset=dataset, seed=method.seed if seed is None else seed, init=init, **common)
     except SSPSamError as exc:
         raise fail(exc)
     except OSError as exc:  # disk full, permission denied on the cache folder

@@ -205,7 +205,7 @@ class Group(typer.core.TyperGroup):
         return code
 
 
-class _offline:
+class offline_mode:
     """``--offline``: set SSPSAM_OFFLINE=1 while a model loads, so nothing is downloaded."""
 
     def __init__(self, on: bool):
@@ -231,5 +231,6 @@ class _offline:
 DEVICE_HELP = "torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps."
 
 
-def _fail(exc: Exception) -> None:
+def abort(exc: Exception) -> None:
+    """Exit with ``exc`` as the one-line error (what :func:`fail` builds)."""
     raise fail(exc)

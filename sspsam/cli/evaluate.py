@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from sspsam.cli.common import DEVICE_HELP, _fail, _offline, check_output_dir
+from sspsam.cli.common import DEVICE_HELP, abort, offline_mode, check_output_dir
 from sspsam.errors import SSPSamError
 
 def evaluate(
@@ -25,6 +25,7 @@ def evaluate(
     class_names: Optional[Path] = typer.Option(None, "--class-names", help="--protocol sclip: SCLIP class-name file, one class per line, synonyms split by ', '."),
     prob_thd: float = typer.Option(0.0, "--prob-thd", help="--protocol sclip: pixels whose best class probability is below this become class 0 (SCLIP: 0.1 with a background class)."),
     area_thd: Optional[float] = typer.Option(None, "--area-thd", help="--protocol sclip: drop non-background classes covering less than this fraction of the image."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override the model's inference settings: inference.key=value (repeatable; e.g. --set inference.mask_threshold=0.5)."),
 ) -> None:
     """Evaluate with the reference metrics: RES mIoU/oIoU/Pr@X, GRES gIoU/cIoU/N-acc/T-acc, PhraseCut, OVSS mIoU."""
     from rich.console import Console
@@ -38,14 +39,16 @@ def evaluate(
     try:
         device = str(resolve_device(device))
     except SSPSamError as exc:
-        _fail(exc)
+        abort(exc)
     if dataset in ev.SEMSEG_DATASETS:
         sclip = {"class_names": class_names, "prob_thd": prob_thd, "area_thd": area_thd}
-        return _evaluate_ovss(model, data, dataset, split, output, max_samples, device, protocol or "detectron2", slide, sclip, offline)
+        return _evaluate_ovss(model, data, dataset, split, output, max_samples, device, protocol or "detectron2", slide, sclip, offline, overrides)
     if protocol is not None:
-        if protocol != "ssp-sam":
-            _fail(ValueError(f"unknown --protocol {protocol!r} for a referring dataset; use ssp-sam, or leave it out for sspsam's protocol"))
-        return _evaluate_sspsam_protocol(model, data, dataset, split, split_by, output, max_samples, device, offline)
+        from sspsam.models.registry import OFFICIAL_PROTOCOL
+
+        if protocol != OFFICIAL_PROTOCOL:
+            abort(ValueError(f"unknown --protocol {protocol!r} for a referring dataset; use ssp-sam, or leave it out for sspsam's protocol"))
+        return _evaluate_sspsam_protocol(model, data, dataset, split, split_by, output, max_samples, device, offline, overrides)
     try:
         task = ev.task_of(dataset)
         check_output_dir(output, create=False)
@@ -56,22 +59,44 @@ def evaluate(
             ds = OfficialAnnsDataset(data, dataset, split, 1024, split_by=split_by)
         else:
             ds = ev.open_dataset(dataset, data, split, 1024, split_by)
-        with _offline(offline):
-            seg = Segmenter.from_pretrained(model, device=device)
+        with offline_mode(offline):
+            seg = with_overrides(Segmenter.from_pretrained(model, device=device), overrides)
         ds.image_size = int(seg.model.image_size)
         with Progress(console=Console(stderr=True), transient=True) as bar:
             job = bar.add_task(escape(f"{dataset} {split}"), total=len(ds) if max_samples is None else min(len(ds), max_samples))
             res = ev.evaluate(seg, ds, task, max_samples=max_samples, progress=lambda d, t: bar.update(job, completed=d))
         files = ev.write_report(output, res, task, dataset, split, seg.name)
     except SSPSamError as exc:
-        _fail(exc)
+        abort(exc)
     print(ev.markdown_table(res["metrics"], task, dataset, split, seg.name), end="")
     print(f"{res['n']} samples in {res['seconds']:.1f} s")
     for f in files.values():
         print(f"wrote {f}")
 
 
-def _evaluate_ovss(model, data, dataset, split, output, max_samples, device, protocol, slide, sclip=None, offline=False) -> None:
+def with_overrides(predictor, overrides: list[str] | None):
+    """``--set inference.key=value`` on a loaded predictor: the model's config with the values set,
+    validated like a file; only ``inference`` settings apply to a model already built."""
+    if not overrides:
+        return predictor
+    from sspsam.config import apply_overrides
+    from sspsam.errors import ConfigError
+    from sspsam.models import registry
+
+    for item in overrides:
+        if not str(item).startswith("inference."):
+            raise ConfigError(f"--set {item!r}: evaluate can change inference.* settings only (the model is built already)")
+    cfg = apply_overrides(predictor.model.config, overrides)
+    inf = registry.validate(cfg).inference
+    predictor.model.config = cfg
+    for key in ("mask_threshold", "no_target_min_pixels", "no_target_prob", "slide_above", "slide_max_scale"):
+        if hasattr(predictor, key):
+            setattr(predictor, key, getattr(inf, key))
+    return predictor
+
+
+def _evaluate_ovss(model, data, dataset, split, output, max_samples, device, protocol, slide, sclip=None, offline=False,
+                   overrides=None) -> None:
     import json
 
     from sspsam.io.checkpoint import atomic_write
@@ -93,12 +118,12 @@ def _evaluate_ovss(model, data, dataset, split, output, max_samples, device, pro
             classes = [", ".join(n for n, i in zip(names, idx) if i == k) for k in range(max(idx) + 1)]
         check_output_dir(output, create=False)
         ds = ev.open_semseg(dataset, data, split)  # the data is checked before the model loads
-        with _offline(offline):
-            ovss = OVSS.from_pretrained(model, device=device)
+        with offline_mode(offline):
+            ovss = with_overrides(OVSS.from_pretrained(model, device=device), overrides)
         res = evaluate_ovss(ovss.model, ds, protocol=protocol, slide=slide, limit=max_samples, classes=classes,
                             sclip_options=sclip if protocol == "sclip" else None)
     except (SSPSamError, ValueError) as exc:
-        _fail(exc)
+        abort(exc)
     output.mkdir(parents=True, exist_ok=True)
     table = format_iou_table(res)
     payload = {"model": ovss.name, "dataset": dataset, "split": split, "protocol": protocol, "slide": slide,
@@ -112,7 +137,7 @@ def _evaluate_ovss(model, data, dataset, split, output, max_samples, device, pro
         print(f"wrote {w}")
 
 
-def _evaluate_sspsam_protocol(model, data, dataset, split, split_by, output, max_samples, device, offline) -> None:
+def _evaluate_sspsam_protocol(model, data, dataset, split, split_by, output, max_samples, device, offline, overrides=None) -> None:
     """``--protocol ssp-sam``: the official test.py's numbers, on the official or the refer/ReLA layout."""
     from rich.console import Console
     from rich.markup import escape
@@ -125,8 +150,8 @@ def _evaluate_sspsam_protocol(model, data, dataset, split, split_by, output, max
     try:
         if dataset not in off.DATASETS:
             raise ValueError(f"--protocol ssp-sam covers {', '.join(off.DATASETS)}, not {dataset!r}")
-        with _offline(offline):
-            seg = Segmenter.from_pretrained(model, device=device)
+        with offline_mode(offline):
+            seg = with_overrides(Segmenter.from_pretrained(model, device=device), overrides)
         size = getattr(getattr(seg, "model", None), "image_size", 1024)
         if is_official_layout(data):
             layout = "official data_seg/anns"
@@ -147,7 +172,7 @@ def _evaluate_sspsam_protocol(model, data, dataset, split, split_by, output, max
         variant = getattr(seg.model, "config", {}).get("name")
         files = off.write_report(output, res, seg.name, dataset, split, layout, variant)
     except (SSPSamError, ValueError) as exc:
-        _fail(exc)
+        abort(exc)
     print(off.markdown_table(res["metrics"], seg.name, dataset, split, variant), end="")
     print(f"{res['n']} samples ({layout} layout) in {res['seconds']:.1f} s")
     for f in files.values():

@@ -28,12 +28,13 @@ def load_for_export(model: str, random_init: bool = False):
     """
     from sspsam.models.build import build_model
     from sspsam.config import list_configs, load_config
-    from sspsam.predict.onnx import EXPORTABLE, ExportError
+    from sspsam.models import registry
+    from sspsam.predict.onnx import ExportError, exportable
 
     if model in list_configs():
         cfg = load_config(model)
-        kind = cfg.get("model", "ssp-sam")
-        if kind not in EXPORTABLE:
+        kind = registry.model_type(cfg)
+        if kind not in exportable():
             raise ExportError(f"'{model}' is a '{kind}' model; ONNX export supports referring SSP-SAM models "
                               "(shapes-demo, ssp-sam-* configs, their checkpoints)")
         if random_init or model.endswith("-tiny"):
@@ -53,7 +54,7 @@ def load_for_export(model: str, random_init: bool = False):
         raise ExportError(f"'{model}' is an open-vocabulary (OVSS) model; ONNX export supports referring SSP-SAM "
                           "models so far (shapes-demo, ssp-sam-* configs, their checkpoints)")
     seg = Segmenter.from_pretrained(model, device="cpu")
-    if not isinstance(seg, Segmenter) or getattr(seg.model, "config", {}).get("model", "ssp-sam") not in EXPORTABLE:
+    if not isinstance(seg, Segmenter) or registry.model_type(getattr(seg.model, "config", {})) not in exportable():
         raise ExportError(f"'{model}' is a training-free pipeline; ONNX export supports trained SSP-SAM models")
     return seg.model, seg.name, seg.meta
 

@@ -30,7 +30,7 @@ from sspsam.cli.common import (
 from sspsam.errors import SSPSamError
 
 
-def _fail(exc: Exception) -> None:
+def abort(exc: Exception) -> None:
     raise fail(exc)
 
 
@@ -55,7 +55,7 @@ def ovss(
     try:  # cheap checks first: a bad image or class list should not wait for a model to load
         check_input_file(image)
         check_speed_options(threads, quantize, dtype)
-        from sspsam.cli.common import _offline
+        from sspsam.cli.common import offline_mode
         from sspsam.predict.device import resolve_device
         from sspsam.io.images import load_image
         from sspsam.io.masks import check_overlay_size
@@ -67,7 +67,7 @@ def ovss(
         dev = resolve_device(device)
         check_output_dir(output, create=False)
         apply_threads(threads)
-        with _offline(offline):
+        with offline_mode(offline):
             try:
                 seg = OVSS.from_pretrained(model, device=str(dev), dtype=model_dtype_args(dtype, quantize))
             except ValueError as exc:  # a dtype this device cannot run
@@ -81,7 +81,7 @@ def ovss(
         say_dtype(seg)
         res = seg.segment(rgb, names, slide=slide)
     except SSPSamError as exc:
-        _fail(exc)
+        abort(exc)
     from sspsam.io.checkpoint import OutputSet
     from sspsam.io.masks import label_overlay, label_png
 
@@ -98,7 +98,7 @@ def ovss(
             out.add(f"{stem}.ovss.json", lambda p: Path(p).write_text(json.dumps(payload, indent=1)))
         written = out.paths
     except (OSError, SSPSamError) as exc:
-        _fail(exc)
+        abort(exc)
     for c in sorted(res.classes, key=lambda c: -res.shares[c]):
         if res.shares[c] > 0:
             print(f"{c}: {100 * res.shares[c]:.1f}%")

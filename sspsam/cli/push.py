@@ -20,9 +20,10 @@ def push(
     `sspsam evaluate` runs found in the folder) to the Hugging Face Hub; `-m hf-hub:OWNER/REPO` then
     loads it anywhere. Needs write access: `hf auth login` or HF_TOKEN."""
     from sspsam.io.hub import push as push_checkpoint
+    from sspsam.models.registry import commands_by_type
 
     try:
-        url = push_checkpoint(source, name, private=private, message=message)
+        url = push_checkpoint(source, name, private=private, message=message, commands=commands_by_type())
     except SSPSamError as exc:
         raise fail(exc) from None
     typer.echo(f"pushed {source} to {name}: {url}")

@@ -13,8 +13,8 @@ from sspsam.cli.common import (
     DTYPE_HELP,
     QUANTIZE_HELP,
     THREADS_HELP,
-    _fail,
-    _offline,
+    abort,
+    offline_mode,
     apply_quantize,
     apply_threads,
     check_input_file,
@@ -97,14 +97,14 @@ def segment(
         dev = resolve_device(device)
         check_output_dir(output, create=False)
         apply_threads(threads)
-        with _offline(offline):
+        with offline_mode(offline):
             seg = _load(model, str(dev), model_dtype_args(dtype, quantize))
         apply_quantize(seg, quantize)
         seg.surface = "cli"
         say_dtype(seg)
         res = seg.segment(rgb, phrases, **({"allow_unknown_words": True} if allow_unknown else {}))
     except SSPSamError as exc:
-        _fail(exc)
+        abort(exc)
     _write_segment(image, output, seg.name, rgb, res, dtype_of(seg))
 
 
@@ -144,7 +144,7 @@ def _write_segment(image: Path, output: Path, model_name: str, rgb, res, dtype: 
             out.add(f"{stem}.segment.json", lambda p: Path(p).write_text(json.dumps(payload, indent=1)))
         written = out.paths
     except (OSError, SSPSamError) as exc:
-        _fail(exc)
+        abort(exc)
     for p, s, n, inst in zip(res.phrases, res.scores, res.no_target, res.instances):
         boxes = "; ".join(",".join(str(int(round(float(v)))) for v in b) for b in inst.boxes)
         print(f"{p!r}: " + ("no matching object" if n else

@@ -12,7 +12,7 @@ from sspsam.cli.common import (
     DEVICE_HELP,
     QUANTIZE_HELP,
     THREADS_HELP,
-    _offline,
+    offline_mode,
     apply_quantize,
     apply_threads,
     check_speed_options,
@@ -65,7 +65,7 @@ def track(
             from sspsam.predict.segmenter import Segmenter
 
             apply_threads(threads)
-            with _offline(offline):
+            with offline_mode(offline):
                 seg = Segmenter.from_pretrained(model, device=dev)
             apply_quantize(seg, quantize)
             return seg

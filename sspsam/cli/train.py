@@ -12,10 +12,10 @@ from typing import Optional
 
 import typer
 
-from sspsam.cli.common import DEVICE_HELP, _fail
+from sspsam.cli.common import DEVICE_HELP, abort
 from sspsam.errors import SSPSamError
 
-OVSS_MODELS = ("escnet", "sam-mi")
+SET_HELP = "Override a config value: section.key=value (repeatable; the value read as YAML, e.g. --set train.lr=1e-4)."
 
 
 def _check_options(out: Path, steps, batch_size, grad_accum, total_steps, epochs, stage, lr, decoder_lr, precision,
@@ -71,24 +71,27 @@ def train(
     total_steps: Optional[int] = typer.Option(None, "--total-steps", help="Length of the LR schedule (default: --steps); keep it fixed across resumes."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (default 3407 for SSP-SAM, as the official recipe; 0 for ESC-Net / SAM-MI)."),
     cached_features: Optional[Path] = typer.Option(None, "--cached-features", help="Read SAM's image embeddings from a folder `sspsam cache-features` wrote (same config, data, dataset, seed, init) instead of running the encoder (SSP-SAM, SAM-MI)."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Train SSP-SAM (backbones frozen as in the paper), ESC-Net or SAM-MI. Multi-GPU: torchrun --nproc_per_node N -m sspsam.cli.main train ..."""
     try:
         _check_options(out, steps, batch_size, grad_accum, total_steps, epochs, stage, lr, decoder_lr, precision,
                        resume, overwrite)
-        from sspsam.config import load_config
+        from sspsam.config import apply_overrides, load_config
+        from sspsam.models import registry
         from sspsam.predict.device import resolve_device
 
-        cfg = load_config(config)
-        kind = cfg.get("model", "ssp-sam")
-        if kind not in ("ssp-sam", *OVSS_MODELS):
+        cfg = apply_overrides(load_config(config), overrides or [])
+        method = registry.get(registry.validate(cfg).model)
+        kind = method.name
+        if not method.trains:
             raise SSPSamError(f"config '{cfg.get('name')}' is a {kind} model, which is not trained (training-free)")
         if ckpt_every < 1:
             raise SSPSamError(f"--ckpt-every must be >= 1, got {ckpt_every}")
         dev = str(resolve_device(device))
         common = dict(resume=resume, overwrite=overwrite, precision=precision, device=dev, grad_accum=grad_accum, total_steps=total_steps,
                       progress=True, cached_features=cached_features)
-        if kind in OVSS_MODELS:
+        if method.task == registry.OVSS:
             given = [name for name, v in (("--dataset", dataset), ("--stage", stage), ("--epochs", epochs),
                                           ("--init", init), ("--decoder-lr", decoder_lr)) if v is not None]
             if given:
@@ -96,8 +99,9 @@ def train(
                                   "trains on the semseg folder --data")
             from sspsam.engine.train_ovss import train_ovss
 
-            res = train_ovss(cfg, data, out, steps=1000 if steps is None else steps, batch_size=batch_size, lr=lr,
-                             seed=0 if seed is None else seed, save_every=ckpt_every, log_every=0, **common)
+            res = train_ovss(cfg, data, out, steps=1000 if steps is None else steps, batch_size=batch_size,
+                             lr=method.lr if lr is None else lr, seed=method.seed if seed is None else seed,
+                             save_every=ckpt_every, log_every=0, **common)
             step, model = res["steps"], res["checkpoint"]
         else:
             from sspsam.engine.recipe import is_official
@@ -106,10 +110,10 @@ def train(
             if steps is None and not is_official(cfg):
                 steps = 1000
             res = run_training(cfg, data, out, dataset=dataset, steps=steps, batch_size=batch_size,
-                               lr=1e-4 if lr is None else lr, decoder_lr=1e-5 if decoder_lr is None else decoder_lr,
-                               ckpt_every=ckpt_every, seed=3407 if seed is None else seed, stage=stage, epochs=epochs,
+                               lr=method.lr if lr is None else lr, decoder_lr=method.decoder_lr if decoder_lr is None else decoder_lr,
+                               ckpt_every=ckpt_every, seed=method.seed if seed is None else seed, stage=stage, epochs=epochs,
                                init=init, **common)
             step, model = res["step"], res["model"]
     except SSPSamError as exc:
-        _fail(exc)
+        abort(exc)
     print(f"trained to step {step}; model: {model}")

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sspsam.engine.metrics import RESMeter, format_table
+from sspsam.models.registry import OFFICIAL_PROTOCOL
 
 SAM_SIZE = 1024
 EVAL_SIZE = 512
@@ -260,7 +261,7 @@ def write_report(out_dir: str | Path, result: dict, model: str, dataset: str, sp
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {
-        "model": model, "dataset": dataset, "split": split, "protocol": "ssp-sam", "layout": layout,
+        "model": model, "dataset": dataset, "split": split, "protocol": OFFICIAL_PROTOCOL, "layout": layout,
         "metrics": result["metrics"], "paper": {"source": SOURCE, "row": paper_row(variant or model, dataset, split)},
         "seconds": result["seconds"], "ious": result["ious"],
     }

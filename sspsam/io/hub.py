@@ -239,14 +239,16 @@ def _metrics_tables(folder: Path) -> list[str]:
     return rows
 
 
-def model_card(ckpt: dict, hub: HubName, folder: Path | None, sha256: str) -> str:
-    """The repository's README: what the model is, how to run it, what it was trained and scored on."""
+def model_card(ckpt: dict, hub: HubName, folder: Path | None, sha256: str, commands: dict | None = None) -> str:
+    """The repository's README: what the model is, how to run it, what it was trained and scored on.
+    ``commands``: model type → the command that runs it ('segment' / 'ovss'); the caller reads it
+    from the method registry (``sspsam.models.registry.commands_by_type``), default 'segment'."""
     import yaml
 
     cfg = ckpt.get("config", {})
     meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
-    kind = cfg.get("model", "ssp-sam")
-    command = "ovss" if kind in ("escnet", "sam-mi") else "segment"
+    kind = cfg.get("model", "?")
+    command = (commands or {}).get(kind, "segment")
     example = '--classes "sky,road,car"' if command == "ovss" else '"the dog on the left"'
     lines = [
         "---", "library_name: sspsam", "pipeline_tag: image-segmentation",
@@ -274,7 +276,8 @@ def model_card(ckpt: dict, hub: HubName, folder: Path | None, sha256: str) -> st
     return "\n".join(lines)
 
 
-def stage(source: str | os.PathLike, name: str, folder: str | os.PathLike) -> tuple[HubName, list[Path]]:
+def stage(source: str | os.PathLike, name: str, folder: str | os.PathLike,
+          commands: dict | None = None) -> tuple[HubName, list[Path]]:
     """Write into ``folder`` what :func:`push` uploads: the checkpoint unchanged (``model.pt``) and
     its model card. ``source``: a run folder (its ``model.pt``) or a checkpoint file."""
     import shutil
@@ -295,11 +298,12 @@ def stage(source: str | os.PathLike, name: str, folder: str | os.PathLike) -> tu
     shutil.copyfile(ckpt_path, out / CHECKPOINT_NAME)
     with open(out / CHECKPOINT_NAME, "rb") as fh:
         digest = hashlib.file_digest(fh, "sha256").hexdigest()
-    (out / CARD_NAME).write_text(model_card(ckpt, hub, run, digest), encoding="utf-8")
+    (out / CARD_NAME).write_text(model_card(ckpt, hub, run, digest, commands), encoding="utf-8")
     return hub, [out / CHECKPOINT_NAME, out / CARD_NAME]
 
 
-def push(source: str | os.PathLike, name: str, *, private: bool = False, message: str | None = None) -> str:
+def push(source: str | os.PathLike, name: str, *, private: bool = False, message: str | None = None,
+         commands: dict | None = None) -> str:
     """Upload an sspsam checkpoint and its model card to ``hf-hub:OWNER/REPO[/PATH]``; returns the
     commit URL. Needs a token with write access (``hf auth login`` or HF_TOKEN)."""
     import tempfile
@@ -309,7 +313,7 @@ def push(source: str | os.PathLike, name: str, *, private: bool = False, message
     if offline():
         raise HubError("cannot push with downloads and uploads off (--offline / SSPSAM_OFFLINE=1 / HF_HUB_OFFLINE=1)")
     with tempfile.TemporaryDirectory(prefix="sspsam-push-") as tmp:
-        hub, _files = stage(source, name, tmp)
+        hub, _files = stage(source, name, tmp, commands)
         api = HfApi(endpoint=endpoint())
         try:
             api.create_repo(hub.repo_id, private=private, exist_ok=True)

@@ -7,7 +7,6 @@ methods (``sspsam.models.*``) stay free of file formats; every loader above them
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,23 +14,39 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sspsam.config import load_config, validate_config
+from sspsam.config import load_config
 from sspsam.errors import CheckpointError, ConfigError
-from sspsam.io.checkpoint import FORMAT_VERSION, _check_crc, _unwrap, load_into, torch_load
-from sspsam.models.ssp_sam.official_checkpoint import (CLIP_PREFIX, SAM_ENCODER_PREFIX, _few, convert, normalise_layout,
-                                                       variant)
+import sspsam.io.checkpoint as checkpoint_io
+from sspsam.io.checkpoint import FORMAT_VERSION, load_into, torch_load
+from sspsam.models import registry
+from sspsam.models.ssp_sam.official_checkpoint import CLIP_PREFIX, SAM_ENCODER_PREFIX, convert, normalise_layout, variant
 
-#: the model types that do referring segmentation (phrases); the others do OVSS (class names)
-RES_MODELS = ("ssp-sam",)
+# TODO(io owner, engineer C): public names for these two; until then read off the module
+check_crc = checkpoint_io._check_crc
+unwrap_state_dict = checkpoint_io._unwrap
+
+
+def few(keys: list[str], n: int = 6) -> str:
+    """The first ``n`` of a list of keys, and how many more."""
+    return ", ".join(keys[:n]) + (f" … (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def validate_config(cfg):
+    """A config dict checked against its method's schema; returns the typed
+    :class:`sspsam.config.ModelConfig` (see :func:`sspsam.models.registry.validate`)."""
+    return registry.validate(cfg)
 
 
 def build_model(cfg: dict | str | Path):
-    """Build an untrained model (random init) from a config dict, variant name or YAML path."""
+    """Build an untrained model (random init) from a config dict, variant name or YAML path.
+
+    Under ``with torch.device("meta")`` the model is built without memory (parameter shapes only),
+    as :func:`model_and_meta` does before it loads a checkpoint into it."""
     if not isinstance(cfg, dict):
         cfg = load_config(cfg)
-    validate_config(cfg)
+    method = registry.get(registry.validate(cfg).model)
     try:
-        model = _build(cfg)
+        model = _build(cfg, method)
     except ConfigError:
         raise
     except (AssertionError, ValueError, TypeError, KeyError, IndexError, AttributeError, ZeroDivisionError,
@@ -42,51 +57,19 @@ def build_model(cfg: dict | str | Path):
     return runtime.contiguous_attention(model)
 
 
-# The initialisers every module here reaches through ``torch.nn.init`` (nn.Linear, nn.Conv2d, open_clip,
-# TinyViT, the SSP head): the random draws a strict checkpoint load overwrites at once.
-_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
-                 "xavier_normal_", "orthogonal_", "constant_", "zeros_", "ones_")
+def _build(cfg: dict, method: registry.Method):
+    """The method's class on the backbones it takes: ``Class(clip, sam, section, config=cfg)``."""
+    clip = sam = None
+    if "clip" in method.backbones:
+        from sspsam.backbones.clip import CLIPBackbone
 
+        clip = CLIPBackbone.from_config({k: v for k, v in cfg["clip"].items() if k != "weights"})
+    if "sam" in method.backbones:
+        from sspsam.backbones.sam import SAMBackbone
 
-@contextlib.contextmanager
-def _no_random_init():
-    """Build with parameters left as allocated: drawing ~250M random numbers took 2.4 of the 3.5 s
-    an ``ssp-sam-vitb`` build costs (one thread), only for a strict load to overwrite them (as
-    transformers' ``no_init_weights``). Only for a load that sets every parameter and buffer."""
-    saved = {name: getattr(nn.init, name) for name in _INITIALISERS}
-    try:
-        for name in _INITIALISERS:
-            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(nn.init, name, fn)
-
-
-def _build(cfg: dict):
-    arch = cfg.get("model", "ssp-sam")
-    from sspsam.backbones.clip import CLIPBackbone
-    from sspsam.backbones.sam import SAMBackbone
-
-    clip = CLIPBackbone.from_config({k: v for k, v in cfg["clip"].items() if k != "weights"})
-    sam = SAMBackbone.from_config(cfg["sam"])
-    if arch == "ssp-sam":
-        from sspsam.models.ssp_sam.model import SSPSAM
-
-        return SSPSAM(clip, sam, cfg.get("ssp", {}), config=cfg)
-    if arch == "escnet":
-        from sspsam.models.escnet.escnet import ESCNet
-
-        return ESCNet(clip, sam, cfg.get("escnet", {}), config=cfg)
-    if arch == "sam-mi":
-        from sspsam.models.sam_mi.sam_mi import SAMMI
-
-        return SAMMI(clip, sam, cfg.get("sam_mi", {}), config=cfg)
-    if arch == "zeroshot":
-        from sspsam.models.zeroshot.pipeline import ZeroShot
-
-        return ZeroShot(clip, sam, cfg.get("zeroshot", {}), config=cfg)
-    raise ConfigError(f"unknown model type '{arch}' in config '{cfg.get('name')}'")
+        sam = SAMBackbone.from_config(cfg["sam"])
+    section = cfg.get(method.section, {}) if method.section else {}
+    return method.model_class()(clip, sam, section, config=cfg)
 
 
 def read_sspsam_checkpoint(path: str | os.PathLike, sam_image_encoder: bool = True) -> dict:
@@ -94,13 +77,13 @@ def read_sspsam_checkpoint(path: str | os.PathLike, sam_image_encoder: bool = Tr
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model checkpoint not found: {path}")
-    _check_crc(path)
+    check_crc(path)
     obj = _read_safetensors(path) if path.suffix == ".safetensors" else torch_load(path, "model checkpoint")
     if isinstance(obj, Mapping) and "sspsam" not in obj:
         import sspsam.models.ssp_sam.official_checkpoint as official_checkpoint
 
         try:
-            sd = _unwrap(obj)
+            sd = unwrap_state_dict(obj)
         except CheckpointError:
             sd = None
         if sd is not None and official_checkpoint.is_official(sd):
@@ -130,9 +113,6 @@ def _read_safetensors(path: Path) -> dict:
 
 def validate_checkpoint(ckpt: dict, path: str | os.PathLike) -> dict:
     """The entries of an sspsam checkpoint, checked by type before any model is built from them."""
-    from sspsam.config import validate_config  # config imports nothing of ours: no cycle, but keep the import local
-    from sspsam.errors import ConfigError
-
     version = ckpt["sspsam"]
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise CheckpointError(f"{path}: format version {version!r} is not a positive integer; the file is damaged or not sspsam's")
@@ -150,7 +130,7 @@ def validate_checkpoint(ckpt: dict, path: str | os.PathLike) -> dict:
     if not isinstance(external, (list, tuple)) or not all(e in ("clip", "sam") for e in external):
         raise CheckpointError(f"{path}: 'external_backbones' must list 'clip' and/or 'sam', got {external!r}"[:300])
     try:
-        validate_config(ckpt["config"])
+        registry.validate(ckpt["config"])
     except ConfigError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     for part in external:
@@ -159,21 +139,22 @@ def validate_checkpoint(ckpt: dict, path: str | os.PathLike) -> dict:
     return ckpt
 
 
-def _model_from_checkpoint(path: Path, task: tuple[str, ...] | None = None, sam_image_encoder: bool = True):
-    return _model_and_meta(path, task, sam_image_encoder)[0]
+def model_from_checkpoint(path: Path, task: str | None = None, sam_image_encoder: bool = True):
+    return model_and_meta(path, task, sam_image_encoder)[0]
 
 
-def _model_and_meta(path: Path, task: tuple[str, ...] | None = None, sam_image_encoder: bool = True):
+def model_and_meta(path: Path, task: str | None = None, sam_image_encoder: bool = True):
     """(model, the checkpoint's meta dict) — the meta says e.g. what data the model knows.
 
-    ``task``: the model types the caller can run; another type is refused before anything is built."""
+    ``task``: the command the caller runs ('segment' / 'ovss', see ``registry.Method.commands``);
+    a model another command runs is refused before anything is built."""
     ckpt = read_sspsam_checkpoint(path, sam_image_encoder=sam_image_encoder)
-    kind = ckpt["config"].get("model", "ssp-sam")
-    if task is not None and kind not in task:
+    method = registry.for_config(ckpt["config"])
+    if task is not None and task not in method.commands:
         raise CheckpointError(
-            f"{path} holds a '{kind}' model, "
+            f"{path} holds a '{method.name}' model, "
             + ("not an OVSS model: it does referring segmentation (phrases); use `sspsam segment` / Segmenter"
-               if kind in RES_MODELS else
+               if method.task == registry.REFERRING else
                "not a referring model: it does open-vocabulary semantic segmentation (class names); use `sspsam ovss` / OVSS")
         )
     sd = ckpt["state_dict"]
@@ -185,16 +166,51 @@ def _model_and_meta(path: Path, task: tuple[str, ...] | None = None, sam_image_e
         # found (or downloaded on first use, unless offline) before a large model is built; one
         # error names every missing file
         files = dict(zip(external, ensure_all([ckpt["config"][part].get("weights") for part in external])))
-    # every key comes from the file (load_into is strict); external backbones may load non-strictly, so keep their init
-    with contextlib.nullcontext() if external else _no_random_init():
+    if external:  # external backbones may load non-strictly: they keep their real initialisation
         model = build_model(ckpt["config"])
-    if external:
         for part in external:
             getattr(model, part).load_checkpoint(files[part])
         sd = {**{k: v for k, v in model.state_dict().items() if k.split(".")[0] in external}, **sd}
-    load_into(model, sd, what=f"model checkpoint {path}")
+        load_into(model, sd, what=f"model checkpoint {path}")
+    else:  # every key comes from the file: build without memory or random draws, then load
+        model = _load_on_meta(ckpt["config"], sd, f"model checkpoint {path}")
     meta = ckpt.get("meta")
     return model, dict(meta) if isinstance(meta, dict) else {}
+
+
+def _load_on_meta(cfg: dict, sd: Mapping[str, torch.Tensor], what: str):
+    """Build with every parameter on the meta device — no memory and no random draws (drawing ~250M
+    random numbers took 2.4 of the 3.5 s an ``ssp-sam-vitb`` build costs, only for a strict load
+    to overwrite them) — then give the parameters storage and load every one from ``sd``.
+
+    Buffers are built for real: the non-persistent ones (CLIP's causal mask, the pixel mean/std)
+    are computed in ``__init__`` and are not in a checkpoint; the persistent ones are loaded."""
+    from torch.nn.modules.module import register_module_parameter_registration_hook
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            return nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        return None
+
+    handle = register_module_parameter_registration_hook(on_meta)
+    try:
+        model = build_model(cfg)
+    finally:
+        handle.remove()
+    done: dict[int, nn.Parameter] = {}  # tied parameters stay tied
+    for module in model.modules():
+        for key, param in list(module._parameters.items()):
+            if param is not None and param.device.type == "meta":
+                if id(param) not in done:
+                    done[id(param)] = nn.Parameter(torch.empty_like(param, device="cpu"), requires_grad=param.requires_grad)
+                module._parameters[key] = done[id(param)]
+    load_into(model, sd, what=what)
+    return model
+
+
+# earlier names, kept for callers outside sspsam
+_model_and_meta = model_and_meta
+_model_from_checkpoint = model_from_checkpoint
 
 
 def _check_complete(cfg: dict, sd: Mapping[str, torch.Tensor], external: list[str]) -> None:
@@ -208,18 +224,18 @@ def _check_complete(cfg: dict, sd: Mapping[str, torch.Tensor], external: list[st
               if k in own and tuple(v.shape) != tuple(own[k].shape)]
     problems = []
     if missing:
-        problems.append(f"missing {len(missing)} keys: {_few(missing)}")
+        problems.append(f"missing {len(missing)} keys: {few(missing)}")
     if unexpected:
-        problems.append(f"unexpected {len(unexpected)} keys: {_few(unexpected)}")
+        problems.append(f"unexpected {len(unexpected)} keys: {few(unexpected)}")
     if shapes:
-        problems.append(f"{len(shapes)} shape mismatches: {_few(shapes, 3)}")
+        problems.append(f"{len(shapes)} shape mismatches: {few(shapes, 3)}")
     if problems:
         raise CheckpointError(f"official SSP-SAM checkpoint ({cfg['name']}) does not fit: " + "; ".join(problems))
 
 
 def load_official(path: str | os.PathLike, sam_image_encoder: bool = True, device: str = "cpu"):
     """Build the paper variant an official SSP-SAM checkpoint file belongs to and load it."""
-    return _model_from_checkpoint(Path(path), sam_image_encoder=sam_image_encoder).to(device)
+    return model_from_checkpoint(Path(path), sam_image_encoder=sam_image_encoder).to(device)
 
 
 def load_zeroshot(name_or_cfg: str | Path | dict):
@@ -233,7 +249,7 @@ def load_zeroshot(name_or_cfg: str | Path | dict):
     from sspsam.io.weights import ensure_all
 
     cfg = name_or_cfg if isinstance(name_or_cfg, dict) else load_config(name_or_cfg)
-    if cfg.get("model") != "zeroshot":
+    if not registry.for_config(cfg).training_free:
         raise ConfigError(f"config '{cfg.get('name')}' is not a zeroshot config (model: {cfg.get('model')})")
     parts = [part for part in ("clip", "sam") if cfg.get(part, {}).get("weights")]
     # downloaded on first use unless offline; one error names every missing file at once

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 
 from sspsam.config import list_configs, load_config
-from sspsam.errors import CheckpointError, ConfigError, ModelOutputError
+from sspsam.errors import CheckpointError, ConfigError, ModelOutputError, TextError
 from sspsam.io.images import is_tensor
-from sspsam.models.build import _model_and_meta
+from sspsam.models import registry
+from sspsam.models.build import model_and_meta
 
 #: the manifest that marks a folder as an `sspsam export onnx` export (sspsam.predict.onnx.MANIFEST;
 #: named here so that resolving a name never imports the exporter)
@@ -27,8 +28,8 @@ class Predictor:
     """What every public predictor owns, so ``Segmenter`` and ``OVSS`` resolve names, pick devices,
     describe their domain and drop stale caches the same way.
 
-    A subclass sets ``BUNDLED`` (its demo models), ``MODEL_TYPES`` (the config ``model`` types it
-    runs) and ``TASK``, and implements ``clear_cache`` (its cached image/text features) and
+    A subclass sets ``BUNDLED`` (its demo models), ``COMMAND`` (the command it serves: the methods
+    it runs are the registry's entries with that command, see :meth:`model_types`) and ``TASK``, and implements ``clear_cache`` (its cached image/text features) and
     ``segment``. Name resolution, in order: a bundled demo, a training-free ``zeroshot`` config, an
     ONNX export folder (where ``RUNTIMES`` allows it), a checkpoint path, a published variant
     (downloaded on first use), ``hf-hub:OWNER/REPO[/PATH][@REVISION]`` (:mod:`sspsam.io.hub`);
@@ -36,7 +37,8 @@ class Predictor:
     """
 
     BUNDLED: dict[str, str] = {}
-    MODEL_TYPES: tuple[str, ...] = ()
+    #: 'segment' or 'ovss': ``sspsam.models.registry.Method.commands`` says which methods run here
+    COMMAND = ""
     #: other runtimes than PyTorch this predictor can load ('onnx': an `sspsam export onnx` folder)
     RUNTIMES: tuple[str, ...] = ()
     TASK = ""
@@ -147,9 +149,14 @@ class Predictor:
         raise NotImplementedError
 
     @classmethod
+    def model_types(cls) -> tuple[str, ...]:
+        """The config ``model`` types this predictor runs (from the method registry)."""
+        return registry.running_under(cls.COMMAND)
+
+    @classmethod
     def resolve(cls, name_or_path: str | Path) -> tuple[str, Path | None, str]:
-        """``(kind, checkpoint path, display name)``; kind is 'checkpoint', 'zeroshot' (no file:
-        CLIP and SAM come from the weights cache) or 'onnx' (a folder `sspsam export onnx` wrote)."""
+        """``(kind, checkpoint path, display name)``; kind is 'checkpoint', 'training-free' (a
+        training-free method's config: no file, CLIP and SAM come from the weights cache) or 'onnx' (a folder `sspsam export onnx` wrote)."""
         name = str(name_or_path)
         if name.startswith("hf-hub:"):  # a checkpoint on the Hugging Face Hub (downloaded once into its cache)
             from sspsam.io.hub import download, parse
@@ -162,9 +169,9 @@ class Predictor:
                                       "use 'zeroshot' or a checkpoint path")
             return "checkpoint", path, name
         configs = list_configs()
-        kind = load_config(name).get("model") if name in configs else None
-        if kind == "zeroshot":
-            return "zeroshot", None, name
+        method = registry.for_config(load_config(name)) if name in configs else None
+        if method is not None and method.training_free:
+            return "training-free", None, name
         path = Path(name)
         if path.is_dir() and (path / ONNX_MANIFEST).is_file():
             if "onnx" not in cls.RUNTIMES:
@@ -175,16 +182,16 @@ class Predictor:
                                   + (f" or an ONNX export (no {ONNX_MANIFEST} in it)" if "onnx" in cls.RUNTIMES else ""))
         if path.suffix or path.exists():
             return "checkpoint", path, path.stem
-        if kind is not None:
-            if kind not in cls.MODEL_TYPES:
-                raise CheckpointError(f"'{name}' is a '{kind}' model, not {cls.TASK} model; {cls._other_command()}")
+        if method is not None:
+            if cls.COMMAND not in method.commands:
+                raise CheckpointError(f"'{name}' is a '{method.name}' model, not {cls.TASK} model; {cls._other_command()}")
             return "checkpoint", variant_checkpoint(name), name
         raise CheckpointError(cls._unknown(name, configs) + _did_you_mean(name, [*cls.BUNDLED, *configs]))
 
     @classmethod
     def _from_checkpoint(cls, path: Path, device, name: str, **opts):
         """The predictor for a checkpoint file; a model of another task is refused before it is built."""
-        model, meta = _model_and_meta(path, cls.MODEL_TYPES)
+        model, meta = model_and_meta(path, cls.COMMAND)
         return cls(model, device, name, meta, **opts)
 
     @classmethod
@@ -235,11 +242,22 @@ def domain_warnings(name: str, domain: str | None, rgb: np.ndarray, command: str
     return [warning] if warning else []
 
 
-def _is_batch(image) -> bool:
+def is_batch(image) -> bool:
     """A list/tuple of images, or a 4-D tensor/array [B, …] (one image is 2-D or 3-D)."""
     if isinstance(image, (list, tuple)):
         return True
     return (is_tensor(image) or isinstance(image, np.ndarray)) and image.ndim == 4
+
+
+def per_image(images: list, texts, what: str = "phrase") -> list:
+    """The texts of each image of a batch: ``texts`` is one list shared by every image (or one
+    string), or one list per image (a list of lists). ``what``: 'phrase' or 'class', for the error."""
+    each = isinstance(texts, (list, tuple)) and bool(texts) and all(isinstance(t, (list, tuple)) for t in texts)
+    if not each:
+        return [texts] * len(images)
+    if len(texts) != len(images):
+        raise TextError(f"{len(images)} images but {len(texts)} {what} lists: give one list per image, or one shared list")
+    return list(texts)
 
 
 def check_finite(name: str, *tensors) -> None:
@@ -260,3 +278,6 @@ def variant_checkpoint(name: str) -> Path:
             f"checkpoint (`sspsam train {name} …` writes one), or use a bundled model or 'zeroshot' (see `sspsam models`)"
         )
     return weights.ensure(name)
+
+
+_is_batch = is_batch  # the earlier name (predict/zeroshot_res.py imports it until it moves)

@@ -21,8 +21,8 @@ def _weights_state(names: list[str]) -> str:
 def catalog() -> list[dict]:
     """Rows of name, kind (bundled/zeroshot/variant/test), commands (segment/ovss) and weights state."""
     from sspsam.config import list_configs, load_config
+    from sspsam.models import registry
     from sspsam.predict.ovss import BUNDLED as OVSS_BUNDLED
-    from sspsam.predict.ovss import OVSS_MODELS
     from sspsam.predict.segmenter import BUNDLED
 
     rows = [{"name": n, "kind": "bundled", "commands": ("segment",), "weights": "in the package (demo: generated shapes only)"}
@@ -31,13 +31,13 @@ def catalog() -> list[dict]:
              for n in OVSS_BUNDLED]
     for name in list_configs():
         cfg = load_config(name)
-        kind = cfg.get("model")
+        method = registry.for_config(cfg)
         needs = [cfg[part]["weights"] for part in ("clip", "sam") if isinstance(cfg.get(part), dict) and cfg[part].get("weights")]
-        if kind == "zeroshot":
-            commands, label = ("segment", "ovss"), "zeroshot"
+        commands = method.commands
+        if method.training_free:
+            label = method.name
             state = _weights_state(needs)
         else:
-            commands = ("ovss",) if kind in OVSS_MODELS else ("segment",)
             label = "variant"
             state = "trained checkpoint by path" + (f"; backbones: {_weights_state(needs)}" if needs else "")
         if name.endswith("-tiny"):

@@ -37,8 +37,8 @@ from torch import nn
 from sspsam.errors import SSPSamError
 from sspsam.io.weights import sha256_file
 from sspsam.predict.onnx_runtime import (  # noqa: F401 — the runtime side, re-exported for old imports
-    EXPORTABLE, FORMAT, FORMAT_VERSION, MANIFEST, OnnxGraphs, default_providers, default_session_options,
-    device_providers, load_graphs, read_manifest,
+    FORMAT, FORMAT_VERSION, MANIFEST, OnnxGraphs, default_providers, default_session_options,
+    device_providers, exportable, load_graphs, read_manifest,
 )
 
 OPSET = 18  # the first opset whose Resize has `antialias` (CLIP's resize of the letterbox)
@@ -186,9 +186,11 @@ def export_onnx(model, out_dir: str | os.PathLike, name: str | None = None, meta
     half-written graph under the manifest's names.
     """
     config = dict(getattr(model, "config", {}) or {})
-    kind = config.get("model", "ssp-sam")
-    if kind not in EXPORTABLE:
-        raise ExportError(f"ONNX export supports {', '.join(EXPORTABLE)} models; this one is '{kind}'")
+    from sspsam.models import registry
+
+    kind = registry.model_type(config)
+    if kind not in exportable():
+        raise ExportError(f"ONNX export supports {', '.join(exportable())} models; this one is '{kind}'")
     if getattr(model.sam, "image_encoder", None) is None:
         raise ExportError("this model was built without SAM's image encoder; nothing to export for the image side")
     out_dir = Path(out_dir)
@@ -219,7 +221,7 @@ def export_onnx(model, out_dir: str | os.PathLike, name: str | None = None, meta
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "model": name or config.get("name", "ssp-sam"),
+            "model": name or config.get("name", kind),
             "model_type": kind,
             "opset": opset,
             "image_size": s,

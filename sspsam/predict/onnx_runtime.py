@@ -23,8 +23,11 @@ from sspsam.predict.base import ONNX_MANIFEST as MANIFEST
 
 FORMAT = "sspsam-onnx"
 FORMAT_VERSION = 1
-#: the config ``model`` types that export (and that an export folder may hold)
-EXPORTABLE = ("ssp-sam",)
+def exportable() -> tuple[str, ...]:
+    """The config ``model`` types that export (and that an export folder may hold): the registry's."""
+    from sspsam.models import registry
+
+    return tuple(m.name for m in registry.methods() if m.exportable)
 
 
 def read_manifest(path: str | os.PathLike, verify: bool = True) -> dict:
@@ -190,9 +193,9 @@ def load_graphs(path: str | os.PathLike, verify: bool = True, providers: list[st
     not given; ``session_options`` default to :func:`default_session_options`."""
     folder = Path(path)
     manifest = read_manifest(folder, verify)
-    if manifest.get("model_type") not in EXPORTABLE:
+    if manifest.get("model_type") not in exportable():
         raise CheckpointError(f"{folder} holds a '{manifest.get('model_type')}' export; sspsam runs exports of "
-                              f"{', '.join(EXPORTABLE)} models")
+                              f"{', '.join(exportable())} models")
     if providers is None and device is not None:
         providers = device_providers(device)
     return OnnxGraphs(folder, manifest, providers, session_options)

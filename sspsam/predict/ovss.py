@@ -1,11 +1,11 @@
 """OVSS: the public open-vocabulary semantic segmentation API. An image and class names in; a
 label map in the image's original size out.
 
-One predictor serves ESC-Net, SAM-MI and the training-free pipeline: all three follow
-``forward(images[B,3,S,S], class_emb[K,E]) -> {"logits": [B,K,h,w], ...}``. Models that split that
-into ``encode_image(images, valid_hw)`` + ``decode_classes(features, class_emb)`` (the zeroshot
-pipeline does) get the image encoded once per image, so a new class list only re-runs the cheap
-class-dependent part; others are re-run per class list. Class embeddings are cached per list.
+One predictor serves every OVSS method through one contract,
+:class:`sspsam.models.protocols.OVSSModel`: ``encode_image(images, valid_hw)`` once per image,
+``decode_classes(features, class_emb) -> {"logits": [B,K,h,w], ...}`` per class list (a model with
+only ``forward`` is seen through :class:`~sspsam.models.protocols.WholeForward`, whose image side
+is the input itself). Class embeddings are cached per list.
 
 Large images are segmented with sliding windows as the trained-OVSS protocol does (CAT-Seg:
 windows of the model input, overlap 1/3, window logits averaged, then averaged with a global
@@ -15,7 +15,6 @@ view of the whole image); it switches on by itself when the long side exceeds
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 from dataclasses import dataclass, field
@@ -30,14 +29,16 @@ from PIL import Image
 from sspsam.config import load_config
 from sspsam.errors import CheckpointError, TextError, WorkLimitError
 from sspsam.io.images import ImageLike, load_image
-from sspsam.predict.base import OVSS_BUNDLED, REFERRING_BUNDLED, Predictor, check_finite, domain_warnings
 from sspsam.io.transforms import Letterbox, image_key, letterbox_image, to_tensor
+from sspsam.models import registry
+from sspsam.models.protocols import as_ovss_model
+from sspsam.predict.results import SemanticSegmentation
+from sspsam.predict.base import OVSS_BUNDLED, REFERRING_BUNDLED, Predictor, check_finite, domain_warnings, is_batch, per_image
 
 MAX_CLASSES = 1000
 MAX_CLASS_CHARS = 200
 DEFAULT_MODEL = "ovss-shapes-demo"
 BUNDLED = OVSS_BUNDLED
-OVSS_MODELS = ("zeroshot", "escnet", "sam-mi")
 OVERLAP = 1 / 3
 PROTOCOLS = ("sspsam", "sclip")
 _CHUNK_PIXELS = 64_000_000  # class×pixel floats upsampled at once to the original size (256 MB)
@@ -92,62 +93,10 @@ def clean_classes(classes: str | list[str]) -> list[str]:
 
 
 @dataclass
-class SemanticSegmentation:
-    """One label per pixel for one image.
-
-    ``classes``: the cleaned class names; ``labels``: int32 [H, W] index into ``classes`` at the
-    original image size; ``scores``: float32 [H, W] in [0, 1], each pixel's winning-class softmax
-    probability (None where the protocol has none); ``shares``: class → fraction of the image's
-    pixels. numpy by default; ``labels``/``scores`` are torch tensors on the model's device when
-    ``segment(..., return_tensors="pt")`` made it.
-    """
-
-    classes: list[str]
-    labels: np.ndarray  # [H, W] int32 index into classes, original image size
-    scores: np.ndarray | None  # [H, W] float32 max class probability, or None
-    shares: dict[str, float]  # class -> fraction of image pixels
-    warnings: list[str] = field(default_factory=list)  # e.g. a demo model on an image unlike its training data
-
-    def class_masks(self) -> tuple[list[int], np.ndarray]:
-        """(indices into ``classes`` of the classes present, bool [K, H, W] their masks)."""
-        labels = np.asarray(self.labels.cpu() if hasattr(self.labels, "cpu") else self.labels)
-        present = [i for i in range(len(self.classes)) if (labels == i).any()]
-        return present, np.stack([labels == i for i in present]) if present else np.zeros((0, *labels.shape), bool)
-
-    def to_supervision(self):
-        """A ``supervision.Detections`` with one detection per class present: ``mask`` bool
-        [K, H, W], ``xyxy`` float32 [K, 4] (x1/y1 one past the last pixel), ``confidence`` = the
-        class's mean max-probability over its pixels (1.0 without scores), ``class_id`` = index
-        into ``classes``, ``data["class_name"]``. Needs ``sspsam[interop]``."""
-        from sspsam.io.masks import boxes_xyxy, require_supervision
-
-        sv = require_supervision()
-        present, masks = self.class_masks()
-        scores = None if self.scores is None else np.asarray(self.scores.cpu() if hasattr(self.scores, "cpu") else self.scores)
-        conf = np.array([1.0 if scores is None else float(scores[m].mean()) for m in masks], np.float32)
-        return sv.Detections(xyxy=boxes_xyxy(masks), mask=masks, confidence=conf, class_id=np.array(present, dtype=int),
-                             data={"class_name": np.array([self.classes[i] for i in present], dtype=str)})
-
-    def polygons(self) -> dict[str, list[list[float]]]:
-        """Per class present, its outlines as COCO polygons (pixel units). Needs ``sspsam[interop]``."""
-        from sspsam.io.masks import mask_polygons
-
-        present, masks = self.class_masks()
-        return {self.classes[i]: mask_polygons(m) for i, m in zip(present, masks)}
-
-    def to_json(self) -> dict:
-        """JSON-safe summary: image size [H, W], the classes and each one's share of the pixels
-        (the label map itself goes out as a PNG: see the service's ``label_png``)."""
-        h, w = self.labels.shape
-        return {"image_size": [int(h), int(w)], "classes": list(self.classes), "shares": dict(self.shares),
-                "warnings": list(self.warnings)}
-
-
-@dataclass
 class _View:
     """One model input cut from the image: the global letterbox or a sliding window."""
 
-    features: object  # the model's encode_image output, or (images, valid_hw) for forward-only models
+    features: object  # the model's encode_image output
     y0: int  # window position in the working image (0 for the global view)
     x0: int
     hw: tuple[int, int]  # content size inside the S×S input
@@ -173,7 +122,7 @@ class OVSS(Predictor):
     """
 
     BUNDLED = OVSS_BUNDLED
-    MODEL_TYPES = OVSS_MODELS
+    COMMAND = "ovss"
     TASK = "an OVSS"
     HOT_MODULES = ("clip.encode_image", "sam.image_encoder")
 
@@ -195,18 +144,16 @@ class OVSS(Predictor):
         self.protocol, self.sclip_options = protocol, dict(sclip_options or {})
         self._sclip = None
         kind = getattr(model, "config", {}).get("model")
-        if kind not in OVSS_MODELS:
+        if kind not in self.model_types():
             raise CheckpointError(
                 f"model '{name or getattr(model, 'config', {}).get('name')}' is a '{kind}' model, not an OVSS model "
-                f"({', '.join(OVSS_MODELS)}); referring models go through `sspsam segment` / Segmenter"
+                f"({', '.join(self.model_types())}); referring models go through `sspsam segment` / Segmenter"
             )
         self._place(model, device, dtype)
         self._identify(model, name, meta, kind)
         inf = model.config.get("inference", {})
         self.slide_above = float(inf.get("slide_above", 1.5))
         self.slide_max_scale = float(inf.get("slide_max_scale", 1.67))
-        self._split = hasattr(model, "encode_image") and hasattr(model, "decode_classes")
-        self._forward_takes_valid = "valid_hw" in inspect.signature(model.forward).parameters
         self._image: _ImageEntry | None = None
         self._classes: tuple[tuple[str, ...], torch.Tensor] | None = None
         self._logits: tuple[str, tuple[str, ...], torch.Tensor] | None = None
@@ -224,7 +171,7 @@ class OVSS(Predictor):
         (downloaded on first use) or an sspsam checkpoint path (see :meth:`Predictor.resolve`).
         ``dtype`` and ``compile`` as in :class:`OVSS`."""
         kind, path, name = cls.resolve(name_or_path)
-        if kind == "zeroshot":
+        if kind == "training-free":
             from sspsam.models.build import load_zeroshot
 
             return cls(load_zeroshot(name), device, name, dtype=dtype, compile=compile)
@@ -239,7 +186,7 @@ class OVSS(Predictor):
 
     @classmethod
     def _unknown(cls, name: str, configs: list[str]) -> str:
-        ovss = [c for c in configs if not c.endswith("-tiny") and load_config(c).get("model") in OVSS_MODELS]
+        ovss = [c for c in configs if not c.endswith("-tiny") and registry.for_config(load_config(c)).name in cls.model_types()]
         if name in REFERRING_BUNDLED:
             return (f"'{name}' is a referring-segmentation model, not an OVSS model: use it with "
                     f"`sspsam segment`; OVSS models: {', '.join([*cls.BUNDLED, *ovss])}")
@@ -293,24 +240,25 @@ class OVSS(Predictor):
                     pieces.append((pad, crop.shape[:2], y0, x0, False))
         return key, (h, w), work_hw, pieces
 
-    def _view(self, square: np.ndarray, hw: tuple[int, int], y0: int, x0: int, is_global: bool) -> _View:
-        x = to_tensor(square)[None].to(self.device)
-        valid = torch.tensor([hw], device=self.device)
-        if self._split:
-            with self._autocast():
-                feats = self.model.encode_image(x, valid)
-        else:
-            feats = (x, valid)
-        return _View(feats, y0, x0, (int(hw[0]), int(hw[1])), is_global)
+    @property
+    def net(self):
+        """The model as :class:`~sspsam.models.protocols.OVSSModel` (the one run path)."""
+        if getattr(self, "_net", None) is None or getattr(self._net, "model", self._net) is not self.model:
+            self._net = as_ovss_model(self.model)
+        return self._net
 
-    def _run(self, view: _View, emb: torch.Tensor) -> torch.Tensor:
+    def _encode(self, pieces: list) -> object:
+        """Views (square, hw, …) → the model's image features for all of them at once."""
+        x = torch.cat([to_tensor(sq)[None] for sq, *_ in pieces]).to(self.device)
+        valid = torch.tensor([list(hw) for _, hw, *_ in pieces], device=self.device)
         with self._autocast():
-            if self._split:
-                out = self.model.decode_classes(view.features, emb)
-            else:
-                x, valid = view.features
-                out = self.model(x, emb, valid_hw=valid) if self._forward_takes_valid else self.model(x, emb)
-        logits = out["logits"][0].float()
+            return self.net.encode_image(x, valid)
+
+    def _decode(self, features, emb: torch.Tensor) -> torch.Tensor:
+        """Image features × class embeddings → float logits [B, K, o, o], checked finite."""
+        with self._autocast():
+            out = self.net.decode_classes(features, emb)
+        logits = out["logits"].float()
         check_finite(self.name, logits)
         return logits
 
@@ -338,13 +286,11 @@ class OVSS(Predictor):
             with torch.inference_mode(), self._autocast():  # the dtype the model runs in, as a request would
                 text, emb = counted(lambda: self._embed(["thing"]))
                 one, two = emb, emb.expand(2, -1).contiguous()
-                if self._split:
-                    image, feats = counted(lambda: self.model.encode_image(x, valid))
-                    k1, _ = counted(lambda: self.model.decode_classes(feats, one))
-                    k2, _ = counted(lambda: self.model.decode_classes(feats, two))
-                else:
-                    run = (lambda e: self.model(x, e, valid_hw=valid)) if self._forward_takes_valid else (lambda e: self.model(x, e))
-                    image, (k1, _), (k2, _) = 0.0, counted(lambda: run(one)), counted(lambda: run(two))
+                # a model that cannot cache its image side does its image work in decode_classes:
+                # then k1 holds it, and the per-class cost is what a second class adds
+                image, feats = counted(lambda: self.net.encode_image(x, valid))
+                k1, _ = counted(lambda: self.net.decode_classes(feats, one))
+                k2, _ = counted(lambda: self.net.decode_classes(feats, two))
             per_class = max(k2 - k1, 0.0)
             self._unit_gflop = (max(image + k1 - per_class, 0.0), per_class, text)
         return self._unit_gflop
@@ -383,11 +329,13 @@ class OVSS(Predictor):
 
     def _embed(self, classes: list[str]) -> torch.Tensor:
         with self._autocast():
-            if hasattr(self.model, "class_embeddings"):
-                return self.model.class_embeddings(list(classes))
-            from sspsam.models.cost import class_embeddings
+            return self.net.class_embeddings(list(classes))
 
-            return class_embeddings(self.model.clip, list(classes))
+    def _view(self, square: np.ndarray, hw: tuple[int, int], y0: int, x0: int, is_global: bool) -> _View:
+        return _View(self._encode([(square, hw)]), y0, x0, (int(hw[0]), int(hw[1])), is_global)
+
+    def _run(self, view: _View, emb: torch.Tensor) -> torch.Tensor:
+        return self._decode(view.features, emb)[0]
 
     # ---- inference ------------------------------------------------------------------------
     @property
@@ -422,14 +370,11 @@ class OVSS(Predictor):
         image. ``slide``: sliding windows; None = automatic by image size. ``return_tensors``:
         "np" (numpy) or "pt" (``labels``/``scores`` as torch tensors on the model's device).
         """
-        from sspsam.predict.base import _is_batch
-
         if return_tensors not in ("np", "pt"):
             raise ValueError(f"return_tensors must be 'np' or 'pt', got {return_tensors!r}")
         classes = self._classes_or_default(classes)
-        if _is_batch(image):
-            out = self._segment_batch(list(image), classes, slide, image_batch_size, allow_urls)
-            return [_as_output(r, return_tensors, self.device) for r in out]
+        if is_batch(image):
+            return self.segment_batch(list(image), classes, slide, image_batch_size, return_tensors, allow_urls)
         if self.protocol == "sclip":
             return _as_output(self._segment_sclip(image, classes, allow_urls), return_tensors, self.device)
         names = clean_classes(classes)
@@ -454,16 +399,27 @@ class OVSS(Predictor):
         return (model_warnings(self.name, self.model) + domain_warnings(self.name, self.domain, rgb, "ovss")
                 + check_classes(self.name, self.vocabulary, names))
 
+    @torch.inference_mode()
+    def segment_batch(self, images: Sequence[ImageLike], classes: str | list[str] | list[list[str]] | None = None,
+                      slide: bool | None = None, image_batch_size: int = 8, return_tensors: str = "np",
+                      allow_urls: bool = False) -> list[SemanticSegmentation]:
+        """A list of images: one :class:`SemanticSegmentation` each; ``classes`` shared by every
+        image or one list per image; the model runs ``image_batch_size`` views at a time.
+        ``segment`` with a list comes here."""
+        if return_tensors not in ("np", "pt"):
+            raise ValueError(f"return_tensors must be 'np' or 'pt', got {return_tensors!r}")
+        out = self._segment_batch(list(images), self._classes_or_default(classes), slide, image_batch_size, allow_urls)
+        return [_as_output(r, return_tensors, self.device) for r in out]
+
     def _segment_batch(self, images: list, classes, slide: bool | None, image_batch_size: int,
                        allow_urls: bool) -> list[SemanticSegmentation]:
         if not images:
             return []
-        per_image = isinstance(classes, (list, tuple)) and bool(classes) and all(isinstance(c, (list, tuple)) for c in classes)
-        if per_image and len(classes) != len(images):
-            raise TextError(f"{len(images)} images but {len(classes)} class lists: give one list per image, or one shared list")
+        lists = per_image(images, classes, "class")
         if self.protocol == "sclip":
-            return [self._segment_sclip(im, c, allow_urls) for im, c in zip(images, classes if per_image else [classes] * len(images))]
-        names = [clean_classes(c) for c in classes] if per_image else [clean_classes(classes)] * len(images)
+            return [self._segment_sclip(im, c, allow_urls) for im, c in zip(images, lists)]
+        shared = all(c is lists[0] for c in lists)
+        names = [clean_classes(lists[0])] * len(images) if shared else [clean_classes(c) for c in lists]
         rgbs = [load_image(im, len(n), allow_urls=allow_urls) for im, n in zip(images, names)]
         for rgb, n in zip(rgbs, names):
             self.check_cost(rgb.shape[:2], len(n), slide)
@@ -492,16 +448,7 @@ class OVSS(Predictor):
 
     def _run_pieces(self, pieces: list, emb: torch.Tensor) -> list[torch.Tensor]:
         """Several views through the model at once (the image towers batched): logits [K, o, o] each."""
-        x = torch.cat([to_tensor(sq)[None] for sq, *_ in pieces]).to(self.device)
-        valid = torch.tensor([list(hw) for _, hw, *_ in pieces], device=self.device)
-        with self._autocast():
-            if self._split:
-                out = self.model.decode_classes(self.model.encode_image(x, valid), emb)
-            else:
-                out = self.model(x, emb, valid_hw=valid) if self._forward_takes_valid else self.model(x, emb)
-        logits = out["logits"].float()
-        check_finite(self.name, logits)
-        return list(logits)
+        return list(self._decode(self._encode(pieces), emb))
 
     def _segment_sclip(self, image: ImageLike, classes: str | list[str], allow_urls: bool = False) -> SemanticSegmentation:
         """SCLIP's protocol. ``classes``: a list with one class per entry (synonyms split on ", "),

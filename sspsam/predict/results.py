@@ -239,7 +239,7 @@ def coco_results(results: Sequence[Segmentation], image_ids: Sequence[int] | Non
     return [r for res, i in zip(results, ids) for r in res.to_coco(int(i), category_ids)]
 
 
-def _as_numpy(res: Segmentation) -> Segmentation:
+def as_numpy(res: Segmentation) -> Segmentation:
     conv = lambda x: None if x is None else _np(x)  # noqa: E731
     res.masks, res.scores, res.no_target, res.no_target_prob = (conv(res.masks), conv(res.scores).astype(np.float32),
                                                                  conv(res.no_target), conv(res.no_target_prob))
@@ -247,10 +247,65 @@ def _as_numpy(res: Segmentation) -> Segmentation:
     return res
 
 
-def _as_tensors(res: Segmentation, device: torch.device) -> Segmentation:
+def as_tensors(res: Segmentation, device: torch.device) -> Segmentation:
     conv = lambda x: None if x is None else (x if is_tensor(x) else torch.as_tensor(np.asarray(x))).to(device)  # noqa: E731
     res.masks, res.scores, res.no_target, res.no_target_prob = (conv(res.masks), conv(res.scores), conv(res.no_target),
                                                                  conv(res.no_target_prob))
     res.instances = [Instances(conv(i.masks), conv(i.boxes), conv(i.scores)) for i in res.instances]
     res.logits = conv(res.logits)
     return res
+
+
+@dataclass
+class SemanticSegmentation:
+    """One label per pixel for one image.
+
+    ``classes``: the cleaned class names; ``labels``: int32 [H, W] index into ``classes`` at the
+    original image size; ``scores``: float32 [H, W] in [0, 1], each pixel's winning-class softmax
+    probability (None where the protocol has none); ``shares``: class → fraction of the image's
+    pixels. numpy by default; ``labels``/``scores`` are torch tensors on the model's device when
+    ``segment(..., return_tensors="pt")`` made it.
+    """
+
+    classes: list[str]
+    labels: np.ndarray  # [H, W] int32 index into classes, original image size
+    scores: np.ndarray | None  # [H, W] float32 max class probability, or None
+    shares: dict[str, float]  # class -> fraction of image pixels
+    warnings: list[str] = field(default_factory=list)  # e.g. a demo model on an image unlike its training data
+
+    def class_masks(self) -> tuple[list[int], np.ndarray]:
+        """(indices into ``classes`` of the classes present, bool [K, H, W] their masks)."""
+        labels = np.asarray(self.labels.cpu() if hasattr(self.labels, "cpu") else self.labels)
+        present = [i for i in range(len(self.classes)) if (labels == i).any()]
+        return present, np.stack([labels == i for i in present]) if present else np.zeros((0, *labels.shape), bool)
+
+    def to_supervision(self):
+        """A ``supervision.Detections`` with one detection per class present: ``mask`` bool
+        [K, H, W], ``xyxy`` float32 [K, 4] (x1/y1 one past the last pixel), ``confidence`` = the
+        class's mean max-probability over its pixels (1.0 without scores), ``class_id`` = index
+        into ``classes``, ``data["class_name"]``. Needs ``sspsam[interop]``."""
+        from sspsam.io.masks import boxes_xyxy, require_supervision
+
+        sv = require_supervision()
+        present, masks = self.class_masks()
+        scores = None if self.scores is None else np.asarray(self.scores.cpu() if hasattr(self.scores, "cpu") else self.scores)
+        conf = np.array([1.0 if scores is None else float(scores[m].mean()) for m in masks], np.float32)
+        return sv.Detections(xyxy=boxes_xyxy(masks), mask=masks, confidence=conf, class_id=np.array(present, dtype=int),
+                             data={"class_name": np.array([self.classes[i] for i in present], dtype=str)})
+
+    def polygons(self) -> dict[str, list[list[float]]]:
+        """Per class present, its outlines as COCO polygons (pixel units). Needs ``sspsam[interop]``."""
+        from sspsam.io.masks import mask_polygons
+
+        present, masks = self.class_masks()
+        return {self.classes[i]: mask_polygons(m) for i, m in zip(present, masks)}
+
+    def to_json(self) -> dict:
+        """JSON-safe summary: image size [H, W], the classes and each one's share of the pixels
+        (the label map itself goes out as a PNG: see the service's ``label_png``)."""
+        h, w = self.labels.shape
+        return {"image_size": [int(h), int(w)], "classes": list(self.classes), "shares": dict(self.shares),
+                "warnings": list(self.warnings)}
+
+
+_as_numpy, _as_tensors = as_numpy, as_tensors  # the earlier names (predict/zeroshot_res.py imports them until it moves)

@@ -19,9 +19,11 @@ from sspsam.errors import ConfigError, TextError
 from sspsam.io.images import ImageLike, load_image
 from sspsam.io.masks import min_instance_area
 from sspsam.io.transforms import Letterbox, image_key, model_input, unletterbox_logits
-from sspsam.models.build import RES_MODELS
-from sspsam.predict.base import OVSS_BUNDLED, REFERRING_BUNDLED, Predictor, _is_batch, check_finite, domain_warnings, model_warnings
-from sspsam.predict.results import Instances, Segmentation, _as_numpy, _as_tensors, clean_phrases, instances_of
+from sspsam.models import registry
+from sspsam.models.protocols import mask_logits_512
+from sspsam.predict.base import (OVSS_BUNDLED, REFERRING_BUNDLED, Predictor, check_finite, domain_warnings, is_batch,
+                                 model_warnings, per_image)
+from sspsam.predict.results import Instances, Segmentation, as_numpy, as_tensors, clean_phrases, instances_of
 
 DEFAULT_MODEL = "shapes-demo"
 BUNDLED = REFERRING_BUNDLED
@@ -54,14 +56,14 @@ class Segmenter(Predictor):
     #: forward, so its image method is compiled; SAM's encoder as a module)
     HOT_MODULES = ("clip.encode_image", "sam.image_encoder")
     BUNDLED = REFERRING_BUNDLED
-    MODEL_TYPES = RES_MODELS
+    COMMAND = "segment"
     RUNTIMES = ("onnx",)
     TASK = "a referring"
 
     def __init__(self, model, device: str | torch.device = "auto", name: str | None = None, meta: dict | None = None,
                  dtype: torch.dtype | str | None = "auto", compile: bool = False):
         self._place(model, device, dtype)
-        self._identify(model, name, meta, "ssp-sam")
+        self._identify(model, name, meta, registry.model_type(model.config))
         inf = model.config.get("inference", {})
         self.mask_threshold = float(inf.get("mask_threshold", 0.0))
         self.no_target_min_pixels = int(inf.get("no_target_min_pixels", 50))
@@ -84,7 +86,7 @@ class Segmenter(Predictor):
         ONNX folder runs its graphs on ONNX Runtime in fp32 (the fast CPU path), with as many
         intra-op threads as torch has (``--threads``)."""
         kind, path, name = cls.resolve(name_or_path)
-        if kind == "zeroshot":  # training-free: CLIP + SAM from the cache
+        if kind == "training-free":  # CLIP + SAM from the cache
             from sspsam.predict.zeroshot_res import ZeroShotSegmenter
 
             return ZeroShotSegmenter.from_pretrained(name, device)
@@ -132,7 +134,7 @@ class Segmenter(Predictor):
         inputs = [model_input(rgb, self.model.image_size, self.device) for rgb in rgbs]
         x = torch.cat([i[0] for i in inputs])
         valid = torch.cat([i[1] for i in inputs])
-        clip_x = self.model.clip_input(rgbs, self.device) if hasattr(self.model, "clip_input") else None
+        clip_x = self.model.clip_input(rgbs, self.device)
         with self._autocast():
             feats = self.model.encode_image(x, valid, clip_images=clip_x)
         return [_Encoded(k, _slice_features(feats, b), i[2]) for b, (k, i) in enumerate(zip(keys, inputs))]
@@ -171,10 +173,10 @@ class Segmenter(Predictor):
             raise ValueError(f"return_tensors must be 'np' or 'pt', got {return_tensors!r}")
         opts = dict(allow_unknown_words=allow_unknown_words, mask_threshold=mask_threshold,
                     no_target_threshold=no_target_threshold, return_logits=return_logits)
-        if _is_batch(image):
+        if is_batch(image):
             if points is not None or boxes is not None:
                 raise TextError("points= and boxes= refine one image's masks: call segment once per image")
-            return self._segment_batch(list(image), text_or_texts, batch_size, image_batch_size, return_tensors, allow_urls, opts)
+            return self.segment_batch(list(image), text_or_texts, batch_size, image_batch_size, return_tensors, allow_urls, **opts)
         phrases = clean_phrases(text_or_texts)
         rgb = self.set_image(image, len(phrases), allow_urls=allow_urls)
         clicks = None
@@ -195,14 +197,22 @@ class Segmenter(Predictor):
 
         return track(self, frames, phrases, image_batch_size, lost_frames, min_score)
 
-    def _segment_batch(self, images: list, texts, batch_size: int, image_batch_size: int, return_tensors: str,
-                       allow_urls: bool, opts: dict) -> list[Segmentation]:
+    @torch.inference_mode()
+    def segment_batch(self, images: Sequence[ImageLike], texts: str | list[str] | list[list[str]], batch_size: int = 16,
+                      image_batch_size: int = 8, return_tensors: str = "np", allow_urls: bool = False,
+                      **opts) -> list[Segmentation]:
+        """A list of images: one :class:`Segmentation` each. ``texts``: phrases shared by every
+        image, or one list per image; the image towers run ``image_batch_size`` images at a time;
+        ``opts`` as :meth:`segment`'s (allow_unknown_words, mask_threshold, …). ``segment`` with
+        a list comes here."""
+        if return_tensors not in ("np", "pt"):
+            raise ValueError(f"return_tensors must be 'np' or 'pt', got {return_tensors!r}")
+        images = list(images)
         if not images:
             return []
-        per_image = isinstance(texts, (list, tuple)) and bool(texts) and all(isinstance(t, (list, tuple)) for t in texts)
-        if per_image and len(texts) != len(images):
-            raise TextError(f"{len(images)} images but {len(texts)} phrase lists: give one list per image, or one shared list")
-        phrase_lists = [clean_phrases(t) for t in texts] if per_image else [clean_phrases(texts)] * len(images)
+        texts = per_image(images, texts, "phrase")
+        shared = all(t is texts[0] for t in texts)
+        phrase_lists = [clean_phrases(texts[0])] * len(images) if shared else [clean_phrases(t) for t in texts]
         rgbs = [load_image(im, len(p), allow_urls=allow_urls) for im, p in zip(images, phrase_lists)]
         out = []
         for i in range(0, len(rgbs), max(1, image_batch_size)):
@@ -286,7 +296,7 @@ class Segmenter(Predictor):
             phrase_warnings=phrase_warnings,
             logits=logits,
         )
-        return _as_tensors(res, self.device) if return_tensors == "pt" else _as_numpy(res)
+        return as_tensors(res, self.device) if return_tensors == "pt" else as_numpy(res)
 
     def _postprocess(self, out: dict, box: Letterbox, mask_threshold: float | None = None, no_target_prob: float | None = None,
                      keep_logits: bool = False, clicks=None):
@@ -297,9 +307,7 @@ class Segmenter(Predictor):
         low = out["mask_logits"][:, 0].float()
         check_finite(self.name, low, out["iou"], out.get("no_target_logit"))
         # The official GRES rule: fewer than N positive pixels at 512x512 means "no target".
-        from sspsam.models.ssp_sam.model import official_mask_logits
-
-        sq = official_mask_logits(low[:, None], self.model.image_size)[:, 0]
+        sq = mask_logits_512(low[:, None], self.model.image_size)[:, 0]
         sh, sw = (round(v * 512 / box.size) for v in box.scaled_hw)
         area512 = (sq[:, :sh, :sw] > thr).sum((1, 2))
         # The score is the mask's own confidence (its mean foreground probability), not SAM's IoU head:

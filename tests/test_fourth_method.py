@@ -89,7 +89,7 @@ from sspsam.models.registry import REFERRING, Method, register
 register(Method(
     name="toymethod", task=REFERRING, model="toymethod.model:Toy", section="toy",
     schema="toymethod.model:ToySection", backbones=(),
-    training_task="sspsam.engine.trainer:ReferringTask",  # TODO: sspsam.engine.tasks.referring:ReferringTask
+    training_task="sspsam.engine.tasks.referring:ReferringTask",
     seed=0, lr=1e-3, decoder_lr=1e-3,
 ))
 '''

@@ -107,9 +107,9 @@ def _serve_ray(host, port, model, ovss_model, device, queue_size, max_batch, tim
     if auto is not None and not isinstance(auto, dict):
         raise fail("--autoscaling must be a JSON object (Ray Serve's autoscaling_config)")
     try:
-        from sspsam.serve.ray_serve import _require_serve, run
+        from sspsam.serve.ray_serve import require_serve, run
 
-        _require_serve()
+        require_serve()
         from sspsam.predict.ovss import OVSS
         from sspsam.predict.segmenter import Segmenter
 

@@ -33,8 +33,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from sspsam.engine.metrics_base import (GRES_THRESHOLDS, RES_THRESHOLDS, _NAN, _Meter, _binary, _check_merge,  # noqa: F401
-                                       _div, _inter_union, _same_shape, _thr_name, _to_numpy, format_table)
+from sspsam.engine.metrics_base import (GRES_THRESHOLDS, RES_THRESHOLDS, NAN, Meter, as_binary, check_merge,  # noqa: F401
+                                       safe_div, inter_union, check_same_shape, threshold_name, as_numpy, format_table)
 from sspsam.engine.metrics_semseg import SemSegMeter  # noqa: F401
 
 __all__ = [
@@ -51,7 +51,7 @@ __all__ = [
 # --------------------------------------------------------------------------- RES
 
 
-class RESMeter(_Meter):
+class RESMeter(Meter):
     """Referring expression segmentation: mIoU, oIoU, Pr@X, one sample per (image, sentence).
 
     LAVT-RIS ``test.py`` (``evaluate``): ``I = sum(logical_and(P, G))``, ``U = sum(logical_or(P, G))``;
@@ -95,9 +95,9 @@ class RESMeter(_Meter):
 
     def update(self, pred: Any, gt: Any, ignore: Any = None) -> float:
         """Add one (image, sentence) sample; returns its IoU."""
-        p, g = _binary(pred, "pred"), _binary(gt, "gt")
-        _same_shape(p, g, "RESMeter.update")
-        inter, union = _inter_union(p, g, ignore)
+        p, g = as_binary(pred, "pred"), as_binary(gt, "gt")
+        check_same_shape(p, g, "RESMeter.update")
+        inter, union = inter_union(p, g, ignore)
         return self.update_counts(inter, union)
 
     def update_counts(self, intersection: int, union: int) -> float:
@@ -117,9 +117,9 @@ class RESMeter(_Meter):
     def compute(self) -> dict[str, Any]:
         s = self._state
         n = s["n"]
-        out: dict[str, Any] = {"mIoU": _div(s["sum_iou"], n), "oIoU": _div(s["cum_I"], s["cum_U"])}
+        out: dict[str, Any] = {"mIoU": safe_div(s["sum_iou"], n), "oIoU": safe_div(s["cum_I"], s["cum_U"])}
         for t, c in zip(self.thresholds, s["pr_count"]):
-            out[_thr_name(t)] = _div(int(c), n)
+            out[threshold_name(t)] = safe_div(int(c), n)
         if self.empty_union_as_one:
             out["gIoU"], out["cIoU"] = out["mIoU"], out["oIoU"]
         out["n"] = n
@@ -142,11 +142,11 @@ def no_target_from_mask(mask: Any, min_pixels: int = 50) -> bool:
     the usual I/U, whereas ReLA's rule (followed by :class:`GRESMeter`) sets I = 0: the two differ
     by at most 49 pixels of intersection at 512² on such samples.
     """
-    m = _binary(mask, "mask")
+    m = as_binary(mask, "mask")
     return bool(np.count_nonzero(m) < int(min_pixels))
 
 
-class GRESMeter(_Meter):
+class GRESMeter(Meter):
     """Generalized RES (gRefCOCO): gIoU, cIoU, N-acc, T-acc, Pr@{0.7,0.8,0.9}.
 
     ReLA ``gres_model/evaluation/refer_evaluation.py`` (the version with
@@ -204,12 +204,12 @@ class GRESMeter(_Meter):
 
     def update(self, pred_mask: Any, gt_mask: Any, pred_no_target: bool) -> float:
         """Add one (image, expression) sample; returns its IoU under ReLA's rules."""
-        p, g = _binary(pred_mask, "pred_mask"), _binary(gt_mask, "gt_mask")
-        _same_shape(p, g, "GRESMeter.update")
+        p, g = as_binary(pred_mask, "pred_mask"), as_binary(gt_mask, "gt_mask")
+        check_same_shape(p, g, "GRESMeter.update")
         pred_nt = bool(pred_no_target)
         if pred_nt and self.zero_mask_on_no_target:
             p = np.zeros_like(p)
-        inter, union = _inter_union(p, g)
+        inter, union = inter_union(p, g)
         gt_nt = not g.any()
         s = self._state
         s["n"] += 1
@@ -238,13 +238,13 @@ class GRESMeter(_Meter):
     def compute(self) -> dict[str, Any]:
         s = self._state
         out: dict[str, Any] = {
-            "gIoU": _div(s["sum_iou"], s["n"]),
-            "cIoU": _div(s["cum_I"], s["cum_U"]),
-            "N-acc": _div(s["TP"], s["TP"] + s["FN"]),
-            "T-acc": _div(s["TN"], s["TN"] + s["FP"]),
+            "gIoU": safe_div(s["sum_iou"], s["n"]),
+            "cIoU": safe_div(s["cum_I"], s["cum_U"]),
+            "N-acc": safe_div(s["TP"], s["TP"] + s["FN"]),
+            "T-acc": safe_div(s["TN"], s["TN"] + s["FP"]),
         }
         for t, c in zip(self.thresholds, s["pr_count"]):
-            out[_thr_name(t)] = _div(int(c), s["n_target"])
+            out[threshold_name(t)] = safe_div(int(c), s["n_target"])
         out.update(
             n=s["n"],
             n_target=s["n_target"],
@@ -260,7 +260,7 @@ class GRESMeter(_Meter):
 # --------------------------------------------------------------------------- PhraseCut
 
 
-class PhraseCutMeter(_Meter):
+class PhraseCutMeter(Meter):
     """PhraseCut (VGPhraseCut) mask metrics: mean IoU, cumulative IoU, Pr@X.
 
     ChenyunWu/PhraseCutDataset ``utils/iou.py::iou_polygons_masks`` and
@@ -291,9 +291,9 @@ class PhraseCutMeter(_Meter):
 
     def update(self, pred: Any, gt: Any) -> float:
         """Add one task (image, phrase); returns its IoU."""
-        p, g = _binary(pred, "pred"), _binary(gt, "gt")
-        _same_shape(p, g, "PhraseCutMeter.update")
-        inter, union = _inter_union(p, g)
+        p, g = as_binary(pred, "pred"), as_binary(gt, "gt")
+        check_same_shape(p, g, "PhraseCutMeter.update")
+        inter, union = inter_union(p, g)
         iou = 0.0 if inter == 0 else inter / union
         s = self._state
         s["n"] += 1
@@ -305,8 +305,8 @@ class PhraseCutMeter(_Meter):
 
     def compute(self) -> dict[str, Any]:
         s = self._state
-        out: dict[str, Any] = {"mIoU": _div(s["sum_iou"], s["n"]), "oIoU": _div(s["cum_I"], s["cum_U"])}
+        out: dict[str, Any] = {"mIoU": safe_div(s["sum_iou"], s["n"]), "oIoU": safe_div(s["cum_I"], s["cum_U"])}
         for t, c in zip(self.thresholds, s["pr_count"]):
-            out[_thr_name(t)] = _div(int(c), s["n"])
+            out[threshold_name(t)] = safe_div(int(c), s["n"])
         out["n"] = s["n"]
         return out

@@ -1,5 +1,5 @@
 """What every meter of :mod:`sspsam.engine.metrics` shares: the mask helpers, the streaming
-:class:`_Meter` (sums only, so distributed evaluation is one all-reduce) and the markdown row."""
+:class:`Meter` (sums only, so distributed evaluation is one all-reduce) and the markdown row."""
 
 from __future__ import annotations
 
@@ -13,23 +13,23 @@ RES_THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
 #: ReLA ``pr_thres``.
 GRES_THRESHOLDS: tuple[float, ...] = (0.7, 0.8, 0.9)
 
-_NAN = float("nan")
+NAN = float("nan")
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def _to_numpy(x: Any) -> np.ndarray:
+def as_numpy(x: Any) -> np.ndarray:
     """numpy array from a numpy array, a (possibly CUDA) torch tensor or a nested list."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor without importing torch
         x = x.detach().cpu().numpy()
     return np.asarray(x)
 
 
-def _binary(x: Any, name: str) -> np.ndarray:
+def as_binary(x: Any, name: str) -> np.ndarray:
     """A mask as a bool array. Nonzero is foreground (as ``np.logical_and`` treats it in the
     references); float input is refused, since a probability map must be thresholded first."""
-    a = _to_numpy(x)
+    a = as_numpy(x)
     if a.dtype == np.bool_:
         return a
     if np.issubdtype(a.dtype, np.integer):
@@ -37,36 +37,36 @@ def _binary(x: Any, name: str) -> np.ndarray:
     raise TypeError(f"{name} must be a bool or integer mask (threshold probabilities first), got dtype {a.dtype}")
 
 
-def _same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
+def check_same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
     if a.shape != b.shape:
         raise ValueError(f"{what}: prediction shape {a.shape} != ground-truth shape {b.shape}")
 
 
-def _inter_union(pred: np.ndarray, gt: np.ndarray, ignore: Any = None) -> tuple[int, int]:
+def inter_union(pred: np.ndarray, gt: np.ndarray, ignore: Any = None) -> tuple[int, int]:
     if ignore is not None:
-        keep = ~_binary(ignore, "ignore")
-        _same_shape(keep, gt, "ignore mask")
+        keep = ~as_binary(ignore, "ignore")
+        check_same_shape(keep, gt, "ignore mask")
         pred = pred & keep
         gt = gt & keep
     return int(np.count_nonzero(pred & gt)), int(np.count_nonzero(pred | gt))
 
 
-def _div(a: float, b: float) -> float:
-    return float(a) / float(b) if b else _NAN
+def safe_div(a: float, b: float) -> float:
+    return float(a) / float(b) if b else NAN
 
 
-def _thr_name(t: float) -> str:
+def threshold_name(t: float) -> str:
     return f"Pr@{t:.1f}" if round(t, 1) == t else f"Pr@{t:g}"
 
 
-def _check_merge(a: "_Meter", b: "_Meter") -> None:
+def check_merge(a: "Meter", b: "Meter") -> None:
     if type(a) is not type(b):
         raise TypeError(f"cannot merge {type(b).__name__} into {type(a).__name__}")
     if a._config() != b._config():
         raise ValueError(f"cannot merge meters with different settings: {a._config()} vs {b._config()}")
 
 
-class _Meter:
+class Meter:
     """Shared plumbing: state is a dict of sums (ints, floats, int64 arrays)."""
 
     _state: dict[str, Any]
@@ -92,18 +92,18 @@ class _Meter:
         for k, ref in empty.items():
             v = state[k]
             if isinstance(ref, np.ndarray):
-                arr = _to_numpy(v)
+                arr = as_numpy(v)
                 if arr.shape != ref.shape:
                     raise ValueError(f"state[{k!r}] has shape {arr.shape}, expected {ref.shape}")
                 new[k] = np.rint(arr).astype(np.int64) if arr.dtype.kind == "f" else arr.astype(np.int64)
             else:
-                v = _to_numpy(v).item() if not isinstance(v, (int, float)) else v
+                v = as_numpy(v).item() if not isinstance(v, (int, float)) else v
                 new[k] = int(round(v)) if isinstance(ref, int) else float(v)
         self._state = new
 
-    def merge(self, other: "_Meter") -> "_Meter":
+    def merge(self, other: "Meter") -> "Meter":
         """Add ``other``'s sums into this meter (in place); returns self."""
-        _check_merge(self, other)
+        check_merge(self, other)
         for k, v in other._state.items():
             self._state[k] = self._state[k] + v
         return self

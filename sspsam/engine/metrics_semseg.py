@@ -7,13 +7,13 @@ from typing import Any
 
 import numpy as np
 
-from sspsam.engine.metrics_base import _NAN, _Meter, _check_merge, _div, _same_shape, _to_numpy  # noqa: F401
+from sspsam.engine.metrics_base import NAN, Meter, check_merge, safe_div, check_same_shape, as_numpy  # noqa: F401
 
 
 # --------------------------------------------------------------------------- semantic segmentation
 
 
-class SemSegMeter(_Meter):
+class SemSegMeter(Meter):
     """Open-vocabulary / semantic segmentation over a dataset-wide confusion matrix.
 
     detectron2 ``SemSegEvaluator`` (``protocol="detectron2"``, default; CAT-Seg and the trained
@@ -60,11 +60,11 @@ class SemSegMeter(_Meter):
 
     def update(self, pred: Any, gt: Any) -> None:
         """Add one image: integer label maps of equal shape."""
-        p, g = _to_numpy(pred), _to_numpy(gt)
+        p, g = as_numpy(pred), as_numpy(gt)
         for a, name in ((p, "pred"), (g, "gt")):
             if not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
                 raise TypeError(f"{name} must be an integer label map, got dtype {a.dtype}")
-        _same_shape(p, g, "SemSegMeter.update")
+        check_same_shape(p, g, "SemSegMeter.update")
         n = self.num_classes
         p = p.astype(np.int64, copy=False).reshape(-1)
         g = g.astype(np.int64).reshape(-1)
@@ -95,15 +95,15 @@ class SemSegMeter(_Meter):
             iou_valid = union > 0
         iou[iou_valid] = tp[iou_valid] / union[iou_valid]
         total_gt = pos_gt.sum()
-        miou = float(iou[iou_valid].mean()) if iou_valid.any() else _NAN
-        macc = float(acc[acc_valid].mean()) if acc_valid.any() else _NAN
+        miou = float(iou[iou_valid].mean()) if iou_valid.any() else NAN
+        macc = float(acc[acc_valid].mean()) if acc_valid.any() else NAN
         fw_valid = acc_valid & iou_valid
-        fwiou = float((iou[fw_valid] * pos_gt[fw_valid]).sum() / total_gt) if total_gt else _NAN
+        fwiou = float((iou[fw_valid] * pos_gt[fw_valid]).sum() / total_gt) if total_gt else NAN
         return {
             "mIoU": miou,
             "fwIoU": fwiou,
             "mACC": macc,
-            "pACC": _div(tp.sum(), total_gt),
+            "pACC": safe_div(tp.sum(), total_gt),
             "per_class_iou": [float(v) for v in iou],
             "per_class_acc": [float(v) for v in acc],
             "n": self._state["n"],

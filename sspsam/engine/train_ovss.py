@@ -15,6 +15,7 @@ import sspsam.engine.feature_cache as fc
 from sspsam.config import load_config
 from sspsam.engine.loop import LoopOptions, fit
 from sspsam.engine.losses import SEMSEG_LOSSES as LOSSES, aux_loss, bce_loss, catseg_bce_loss  # noqa: F401
+from sspsam.engine.tasks import task_class
 from sspsam.engine.tasks.ovss import (VIEWS, ClassForward, OVSSSamples, OVSSTask,  # noqa: F401
                                       build_ovss_training_model, lr_scale, param_groups)
 from sspsam.errors import ConfigError
@@ -33,7 +34,7 @@ def train_ovss(cfg: dict | str | Path, data_root: str | Path, out_dir: str | Pat
         raise ConfigError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
     if save_every < 0:
         raise ConfigError(f"save_every must be >= 0, got {save_every}")
-    task = OVSSTask(cfg, data_root, lr=lr, warmup=warmup, cached_features=cached_features)
+    task = task_class(cfg, OVSSTask)(cfg, data_root, lr=lr, warmup=warmup, cached_features=cached_features)
     resume = resume and (Path(out_dir) / "last.pt").is_file()
     loop = LoopOptions(steps=steps, batch_size=batch_size, seed=seed, resume=resume, ckpt_every=save_every, **options)
     t0 = time.perf_counter()

@@ -19,6 +19,7 @@ from sspsam.engine.loop import LoopOptions, TrainTask, check_learning_rate, chec
 from sspsam.engine.recipe import official_schedule  # noqa: F401
 from sspsam.engine.state import (LAST, LOG, MODEL, RUN_FILES, ResumableSampler, existing_run,  # noqa: F401
                                  read_train_state, seed_everything)
+from sspsam.engine.tasks import task_class
 from sspsam.engine.tasks.referring import (BoxPretraining, CachedSamples, ReferringTask,  # noqa: F401
                                            build_training_model, cosine_with_warmup, to_batch)
 from sspsam.engine.tasks.referring import referring_dataset as _dataset  # noqa: F401
@@ -39,7 +40,7 @@ def train(cfg: dict, data_root: str | Path, out_dir: str | Path, *, steps: int |
     wrote with the same config, data, seed and init (refused unless SAM's image encoder is frozen
     and the images are not augmented)."""
     loop, task_options = LoopOptions.split({"steps": steps, "ckpt_every": ckpt_every, "seed": 3407, **options})
-    task = ReferringTask(cfg, data_root, **task_options)  # config-level refusals first (--stage, --epochs, lrs)
+    task = task_class(cfg, ReferringTask)(cfg, data_root, **task_options)  # config-level refusals first (--stage, --epochs, lrs)
     if steps is None and task.st is None:
         raise OptionError("steps is required (the number of optimizer steps to reach)")
     if (steps is not None and steps < 1) or ckpt_every < 1:

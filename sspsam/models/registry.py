@@ -89,14 +89,13 @@ class Method:
 _SECTIONS = "sspsam.models.sections"
 _BUILTIN = (
     Method("ssp-sam", REFERRING, "sspsam.models.ssp_sam.model:SSPSAM", "ssp", f"{_SECTIONS}:SSPSection",
-           # TODO(engine B): sspsam.engine.tasks.referring:ReferringTask once engine/tasks exists
-           training_task="sspsam.engine.trainer:ReferringTask", seed=3407, lr=1e-4, decoder_lr=1e-5,
+           training_task="sspsam.engine.tasks.referring:ReferringTask", seed=3407, lr=1e-4, decoder_lr=1e-5,
            caches_features=True, exportable=True, description="SSP-SAM (referring segmentation)"),
     Method("escnet", OVSS, "sspsam.models.escnet.escnet:ESCNet", "escnet", f"{_SECTIONS}:ESCNetSection",
-           training_task="sspsam.engine.train_ovss:train_ovss", seed=0, caches_features=True,  # TODO(engine B): tasks.ovss:OVSSTask
+           training_task="sspsam.engine.tasks.ovss:OVSSTask", seed=0,
            description="ESC-Net (open-vocabulary semantic segmentation)"),
     Method("sam-mi", OVSS, "sspsam.models.sam_mi.sam_mi:SAMMI", "sam_mi", f"{_SECTIONS}:SAMMISection",
-           training_task="sspsam.engine.train_ovss:train_ovss", seed=0, caches_features=True,
+           training_task="sspsam.engine.tasks.ovss:OVSSTask", seed=0, caches_features=True,
            description="SAM-MI (open-vocabulary semantic segmentation)"),
     Method("zeroshot", OVSS, "sspsam.models.zeroshot.pipeline:ZeroShot", "zeroshot", f"{_SECTIONS}:ZeroShotSection",
            extra_sections=(("res", f"{_SECTIONS}:ZeroShotRESSection"),), training_free=True,

@@ -308,4 +308,3 @@ class SemanticSegmentation:
                 "warnings": list(self.warnings)}
 
 
-_as_numpy, _as_tensors = as_numpy, as_tensors  # the earlier names (predict/zeroshot_res.py imports them until it moves)

@@ -17,9 +17,9 @@ import torch
 from sspsam.errors import CheckpointError, TextError
 from sspsam.io.images import ImageLike, load_image
 from sspsam.io.transforms import Letterbox, image_key, model_input, unletterbox_logits
-from sspsam.models.zeroshot.pipeline import ZeroShot, ZeroShotFeatures
+from sspsam.models.zeroshot.pipeline import DEFAULT_CONFIG, ZeroShot, ZeroShotFeatures
 from sspsam.models.zeroshot.res import RES_DEFAULTS, ZeroShotRES, calibrate_threshold, masked_crops
-from sspsam.predict.base import Predictor, _is_batch, model_warnings
+from sspsam.predict.base import Predictor, is_batch, model_warnings
 from sspsam.predict.results import Segmentation, clean_phrases
 
 __all__ = ["ZeroShotSegmenter", "RES_DEFAULTS", "calibrate_threshold", "masked_crops"]
@@ -36,7 +36,7 @@ class _Encoded:
 class ZeroShotSegmenter(Predictor):
     """``Segmenter``'s API on the training-free pipeline: ``set_image`` once, ``segment`` many phrases."""
 
-    MODEL_TYPES = ("zeroshot",)
+    COMMAND = "segment"
     TASK = "a referring"
     HOT_MODULES = ("clip.encode_image", "sam.image_encoder")
 
@@ -50,7 +50,7 @@ class ZeroShotSegmenter(Predictor):
         if not isinstance(model, ZeroShotRES):
             raise CheckpointError(f"ZeroShotSegmenter needs a zeroshot model, got {type(model).__name__}")
         self._place(model, device, dtype)
-        self._identify(model, name, meta, "zeroshot")
+        self._identify(model, name, meta, model.config.get("name", "training-free"))
         res = model.res
         self.no_target_threshold = float(res["no_target_threshold"])
         self.score_temperature = float(res["score_temperature"])
@@ -60,7 +60,7 @@ class ZeroShotSegmenter(Predictor):
             self._compile()
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path = "zeroshot", device: str | torch.device = "auto",
+    def from_pretrained(cls, name_or_path: str | Path = DEFAULT_CONFIG, device: str | torch.device = "auto",
                         dtype: torch.dtype | str | None = None, compile: bool = False) -> "ZeroShotSegmenter":
         """A zeroshot config name (weights from the cache) or an sspsam checkpoint of a zeroshot model."""
         name = str(name_or_path)
@@ -77,6 +77,13 @@ class ZeroShotSegmenter(Predictor):
 
     def _warm_up(self) -> None:
         self.segment(np.full((64, 64, 3), 128, np.uint8), "warm up")
+
+    @classmethod
+    def model_types(cls) -> tuple[str, ...]:
+        """The training-free methods: their referring path is this predictor's."""
+        from sspsam.models import registry
+
+        return tuple(m.name for m in registry.methods() if m.training_free and cls.COMMAND in m.commands)
 
     @classmethod
     def _unknown(cls, name: str, configs: list[str]) -> str:
@@ -102,11 +109,11 @@ class ZeroShotSegmenter(Predictor):
         (each phrase's candidates come from per-image point prompts, which do not batch).
         ``mask_threshold`` / ``no_target_threshold`` (a CLIP cosine here) override the settings for
         this call; options of the trained models' decoder (clicks, vocabulary checks) do not apply."""
-        from sspsam.predict.results import _as_numpy, _as_tensors
+        from sspsam.predict.results import as_numpy, as_tensors
 
         if return_tensors not in ("np", "pt"):
             raise ValueError(f"return_tensors must be 'np' or 'pt', got {return_tensors!r}")
-        if _is_batch(image):
+        if is_batch(image):
             images = list(image)
             per_image = isinstance(text_or_texts, (list, tuple)) and bool(text_or_texts) and all(
                 isinstance(t, (list, tuple)) for t in text_or_texts)
@@ -118,7 +125,7 @@ class ZeroShotSegmenter(Predictor):
         res = self._segment_one(image, text_or_texts, batch_size, allow_urls,
                                 self.mask_threshold if mask_threshold is None else float(mask_threshold),
                                 self.no_target_threshold if no_target_threshold is None else float(no_target_threshold))
-        return _as_tensors(res, self.device) if return_tensors == "pt" else _as_numpy(res)
+        return as_tensors(res, self.device) if return_tensors == "pt" else as_numpy(res)
 
     def clip_scores(self, crops: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Cosine between CLIP's global embedding of each crop [N,3,c,c] (0..255) and the phrase [E]."""

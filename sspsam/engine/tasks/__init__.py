@@ -12,15 +12,21 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-# TEMPORARY, until sspsam/models/registry.py says per method whether its features can be cached:
-# the one place the engine names method types. The model types whose forward runs SAM's image
-# encoder on the training image (so its embeddings can be cached); others (e.g. a SAM block that
-# works on CLIP features) have nothing to cache.
-_RUNS_SAM_IMAGE_ENCODER = ("ssp-sam", "sam-mi")
-
-
 def runs_sam_image_encoder(cfg: dict) -> bool:
-    return cfg.get("model") in _RUNS_SAM_IMAGE_ENCODER
+    """Whether the method's forward runs SAM's image encoder on the training image, so its
+    embeddings can be cached (the registry's ``caches_features``)."""
+    from sspsam.models import registry
+
+    return registry.for_config(cfg).caches_features
+
+
+def task_class(cfg: dict, default):
+    """The training task the config's method names in the registry (``default`` when it names the
+    task family's own class anyway, or none)."""
+    from sspsam.models import registry
+
+    method = registry.for_config(cfg)
+    return method.task_class() if method.training_task else default
 
 
 def load_task(path: str):

@@ -33,6 +33,9 @@ from sspsam.errors import ConfigError
 import sspsam.models.cost as cost_ops
 from sspsam.models.zeroshot.mask_merge import MergedMasks, OverlapMaskMerge
 
+#: the training-free config a bare ``from_pretrained()`` loads (CLIP and SAM from the weights cache)
+DEFAULT_CONFIG = "zeroshot"
+
 DEFAULTS = {
     "dense_mode": "sclip",  # surgery | sclip | csa-no-ffn | maskclip
     "clip_size": None,  # CLIP input side for the dense path (None: CLIP's own)

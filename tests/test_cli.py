@@ -185,6 +185,7 @@ def test_models_lists_what_each_command_accepts(tmp_path, monkeypatch):
     seg, ovss = r.stdout.split("sspsam ovss --model")
     assert "shapes-demo" in seg and "ssp-sam-vitb" in seg and "zeroshot" in seg and "ovss-shapes-demo" not in seg
     assert "ovss-shapes-demo" in ovss and "escnet-vitb" in ovss and "sam-mi-vitb" in ovss and "zeroshot" in ovss
+    assert "hf-hub:wayneicloud/SSP-SAM" in seg and "hf-hub" not in ovss  # the released checkpoints are named
     zeroshot = next(line for line in seg.splitlines() if line.split()[:1] == ["zeroshot"])
     assert "clip-vit-b16 not cached" in zeroshot and "sam-vit-b not cached" in zeroshot
     (tmp_path / "weights").mkdir()

@@ -43,4 +43,10 @@ def catalog() -> list[dict]:
         if name.endswith("-tiny"):
             label, state = "test", "random weights (tests only)"
         rows.append({"name": name, "kind": label, "commands": commands, "weights": state})
+    rows += [{"name": f"{OFFICIAL_HUB}/<path>", "kind": "hub", "commands": ("segment",),
+              "weights": f"the authors' released SSP-SAM checkpoints; -m {OFFICIAL_HUB} lists them"}]
     return rows
+
+
+#: the SSP-SAM authors' Hugging Face repository (their trained checkpoints and processed annotations)
+OFFICIAL_HUB = "hf-hub:wayneicloud/SSP-SAM"

@@ -8,6 +8,7 @@ import ast
 import inspect
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -111,3 +112,17 @@ def test_zeroshot_res_is_a_predictor():
     seg = ZeroShotSegmenter(build_model(load_config("zeroshot-tiny")), device="cpu")
     assert isinstance(seg, Predictor) and isinstance(seg.model, ZeroShotRES)
     assert seg.dtype == torch.float32 and seg.model.clip is seg.model.zeroshot.clip
+
+
+def test_zero_shot_refuses_what_only_a_trained_decoder_can_do():
+    """Clicks and logits come from a trained model's prompt tokens; the training-free predictor
+    refuses them by name instead of answering as if they had been used."""
+    from sspsam.errors import ConfigError
+    from sspsam.models.build import load_zeroshot
+    from sspsam.predict.zeroshot_res import ZeroShotSegmenter
+
+    seg = ZeroShotSegmenter(load_zeroshot("zeroshot-tiny"), "cpu")
+    img = np.zeros((32, 32, 3), np.uint8)
+    for kw in ({"points": [[5, 5]]}, {"boxes": [[0, 0, 10, 10]]}, {"return_logits": True}):
+        with pytest.raises(ConfigError, match="training-free path"):
+            seg.segment(img, "a thing", **kw)

@@ -42,13 +42,13 @@ def resolve_device(name: object = "auto") -> "torch.device":
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             build = "a CPU-only build of torch" if torch.version.cuda is None else "no usable CUDA GPU"
-            raise DeviceError(f"device {name!r} is not available: this machine has {build}; use --device auto or cpu")
+            raise DeviceError(f"device {name!r} is not available: this machine has {build}; use 'auto' or 'cpu' (--device on the command line)")
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
             raise DeviceError(f"device {name!r} is not available: this machine has {count} CUDA device(s) (cuda:0…cuda:{count - 1})")
         return dev
     if dev.type == "mps":
         if not _mps_available(torch):
-            raise DeviceError(f"device {name!r} is not available: MPS needs an Apple-silicon Mac; use --device auto or cpu")
+            raise DeviceError(f"device {name!r} is not available: MPS needs an Apple-silicon Mac; use 'auto' or 'cpu' (--device on the command line)")
         return dev
     raise DeviceError(f"device {name!r} is not supported: use auto, cpu, cuda, cuda:N or mps")

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sspsam.errors import CheckpointError, TextError
+from sspsam.errors import CheckpointError, ConfigError
 from sspsam.io.images import ImageLike, load_image
 from sspsam.io.transforms import Letterbox, image_key, model_input, unletterbox_logits
 from sspsam.models.zeroshot.pipeline import DEFAULT_CONFIG, ZeroShot, ZeroShotFeatures
 from sspsam.models.zeroshot.res import RES_DEFAULTS, ZeroShotRES, calibrate_threshold, masked_crops
-from sspsam.predict.base import Predictor, is_batch, model_warnings
+from sspsam.predict.base import Predictor, is_batch, model_warnings, per_image
 from sspsam.predict.results import Segmentation, clean_phrases
 
 __all__ = ["ZeroShotSegmenter", "RES_DEFAULTS", "calibrate_threshold", "masked_crops"]
@@ -104,22 +104,23 @@ class ZeroShotSegmenter(Predictor):
 
     @torch.inference_mode()
     def segment(self, image, text_or_texts, batch_size: int = 16, return_tensors: str = "np", allow_urls: bool = False,
-                *, mask_threshold: float | None = None, no_target_threshold: float | None = None, **_ignored):
+                *, mask_threshold: float | None = None, no_target_threshold: float | None = None,
+                allow_unknown_words: bool = False, points=None, point_labels=None, boxes=None, return_logits: bool = False):
         """As :meth:`sspsam.Segmenter.segment`; a list of images is run one image at a time here
         (each phrase's candidates come from per-image point prompts, which do not batch).
         ``mask_threshold`` / ``no_target_threshold`` (a CLIP cosine here) override the settings for
-        this call; options of the trained models' decoder (clicks, vocabulary checks) do not apply."""
+        this call. CLIP reads any word, so ``allow_unknown_words`` changes nothing; clicks and logits
+        belong to the trained decoder's prompt tokens and are refused here rather than ignored."""
         from sspsam.predict.results import as_numpy, as_tensors
 
         if return_tensors not in ("np", "pt"):
             raise ValueError(f"return_tensors must be 'np' or 'pt', got {return_tensors!r}")
+        if points is not None or point_labels is not None or boxes is not None or return_logits:
+            raise ConfigError(f"'{self.name}' is the training-free path: points=/boxes= refine a trained model's mask through "
+                              "its prompt tokens and return_logits= returns its decoder's logits; use a trained referring model for them")
         if is_batch(image):
             images = list(image)
-            per_image = isinstance(text_or_texts, (list, tuple)) and bool(text_or_texts) and all(
-                isinstance(t, (list, tuple)) for t in text_or_texts)
-            if per_image and len(text_or_texts) != len(images):
-                raise TextError(f"{len(images)} images but {len(text_or_texts)} phrase lists: give one list per image, or one shared list")
-            texts = text_or_texts if per_image else [text_or_texts] * len(images)
+            texts = per_image(images, text_or_texts)
             return [self.segment(im, t, batch_size, return_tensors, allow_urls, mask_threshold=mask_threshold,
                                  no_target_threshold=no_target_threshold) for im, t in zip(images, texts)]
         res = self._segment_one(image, text_or_texts, batch_size, allow_urls,

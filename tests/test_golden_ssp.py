@@ -23,6 +23,7 @@ import sspsam.models.ssp_sam.official_checkpoint as official_checkpoint
 from sspsam.models.ssp_sam.official_inputs import centered_geometry, clip_input, format_phrase
 import sspsam.tools.fidelity as fidelity
 import sspsam.tools.golden as golden
+from sspsam.models.common.masks import official_mask_logits
 
 QUANTITIES = {
     "clip_image (from the raw images)", "word_id (from the phrases)", "clip_sentence", "phrase_attn_weights",
@@ -295,3 +296,33 @@ def test_box_targets_move_into_the_official_box_frame():
         hw.append([round(h * 1024 / m), round(w * 1024 / m)])
     got = letterbox_box_to_clip(torch.tensor(rows), torch.tensor(hw), 1024, 224)
     np.testing.assert_allclose(got.numpy(), out["pred_boxes"][:, 0], atol=3e-3)
+
+
+def test_trained_checkpoint_through_from_pretrained_matches_the_official_masks(tmp_path, monkeypatch):
+    """The user's path end to end: a checkpoint in the layout official training writes, loaded by
+    ``Segmenter.from_pretrained`` (CLIP from the weights cache, as the official test.py takes it),
+    reproduces the official masks. The fixture holds no SAM ViT-H image encoder (its outputs were made
+    from given embeddings), so the cache entry ``sam-vit-h`` is a sparse placeholder of the registered
+    size whose load is skipped: the encoder keeps its random init, which this forward never runs."""
+    import sspsam.io.weights as weights
+    from sspsam.backbones.sam import SAMBackbone
+
+    ckpt = tmp_path / "checkpoint_best_miou.pth"
+    sd = fidelity.write_trained_checkpoint("ssp_sam_224", ckpt)
+    with fidelity.pretrained_clip(tmp_path, sd):
+        del sd
+        placeholder = weights.local_path("sam-vit-h")
+        with open(placeholder, "wb") as fh:
+            fh.truncate(weights.get_spec("sam-vit-h").size)  # sparse: no disk used
+        monkeypatch.setattr(SAMBackbone, "load_checkpoint", lambda self, path: None)
+        seg = Segmenter.from_pretrained(ckpt, device="cpu", dtype="fp32")
+    assert seg.model.config["name"] == "ssp-sam-b16-h"
+    inp, ref = golden.arrays("ssp_sam_224", "inputs"), golden.arrays("ssp_sam_224", "outputs")
+    emb = golden.generate("ssp_sam_224", "inputs")["sam_image_embedding"]
+    with torch.no_grad():
+        _, _, _, out = fidelity._forward(seg.model, inp, emb)
+        pred = official_mask_logits(out["mask_logits"], seg.model.sam.img_size)
+    r = fidelity.row("ssp_sam_224", "pred_masks", pred, ref["pred_masks"], 1e-4, mask=True)
+    assert r["mask_disagreement"] == 0.0 and r["max_abs_diff"] <= 1e-4, r
+    pt = fidelity.row("ssp_sam_224", "prompt_tokens", out["prompts"], ref["prompt_tokens"], 1e-4)
+    assert pt["max_abs_diff"] <= 1e-4, pt

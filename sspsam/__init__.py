@@ -28,7 +28,7 @@ def __getattr__(name):  # keep `import sspsam` light: torch-heavy parts load on 
         from sspsam.models.build import build_model
 
         return build_model
-    if name == "onnx":  # sspsam.onnx.export_onnx / OnnxSegmenter: the ONNX export and its runtime (issue 11's name)
+    if name == "onnx":  # sspsam.onnx.export_onnx / OnnxSegmenter: the ONNX export and its runtime under a short name
         import sspsam.predict.onnx as onnx
 
         return onnx

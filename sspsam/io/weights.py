@@ -1,17 +1,5 @@
-"""The weights channel: a registry of named checkpoint files and a local, verified cache.
-
-Files live at ``<SSPSAM_HOME>/weights/<filename>`` (default ``~/.cache/sspsam``). They get there
-only through ``fetch`` (resumable HTTP download) or ``import_file`` (an offline copy), and both
-check the file before an atomic rename, so a file in the cache is never half-written.
-
-Missing weights are fetched on first use (``ensure``: what ``from_pretrained`` and the CLI call)
-unless ``SSPSAM_OFFLINE=1`` (or ``--offline``); ``SSPSAM_WEIGHTS_MIRROR=URL`` downloads every file
-as ``URL/<filename>`` instead of from the registry's address (a mirror, or a test server).
-
-Beside each file sits ``<filename>.sha256`` in ``sha256sum`` format: the digest the file had when
-it entered the cache. For a spec with a published digest it is a cheap "checked" stamp for
-``list_weights``; for a spec without one it is the only reference later checks can use
-(trust on first download), and the user is warned.
+"""The weights channel: a registry of named checkpoint files and a local, verified cache (how files
+get there and how they are checked: :mod:`sspsam.io.weights_registry`).
 
 The registry and the cache's bookkeeping are in :mod:`sspsam.io.weights_registry`, downloads and
 imports in :mod:`sspsam.io.download`; this module gathers them (the import path every caller uses).

@@ -237,3 +237,33 @@ def test_a_phrase_naming_a_non_image_file_is_still_a_phrase(tmp_path, scene_png,
     (tmp_path / "dog").write_text("a file that happens to share the phrase's name")
     r = _run("segment", scene_png, "dog", "-o", tmp_path / "o")
     assert r.exit_code == 0, r.output
+
+
+def test_shared_options_exist_alike_on_every_command():
+    """--device / --offline / --threads (and --quantize / --dtype where a model answers requests)
+    mean the same on every command that loads a model: same spelling, same default, same help."""
+    import typer.main
+
+    from sspsam.cli import common
+
+    root = typer.main.get_command(app)
+
+    def params(*path):
+        cmd = root
+        for name in path:
+            cmd = cmd.commands[name]
+        return {opt: p for p in cmd.params for opt in getattr(p, "opts", [])}
+
+    inference = [("segment",), ("ovss",), ("batch",), ("track",), ("serve",), ("evaluate",)]
+    everything = inference + [("train",), ("cache-features",)]
+    for path in everything:
+        got = params(*path)
+        for opt, help_text in (("--device", common.DEVICE_HELP), ("--offline", common.OFFLINE_HELP),
+                               ("--threads", common.THREADS_HELP)):
+            assert opt in got and got[opt].help.startswith(help_text), (path, opt)
+        assert got["--device"].default == "auto" and got["--offline"].default is False and got["--threads"].default is None
+    for path in inference:
+        got = params(*path)
+        assert got["--quantize"].help == common.QUANTIZE_HELP and got["--quantize"].default == "none", path
+        assert got["--dtype"].help.startswith(common.DTYPE_HELP) and got["--dtype"].default == "auto", path
+    assert "--offline" in params("export", "onnx")

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from sspsam.cli.common import DTYPE_HELP, check_speed_options, fail
+from sspsam.cli.common import (apply_threads, check_speed_options, device_option, dtype_option, fail, model_dtype_args,
+                               offline_mode, offline_option, quantize_option, threads_option)
 from sspsam.errors import SSPSamError
 
 
@@ -18,12 +19,15 @@ def batch(
                                            "image of a folder (and of manifest lines without their own)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder: results.jsonl (and masks/ with --png)."),
     model: str = typer.Option("shapes-demo", "--model", "-m", help="Bundled model name, variant name, checkpoint path or `sspsam export onnx` folder."),
-    device: str = typer.Option("auto", "--device", help="torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps."),
+    device: str = device_option(),
     png: bool = typer.Option(False, "--png", help="Also write one mask PNG per item, OUT/masks/<id>.png."),
     ray: bool = typer.Option(False, "--ray", help="Run on Ray Data (local, or the cluster in RAY_ADDRESS)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="With --ray: images per model call batch."),
     concurrency: int = typer.Option(1, "--concurrency", min=1, help="With --ray: model actors (each loads the model)."),
-    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP + " A resumed job should keep the first run's."),
+    dtype: str = dtype_option(" A resumed job should keep the first run's."),
+    offline: bool = offline_option(),
+    threads: Optional[int] = threads_option(),
+    quantize: str = quantize_option(),
 ) -> None:
     """Segment every (image, phrase) into OUT/results.jsonl, one COCO-RLE line each, in input order.
     Rerun the same command after an interruption: finished items are skipped, the rest appended.
@@ -42,11 +46,13 @@ def batch(
         return lambda n: bar.advance(task, n)
 
     try:
-        check_speed_options(None, "none", dtype)
+        check_speed_options(threads, quantize, dtype)
         device = str(resolve_device(device))
-        with bar:
+        apply_threads(threads)
+        with bar, offline_mode(offline):
             summary = run_batch(input, output, phrases, model=model, device=device, png=png, use_ray=ray,
-                                batch_size=batch_size, concurrency=concurrency, progress=progress, dtype=dtype)
+                                batch_size=batch_size, concurrency=concurrency, progress=progress,
+                                dtype=model_dtype_args(dtype, quantize), quantize=quantize)
     except (SSPSamError, ValueError) as exc:  # ValueError: a dtype this device cannot run
         raise fail(exc) from None
     from sspsam.cli.common import say_warning

@@ -14,7 +14,8 @@ from typing import Optional
 
 import typer
 
-from sspsam.cli.common import fail
+from sspsam.cli.common import (apply_threads, check_speed_options, device_option, fail, go_offline, offline_option,
+                               threads_option)
 from sspsam.errors import SSPSamError
 
 DTYPES = {"fp16": "float16", "float16": "float16", "fp32": "float32", "float32": "float32"}
@@ -30,7 +31,9 @@ def cache_features(
     dtype: str = typer.Option("fp16", "--dtype", help="fp16 (half the disk; losses differ from uncached training by the rounding) | fp32 (exactly the uncached losses)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per encoder forward."),
     shard_size: int = typer.Option(64, "--shard-size", help="Images per shard file (a killed run redoes at most one shard)."),
-    device: str = typer.Option("auto", "--device", help="torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps."),
+    device: str = device_option(),
+    offline: bool = offline_option(),
+    threads: Optional[int] = threads_option(" Default here: torch's own."),
 ) -> None:
     """Write SAM image embeddings of every training image once (memory-mapped .npy shards, resumable).
 
@@ -63,6 +66,10 @@ def cache_features(
         from sspsam.predict.device import resolve_device
 
         dev = str(resolve_device(device))
+        go_offline(offline)
+        if threads is not None:
+            check_speed_options(threads, "none")
+            apply_threads(threads)
 
         def progress(done: int, total: int) -> None:
             print(f"{done}/{total} rows", flush=True)

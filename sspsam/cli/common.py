@@ -152,6 +152,13 @@ def apply_threads(threads: int | None) -> None:
     runtime.set_threads(runtime.default_threads() if threads is None else threads)
 
 
+def go_offline(offline: bool) -> None:
+    """--offline for a command that loads weights deep inside a long job (training, caching,
+    export): no download for the rest of the process, as SSPSAM_OFFLINE=1 would say."""
+    if offline:
+        os.environ["SSPSAM_OFFLINE"] = "1"
+
+
 def apply_quantize(predictor, quantize: str) -> None:
     """Quantize the loaded predictor's model in place (after loading: the checkpoint holds fp32 weights)."""
     if quantize != "none":
@@ -229,6 +236,29 @@ class offline_mode:
 
 
 DEVICE_HELP = "torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps."
+OFFLINE_HELP = "Never download missing weights (also: SSPSAM_OFFLINE=1)."
+
+
+# The options every command that loads or runs a model shares: one spelling, one default and one
+# help text wherever they appear (a new instance per command, as typer wants).
+def device_option(extra: str = ""):
+    return typer.Option("auto", "--device", help=DEVICE_HELP + extra)
+
+
+def offline_option():
+    return typer.Option(False, "--offline", help=OFFLINE_HELP)
+
+
+def threads_option(extra: str = ""):
+    return typer.Option(None, "--threads", help=THREADS_HELP + extra)
+
+
+def quantize_option():
+    return typer.Option("none", "--quantize", help=QUANTIZE_HELP)
+
+
+def dtype_option(extra: str = ""):
+    return typer.Option("auto", "--dtype", help=DTYPE_HELP + extra)
 
 
 def abort(exc: Exception) -> None:

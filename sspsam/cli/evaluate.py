@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from sspsam.cli.common import DEVICE_HELP, abort, offline_mode, check_output_dir
+from sspsam.cli.common import (abort, apply_quantize, apply_threads, check_output_dir, check_speed_options, device_option,
+                               dtype_option, model_dtype_args, offline_mode, offline_option, quantize_option, threads_option)
 from sspsam.errors import SSPSamError
 
 def evaluate(
@@ -18,8 +19,11 @@ def evaluate(
     split_by: Optional[str] = typer.Option(None, "--split-by", help="refer split scheme: unc (RefCOCO/+), umd or google (RefCOCOg)."),
     output: Path = typer.Option(Path("eval"), "-o", "--output", help="Folder for metrics.json, table.md and pr_curve.png."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Stop after this many (image, sentence) samples."),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    offline: bool = typer.Option(False, "--offline", help="Never download missing weights (also: SSPSAM_OFFLINE=1)."),
+    device: str = device_option(),
+    offline: bool = offline_option(),
+    threads: Optional[int] = threads_option(),
+    quantize: str = quantize_option(),
+    dtype: str = dtype_option(),
     protocol: Optional[str] = typer.Option(None, "--protocol", help="Referring: ssp-sam (the official SSP-SAM test.py: 512x512 mask frame, its mIoU/oIoU/Pr@X, data_seg/anns or refer layout; default: sspsam's protocol at the original size). OVSS: detectron2 (default, trained protocol) | mmseg (mmseg's metric) | sclip (SCLIP's whole inference protocol + mmseg's metric)."),
     slide: bool = typer.Option(False, "--slide/--no-slide", help="OVSS only: sliding-window inference (plus a global view)."),
     class_names: Optional[Path] = typer.Option(None, "--class-names", help="--protocol sclip: SCLIP class-name file, one class per line, synonyms split by ', '."),
@@ -37,18 +41,21 @@ def evaluate(
     from sspsam.predict.segmenter import Segmenter
 
     try:
+        check_speed_options(threads, quantize, dtype)
         device = str(resolve_device(device))
+        apply_threads(threads)
     except SSPSamError as exc:
         abort(exc)
+    speed = (model_dtype_args(dtype, quantize), quantize)
     if dataset in ev.SEMSEG_DATASETS:
         sclip = {"class_names": class_names, "prob_thd": prob_thd, "area_thd": area_thd}
-        return _evaluate_ovss(model, data, dataset, split, output, max_samples, device, protocol or "detectron2", slide, sclip, offline, overrides)
+        return _evaluate_ovss(model, data, dataset, split, output, max_samples, device, protocol or "detectron2", slide, sclip, offline, overrides, speed)
     if protocol is not None:
         from sspsam.models.registry import OFFICIAL_PROTOCOL
 
         if protocol != OFFICIAL_PROTOCOL:
             abort(ValueError(f"unknown --protocol {protocol!r} for a referring dataset; use ssp-sam, or leave it out for sspsam's protocol"))
-        return _evaluate_sspsam_protocol(model, data, dataset, split, split_by, output, max_samples, device, offline, overrides)
+        return _evaluate_sspsam_protocol(model, data, dataset, split, split_by, output, max_samples, device, offline, overrides, speed)
     try:
         task = ev.task_of(dataset)
         check_output_dir(output, create=False)
@@ -60,7 +67,7 @@ def evaluate(
         else:
             ds = ev.open_dataset(dataset, data, split, 1024, split_by)
         with offline_mode(offline):
-            seg = with_overrides(Segmenter.from_pretrained(model, device=device), overrides)
+            seg = with_overrides(load(Segmenter, model, device, speed), overrides)
         ds.image_size = int(seg.model.image_size)
         with Progress(console=Console(stderr=True), transient=True) as bar:
             job = bar.add_task(escape(f"{dataset} {split}"), total=len(ds) if max_samples is None else min(len(ds), max_samples))
@@ -96,7 +103,7 @@ def with_overrides(predictor, overrides: list[str] | None):
 
 
 def _evaluate_ovss(model, data, dataset, split, output, max_samples, device, protocol, slide, sclip=None, offline=False,
-                   overrides=None) -> None:
+                   overrides=None, speed=("auto", "none")) -> None:
     import json
 
     from sspsam.io.checkpoint import atomic_write
@@ -119,7 +126,7 @@ def _evaluate_ovss(model, data, dataset, split, output, max_samples, device, pro
         check_output_dir(output, create=False)
         ds = ev.open_semseg(dataset, data, split)  # the data is checked before the model loads
         with offline_mode(offline):
-            ovss = with_overrides(OVSS.from_pretrained(model, device=device), overrides)
+            ovss = with_overrides(load(OVSS, model, device, speed), overrides)
         res = evaluate_ovss(ovss.model, ds, protocol=protocol, slide=slide, limit=max_samples, classes=classes,
                             sclip_options=sclip if protocol == "sclip" else None)
     except (SSPSamError, ValueError) as exc:
@@ -137,7 +144,8 @@ def _evaluate_ovss(model, data, dataset, split, output, max_samples, device, pro
         print(f"wrote {w}")
 
 
-def _evaluate_sspsam_protocol(model, data, dataset, split, split_by, output, max_samples, device, offline, overrides=None) -> None:
+def _evaluate_sspsam_protocol(model, data, dataset, split, split_by, output, max_samples, device, offline, overrides=None,
+                              speed=("auto", "none")) -> None:
     """``--protocol ssp-sam``: the official test.py's numbers, on the official or the refer/ReLA layout."""
     from rich.console import Console
     from rich.markup import escape
@@ -151,7 +159,7 @@ def _evaluate_sspsam_protocol(model, data, dataset, split, split_by, output, max
         if dataset not in off.DATASETS:
             raise ValueError(f"--protocol ssp-sam covers {', '.join(off.DATASETS)}, not {dataset!r}")
         with offline_mode(offline):
-            seg = with_overrides(Segmenter.from_pretrained(model, device=device), overrides)
+            seg = with_overrides(load(Segmenter, model, device, speed), overrides)
         size = getattr(getattr(seg, "model", None), "image_size", 1024)
         if is_official_layout(data):
             layout = "official data_seg/anns"
@@ -177,3 +185,14 @@ def _evaluate_sspsam_protocol(model, data, dataset, split, split_by, output, max
     print(f"{res['n']} samples ({layout} layout) in {res['seconds']:.1f} s")
     for f in files.values():
         print(f"wrote {f}")
+
+
+def load(predictor, model: str, device: str, speed: tuple[str, str]):
+    """``predictor.from_pretrained`` in the --dtype asked for, int8 where --quantize says so."""
+    dtype, quantize = speed
+    try:
+        loaded = predictor.from_pretrained(model, device=device, dtype=dtype)
+    except ValueError as exc:  # a dtype this device cannot run
+        raise SSPSamError(str(exc)) from None
+    apply_quantize(loaded, quantize)
+    return loaded

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from sspsam.cli.common import check_output_dir, fail
+from sspsam.cli.common import check_output_dir, fail, offline_mode, offline_option
 from sspsam.errors import SSPSamError
 
 app = typer.Typer(
@@ -65,6 +65,7 @@ def onnx(
     output: Path = typer.Option(..., "-o", "--output", help="Folder for the .onnx graphs and sspsam-onnx.json (created; files replaced)."),
     random_init: bool = typer.Option(False, "--random-init", help="Build a config with random weights (benchmarks, tests); useless for segmenting."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset (18 or newer: CLIP's antialiased resize needs it)."),
+    offline: bool = offline_option(),
 ) -> None:
     """Write MODEL as three ONNX graphs (SAM image encoder, CLIP image tower, text + prompt + mask
     decoder with a dynamic number of phrases) and a manifest; run them with `sspsam.predict.onnx.OnnxSegmenter`."""
@@ -78,7 +79,8 @@ def onnx(
             raise SSPSamError("the onnx package is not installed: pip install 'sspsam[onnx]'") from None
         from sspsam.predict.onnx import export_onnx
 
-        net, name, meta = load_for_export(model, random_init)
+        with offline_mode(offline):
+            net, name, meta = load_for_export(model, random_init)
         manifest = export_onnx(net, output, name=name, meta=meta, opset=opset)
     except (SSPSamError, OSError) as exc:
         raise fail(exc) from None

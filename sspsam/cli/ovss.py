@@ -12,9 +12,11 @@ from typing import Optional
 import typer
 
 from sspsam.cli.common import (
-    DTYPE_HELP,
-    QUANTIZE_HELP,
-    THREADS_HELP,
+    device_option,
+    dtype_option,
+    offline_option,
+    quantize_option,
+    threads_option,
     apply_quantize,
     apply_threads,
     check_input_file,
@@ -40,12 +42,12 @@ def ovss(
                                           "(default: the model's own classes, e.g. the bundled demo's colours)."),
     output: Path = typer.Option(Path("out"), "-o", "--output", help="Folder for <name>.ovss.json, <name>.ovss.labels.png and <name>.ovss.overlay.png."),
     model: str = typer.Option("ovss-shapes-demo", "--model", "-m", help="Bundled model, 'zeroshot' (CLIP + SAM from the weights cache), an OVSS variant or a checkpoint path."),
-    device: str = typer.Option("auto", "--device", help="torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps."),
-    offline: bool = typer.Option(False, "--offline", help="Never download missing weights (also: SSPSAM_OFFLINE=1)."),
+    device: str = device_option(),
+    offline: bool = offline_option(),
     slide: Optional[bool] = typer.Option(None, "--slide/--no-slide", help="Sliding-window inference; default: automatic for large images."),
-    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
-    quantize: str = typer.Option("none", "--quantize", help=QUANTIZE_HELP),
-    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    threads: Optional[int] = threads_option(),
+    quantize: str = quantize_option(),
+    dtype: str = dtype_option(),
 ) -> None:
     """Label every pixel with one class.
 

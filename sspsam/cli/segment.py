@@ -9,10 +9,11 @@ from typing import Optional
 import typer
 
 from sspsam.cli.common import (
-    DEVICE_HELP,
-    DTYPE_HELP,
-    QUANTIZE_HELP,
-    THREADS_HELP,
+    device_option,
+    dtype_option,
+    offline_option,
+    quantize_option,
+    threads_option,
     abort,
     offline_mode,
     apply_quantize,
@@ -61,11 +62,11 @@ def segment(
                                        "(default: such a phrase is answered 'no match', with a warning)."),
     output: Path = typer.Option(Path("out"), "-o", "--output", help="Folder for <name>.segment.json, .segment.overlay.png and .segment.mask<i>.png."),
     model: str = typer.Option("shapes-demo", "--model", "-m", help="Bundled model name, variant name, 'zeroshot', a checkpoint path or an `sspsam export onnx` folder (ONNX Runtime; see `sspsam models`)."),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    offline: bool = typer.Option(False, "--offline", help="Never download missing weights (also: SSPSAM_OFFLINE=1)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
-    quantize: str = typer.Option("none", "--quantize", help=QUANTIZE_HELP),
-    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    device: str = device_option(),
+    offline: bool = offline_option(),
+    threads: Optional[int] = threads_option(),
+    quantize: str = quantize_option(),
+    dtype: str = dtype_option(),
 ) -> None:
     """Segment what each phrase refers to.
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from sspsam.cli.common import DTYPE_HELP, check_speed_options, fail, say_dtype, say_warning
+from sspsam.cli.common import (apply_quantize, check_speed_options, device_option, dtype_option, fail, model_dtype_args,
+                               offline_option, quantize_option, say_dtype, say_warning, threads_option)
 from sspsam.errors import CheckpointError, SSPSamError
 
 DEFAULT_OVSS = "ovss-shapes-demo"
@@ -15,7 +16,7 @@ def serve(
     port: int = typer.Option(8000, "--port", "-p", help="TCP port."),
     model: str = typer.Option("shapes-demo", "--model", "-m", help="Referring model: bundled name, variant, checkpoint or `sspsam export onnx` folder."),
     ovss_model: str = typer.Option(DEFAULT_OVSS, "--ovss-model", help="OVSS model for /v1/ovss; 'none' to run without."),
-    device: str = typer.Option("auto", "--device", help="torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps."),
+    device: str = device_option(),
     queue_size: int = typer.Option(64, "--queue-size", min=1, help="Requests that may wait; beyond it: 503 + Retry-After."),
     max_batch: int = typer.Option(16, "--max-batch", min=1, help="Most queued requests the inference thread takes at once."),
     timeout_s: float = typer.Option(30.0, "--timeout", min=0.001, help="Seconds a request may wait for its answer (then 504)."),
@@ -33,8 +34,10 @@ def serve(
     autoscaling: str = typer.Option("", "--autoscaling", help="With --ray: Ray Serve autoscaling_config as JSON, e.g. "
                                     '\'{"min_replicas": 1, "max_replicas": 4}\' (replaces --replicas).'),
     replica_cpus: float = typer.Option(1.0, "--replica-cpus", min=0.0, help="With --ray: CPUs Ray reserves per replica."),
-    threads: int = typer.Option(0, "--threads", min=0, help="torch threads (per replica with --ray); 0: torch's default."),
-    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    threads: int = threads_option(" With --ray: per replica."),
+    dtype: str = dtype_option(),
+    offline: bool = offline_option(),
+    quantize: str = quantize_option(),
 ) -> None:
     """Serve POST /v1/segment, POST /v1/ovss, the web page at / and the API docs at /docs.
     One process, one inference thread that micro-batches; run several behind a proxy to scale out."""
@@ -50,6 +53,12 @@ def serve(
         if not value.strip():
             raise fail(f"{flag} is empty; give a model name or checkpoint path"
                        + (" ('none' serves without /v1/ovss)" if flag == "--ovss-model" else ""))
+    if offline:  # the whole process (and a local Ray's replicas, which inherit it) never downloads
+        import os
+
+        os.environ["SSPSAM_OFFLINE"] = "1"
+    if ray and quantize != "none":
+        raise fail("--quantize is not available with --ray (each replica loads its own model in its dtype)")
     if ray:
         return _serve_ray(host, port, model, ovss_model, device, queue_size, max_batch, timeout_s, max_upload_mb,
                           max_classes, body_timeout, upload_timeout, cors_origin, replicas, address, autoscaling, replica_cpus,
@@ -63,14 +72,16 @@ def serve(
     ovss = None
     sock = None
     try:  # cheap checks, then the port, then the models: a bad name or a busy port is one line, at once
-        check_speed_options(None, "none", dtype)
+        check_speed_options(threads, quantize, dtype)
         device = str(resolve_device(device))
         sock = bind_socket(host, port)
-        seg, _ = load_models(model, None, device, dtype)
+        seg, _ = load_models(model, None, device, model_dtype_args(dtype, quantize))
+        apply_quantize(seg, quantize)
         say_dtype(seg)
         if ovss_model.lower() != "none":
             try:
-                _, ovss = load_models(None, ovss_model, device, dtype)
+                _, ovss = load_models(None, ovss_model, device, model_dtype_args(dtype, quantize))
+                apply_quantize(ovss, quantize)
             except CheckpointError as exc:
                 if ovss_model != DEFAULT_OVSS:  # asked for by name: that is an error
                     raise

@@ -9,9 +9,12 @@ from typing import Optional
 import typer
 
 from sspsam.cli.common import (
-    DEVICE_HELP,
-    QUANTIZE_HELP,
-    THREADS_HELP,
+    dtype_option,
+    model_dtype_args,
+    device_option,
+    offline_option,
+    quantize_option,
+    threads_option,
     offline_mode,
     apply_quantize,
     apply_threads,
@@ -27,7 +30,7 @@ def track(
     text: list[str] = typer.Argument(..., help="One or more phrases, each quoted: \"the red circle\"."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder: tracks.jsonl, annotated.mp4 and job.json."),
     model: str = typer.Option("shapes-demo", "--model", "-m", help="Bundled model name, variant name, checkpoint path or `sspsam export onnx` folder."),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    device: str = device_option(),
     max_frames: Optional[int] = typer.Option(None, "--max-frames", min=1, help="Use the first N frames (default: all, "
                                              "and a video of more than 3600 frames is refused without it)."),
     image_batch_size: int = typer.Option(8, "--image-batch-size", min=1, help="Frames through the image towers at once."),
@@ -35,9 +38,10 @@ def track(
                                     "frame) keeps its id for an instance of its phrase that comes back."),
     min_score: float = typer.Option(0.25, "--min-score", min=0.0, max=1.0, help="Score an instance needs to start a "
                                     "track; lower-scored ones only continue tracks (ByteTrack's two stages)."),
-    offline: bool = typer.Option(False, "--offline", help="Never download: fail if the model is not in the cache."),
-    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
-    quantize: str = typer.Option("none", "--quantize", help=QUANTIZE_HELP),
+    offline: bool = offline_option(),
+    threads: Optional[int] = threads_option(),
+    quantize: str = quantize_option(),
+    dtype: str = dtype_option(),
 ) -> None:
     """Segment what each phrase refers to in every frame and give each object a track id that it
     keeps while it moves, crosses others and briefly disappears. Writes OUT/tracks.jsonl (one line
@@ -55,7 +59,7 @@ def track(
         return lambda n: bar.advance(task, n)
 
     try:
-        check_speed_options(threads, quantize)
+        check_speed_options(threads, quantize, dtype)
         from sspsam.predict.device import resolve_device
         from sspsam.predict.track import run_track
 
@@ -66,7 +70,7 @@ def track(
 
             apply_threads(threads)
             with offline_mode(offline):
-                seg = Segmenter.from_pretrained(model, device=dev)
+                seg = Segmenter.from_pretrained(model, device=dev, dtype=model_dtype_args(dtype, quantize))
             apply_quantize(seg, quantize)
             return seg
 

@@ -12,7 +12,8 @@ from typing import Optional
 
 import typer
 
-from sspsam.cli.common import DEVICE_HELP, abort
+from sspsam.cli.common import (abort, apply_threads, check_speed_options, device_option, go_offline, offline_option,
+                               threads_option)
 from sspsam.errors import SSPSamError
 
 SET_HELP = "Override a config value: section.key=value (repeatable; the value read as YAML, e.g. --set train.lr=1e-4)."
@@ -66,7 +67,9 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in OUT (its last.pt, model.pt, log.jsonl, tb/) once the data and model are accepted."),
     ckpt_every: int = typer.Option(500, "--ckpt-every", help="Steps between atomic checkpoints."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (autocast)."),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP + " Under torchrun each rank uses its local GPU."),
+    device: str = device_option(" Under torchrun each rank uses its local GPU."),
+    offline: bool = offline_option(),
+    threads: Optional[int] = threads_option(" Default for training: torch's own."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimiser step."),
     total_steps: Optional[int] = typer.Option(None, "--total-steps", help="Length of the LR schedule (default: --steps); keep it fixed across resumes."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (default 3407 for SSP-SAM, as the official recipe; 0 for ESC-Net / SAM-MI)."),
@@ -89,6 +92,10 @@ def train(
         if ckpt_every < 1:
             raise SSPSamError(f"--ckpt-every must be >= 1, got {ckpt_every}")
         dev = str(resolve_device(device))
+        go_offline(offline)
+        if threads is not None:
+            check_speed_options(threads, "none")
+            apply_threads(threads)
         common = dict(resume=resume, overwrite=overwrite, precision=precision, device=dev, grad_accum=grad_accum, total_steps=total_steps,
                       progress=True, cached_features=cached_features)
         if method.task == registry.OVSS:

@@ -305,16 +305,30 @@ class _InOrderWriter:
             pass
 
 
+def load_segmenter(model: str, device: str, dtype: str = "auto", quantize: str = "none"):
+    """The job's Segmenter (in the local process or a Ray actor alike), int8 where asked."""
+    from sspsam.errors import SSPSamError
+    from sspsam.predict.segmenter import Segmenter
+
+    seg = Segmenter.from_pretrained(model, device=device, dtype=dtype)
+    if quantize != "none":
+        import sspsam.backbones.runtime as runtime
+
+        if seg.device.type != "cpu" or not any(True for _ in seg.model.parameters()):
+            raise SSPSamError("--quantize int8 applies to PyTorch models on the CPU")
+        runtime.quantize(seg.model, quantize)
+    return seg
+
+
 class SegmentCallable:
     """Ray Data's model holder: one Segmenter per actor, reused for every batch of units it gets."""
 
-    def __init__(self, model: str, device: str, out_dir: str, png: bool, threads: int, dtype: str = "auto"):
+    def __init__(self, model: str, device: str, out_dir: str, png: bool, threads: int, dtype: str = "auto",
+                 quantize: str = "none"):
         import torch
 
-        from sspsam.predict.segmenter import Segmenter
-
         torch.set_num_threads(threads)  # as many as the local run, so the numbers match it
-        self.seg = Segmenter.from_pretrained(model, device=device, dtype=dtype)
+        self.seg = load_segmenter(model, device, dtype, quantize)
         self.out_dir, self.png = Path(out_dir), png
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -346,9 +360,11 @@ def run_batch(
     concurrency: int = 1,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
     dtype: str = "auto",
+    quantize: str = "none",
 ) -> Summary:
     """Run (or resume) a job. ``progress(total, already_done)`` returns an ``advance(n)`` callback.
-    ``dtype`` as for :class:`~sspsam.predict.segmenter.Segmenter`."""
+    ``dtype`` as for :class:`~sspsam.predict.segmenter.Segmenter`; ``quantize``: 'int8' for
+    dynamic int8 Linear layers on a CPU (:func:`sspsam.backbones.runtime.quantize`)."""
     if use_ray:
         import importlib.util
 
@@ -366,9 +382,7 @@ def run_batch(
     total = sum(len(u.items) for u in units)
     seg = None
     if pending and not use_ray:
-        from sspsam.predict.segmenter import Segmenter
-
-        seg = Segmenter.from_pretrained(model, device=device, dtype=dtype)
+        seg = load_segmenter(model, device, dtype, quantize)
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -377,7 +391,7 @@ def run_batch(
     writer = _InOrderWriter(results, pending, done, advance)
     try:
         if pending and use_ray:
-            _run_ray(pending, writer, model, device, output, png, batch_size, concurrency, dtype)
+            _run_ray(pending, writer, model, device, output, png, batch_size, concurrency, dtype, quantize)
         elif pending:
             for unit in pending:
                 writer.put(unit.index, segment_unit(seg, unit, output, png))
@@ -387,7 +401,7 @@ def run_batch(
 
 
 def _run_ray(pending: list[Unit], writer: _InOrderWriter, model: str, device: str, output: Path, png: bool,
-             batch_size: int, concurrency: int, dtype: str = "auto") -> None:
+             batch_size: int, concurrency: int, dtype: str = "auto", quantize: str = "none") -> None:
     import ray
     import torch
 
@@ -401,7 +415,8 @@ def _run_ray(pending: list[Unit], writer: _InOrderWriter, model: str, device: st
         ds = ds.map_batches(
             SegmentCallable,
             fn_constructor_kwargs={"model": model, "device": device, "out_dir": str(output.resolve()), "png": png,
-                                   "threads": torch.get_num_threads(), "dtype": dtype},
+                                   "threads": torch.get_num_threads(), "dtype": dtype,
+                                   "quantize": quantize},
             concurrency=concurrency,
             batch_size=batch_size,
             batch_format="numpy",

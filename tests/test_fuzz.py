@@ -968,3 +968,51 @@ def test_disk_full_leaves_nothing(tmp_path, valid_png, monkeypatch):
         res = runner.invoke(app, [*args, "-o", str(tmp_path / f"{name}-ok")])
         assert res.exit_code == 0 and len(list((tmp_path / f"{name}-ok").iterdir())) == n_files
     assert not FAILURES, "\n".join(FAILURES)
+
+
+def test_train_on_a_full_disk_leaves_no_run(refer_template, tmp_path, monkeypatch):
+    """A fresh `train` whose first checkpoint cannot be written (the disk is full: torch's writer
+    fails, or the fsync) leaves no run folder: no log.jsonl, no TensorBoard events."""
+    import errno
+    import os
+
+    import torch
+    from typer.testing import CliRunner
+
+    from sspsam.cli.main import app
+
+    def save_fails(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 64 vs 0 file write failed")
+
+    def fsync_fails(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for name, target, fake in (("save", torch, save_fails), ("fsync", os, fsync_fails)):
+        out = tmp_path / f"run-{name}"
+        with monkeypatch.context() as m:
+            m.setattr(target, "save" if name == "save" else "fsync", fake)
+            r = CliRunner().invoke(app, ["train", "ssp-sam-tiny", "--data", str(refer_template), "--out", str(out),
+                                         "--steps", "2", "--batch-size", "2", "--device", "cpu", "--ckpt-every", "1"])
+        assert r.exit_code == 2 and r.stderr.count("error:") == 1, r.output
+        assert "cannot write" in r.stderr and not out.exists(), sorted(out.rglob("*"))
+
+
+def test_work_bound_family_on_the_command_line(tmp_path, valid_png, monkeypatch):
+    """1,000 class names: one named error before any model work, nothing written."""
+    from typer.testing import CliRunner
+
+    from sspsam.cli.main import app
+
+    _cache_bundled(monkeypatch)
+    src = tmp_path / "img.png"
+    src.write_bytes(valid_png)
+    out = tmp_path / "out"
+    for n, limit, needle in ((1000, None, "at most 256"), (250, "1", "SSPSAM_MAX_OVSS_GFLOP")):
+        if limit is not None:
+            monkeypatch.setenv("SSPSAM_MAX_OVSS_GFLOP", limit)
+            _BUNDLED_CACHE.pop("ovss-shapes-demo", None)  # the limit is read when the predictor is made
+        classes = ",".join(f"class {i}" for i in range(n))
+        r = CliRunner().invoke(app, ["ovss", str(src), "--classes", classes, "-o", str(out)])
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and needle in r.stderr, r.output
+        assert not out.exists()
+    _BUNDLED_CACHE.pop("ovss-shapes-demo", None)

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from sspsam.engine import state as st
-from sspsam.errors import CheckpointError, OptionError
+from sspsam.errors import CheckpointError, OptionError, OutputError
 from sspsam.io.checkpoint import atomic_write, load_into, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -407,11 +407,19 @@ class _Run:
         if not self.is_main or self.world > 1:
             return
         self.close_logs()
-        if self.state is None and self.fresh_steps == 0:  # nothing done: leave nothing behind
+        fresh = self.state is None
+        unsaved = fresh and not self.last_path.is_file()
+        # nothing done, or a full disk before the first checkpoint: nothing to resume, so leave nothing behind
+        if fresh and (self.fresh_steps == 0 or (unsaved and isinstance(exc, OutputError))):
             st.remove_run(self.out_dir, keep=self.earlier, remove_dir=self.created_dir)
             return
         if self.o.ckpt_every and between["step"] != self.saved_at:
-            self.save_state(between)
+            try:
+                self.save_state(between)
+            except OutputError:  # the disk is full: a run with no checkpoint is no run
+                if unsaved:
+                    st.remove_run(self.out_dir, keep=self.earlier, remove_dir=self.created_dir)
+                raise
         if isinstance(exc, Exception) and exc.args and isinstance(exc.args[0], str):
             exc.args = (f"{exc.args[0]} (training stopped; the run is saved at step {between['step']}: "
                         f"fix the cause and continue with --resume)",) + exc.args[1:]

@@ -160,15 +160,21 @@ def go_offline(offline: bool) -> None:
 
 
 def apply_quantize(predictor, quantize: str) -> None:
-    """Quantize the loaded predictor's model in place (after loading: the checkpoint holds fp32 weights)."""
-    if quantize != "none":
-        import sspsam.backbones.runtime as runtime
+    """--quantize on a loaded predictor (:func:`sspsam.predict.precision.quantize_predictor`)."""
+    from sspsam.predict.precision import quantize_predictor
 
-        if predictor.device.type != "cpu":
-            raise SSPSamError(f"--quantize int8 runs on CPU only; the model is on {predictor.device} (add --device cpu)")
-        if not any(True for _ in predictor.model.parameters()):
-            raise SSPSamError("--quantize int8 applies to PyTorch models; an ONNX export runs its graphs in fp32")
-        runtime.quantize(predictor.model, quantize)
+    quantize_predictor(predictor, quantize)
+
+
+def load_predictor(predictor, model: str, device: str, dtype: str = "auto", quantize: str = "none"):
+    """``predictor.from_pretrained`` in --dtype (auto turns fp32 under --quantize int8), int8 where
+    --quantize says; a dtype the device cannot run is a one-line error, not a traceback."""
+    try:
+        loaded = predictor.from_pretrained(model, device=device, dtype=model_dtype_args(dtype, quantize))
+    except ValueError as exc:  # fp16 on a CPU torch without it, say
+        raise SSPSamError(str(exc)) from None
+    apply_quantize(loaded, quantize)
+    return loaded
 
 
 _ARGV: "contextvars.ContextVar[list[str]]" = contextvars.ContextVar("sspsam_argv", default=[])

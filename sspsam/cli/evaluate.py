@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from sspsam.cli.common import (abort, apply_quantize, apply_threads, check_output_dir, check_speed_options, device_option,
-                               dtype_option, model_dtype_args, offline_mode, offline_option, quantize_option, threads_option)
+from sspsam.cli.common import (abort, apply_threads, check_output_dir, check_speed_options, device_option,
+                               dtype_option, load_predictor, offline_mode, offline_option, quantize_option, threads_option)
 from sspsam.errors import SSPSamError
 
 def evaluate(
@@ -46,7 +46,7 @@ def evaluate(
         apply_threads(threads)
     except SSPSamError as exc:
         abort(exc)
-    speed = (model_dtype_args(dtype, quantize), quantize)
+    speed = (dtype, quantize)
     if dataset in ev.SEMSEG_DATASETS:
         sclip = {"class_names": class_names, "prob_thd": prob_thd, "area_thd": area_thd}
         return _evaluate_ovss(model, data, dataset, split, output, max_samples, device, protocol or "detectron2", slide, sclip, offline, overrides, speed)
@@ -67,7 +67,7 @@ def evaluate(
         else:
             ds = ev.open_dataset(dataset, data, split, 1024, split_by)
         with offline_mode(offline):
-            seg = with_overrides(load(Segmenter, model, device, speed), overrides)
+            seg = with_overrides(load_predictor(Segmenter, model, device, *speed), overrides)
         ds.image_size = int(seg.model.image_size)
         with Progress(console=Console(stderr=True), transient=True) as bar:
             job = bar.add_task(escape(f"{dataset} {split}"), total=len(ds) if max_samples is None else min(len(ds), max_samples))
@@ -126,7 +126,7 @@ def _evaluate_ovss(model, data, dataset, split, output, max_samples, device, pro
         check_output_dir(output, create=False)
         ds = ev.open_semseg(dataset, data, split)  # the data is checked before the model loads
         with offline_mode(offline):
-            ovss = with_overrides(load(OVSS, model, device, speed), overrides)
+            ovss = with_overrides(load_predictor(OVSS, model, device, *speed), overrides)
         res = evaluate_ovss(ovss.model, ds, protocol=protocol, slide=slide, limit=max_samples, classes=classes,
                             sclip_options=sclip if protocol == "sclip" else None)
     except (SSPSamError, ValueError) as exc:
@@ -159,7 +159,7 @@ def _evaluate_sspsam_protocol(model, data, dataset, split, split_by, output, max
         if dataset not in off.DATASETS:
             raise ValueError(f"--protocol ssp-sam covers {', '.join(off.DATASETS)}, not {dataset!r}")
         with offline_mode(offline):
-            seg = with_overrides(load(Segmenter, model, device, speed), overrides)
+            seg = with_overrides(load_predictor(Segmenter, model, device, *speed), overrides)
         size = getattr(getattr(seg, "model", None), "image_size", 1024)
         if is_official_layout(data):
             layout = "official data_seg/anns"
@@ -185,14 +185,3 @@ def _evaluate_sspsam_protocol(model, data, dataset, split, split_by, output, max
     print(f"{res['n']} samples ({layout} layout) in {res['seconds']:.1f} s")
     for f in files.values():
         print(f"wrote {f}")
-
-
-def load(predictor, model: str, device: str, speed: tuple[str, str]):
-    """``predictor.from_pretrained`` in the --dtype asked for, int8 where --quantize says so."""
-    dtype, quantize = speed
-    try:
-        loaded = predictor.from_pretrained(model, device=device, dtype=dtype)
-    except ValueError as exc:  # a dtype this device cannot run
-        raise SSPSamError(str(exc)) from None
-    apply_quantize(loaded, quantize)
-    return loaded

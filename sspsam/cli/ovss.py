@@ -17,14 +17,13 @@ from sspsam.cli.common import (
     offline_option,
     quantize_option,
     threads_option,
-    apply_quantize,
     apply_threads,
     check_input_file,
     check_output_dir,
     check_speed_options,
     dtype_of,
     fail,
-    model_dtype_args,
+    load_predictor,
     output_stem,
     say_dtype,
     say_warning,
@@ -70,16 +69,12 @@ def ovss(
         check_output_dir(output, create=False)
         apply_threads(threads)
         with offline_mode(offline):
-            try:
-                seg = OVSS.from_pretrained(model, device=str(dev), dtype=model_dtype_args(dtype, quantize))
-            except ValueError as exc:  # a dtype this device cannot run
-                raise SSPSamError(str(exc)) from None
+            seg = load_predictor(OVSS, model, str(dev), dtype, quantize)
         seg.surface = "cli"
         names = clean_classes(seg._classes_or_default(names))
         if len(names) > 256:
             raise SSPSamError(f"{len(names)} classes do not fit an 8-bit label PNG; give at most 256")
         load_image(rgb, len(names))  # the pixels × classes budget, now that the classes are known
-        apply_quantize(seg, quantize)
         say_dtype(seg)
         res = seg.segment(rgb, names, slide=slide)
     except SSPSamError as exc:

@@ -16,13 +16,12 @@ from sspsam.cli.common import (
     threads_option,
     abort,
     offline_mode,
-    apply_quantize,
     apply_threads,
     check_input_file,
     check_output_dir,
     check_speed_options,
     dtype_of,
-    model_dtype_args,
+    load_predictor,
     output_stem,
     say_dtype,
     say_warning,
@@ -99,24 +98,13 @@ def segment(
         check_output_dir(output, create=False)
         apply_threads(threads)
         with offline_mode(offline):
-            seg = _load(model, str(dev), model_dtype_args(dtype, quantize))
-        apply_quantize(seg, quantize)
+            seg = load_predictor(Segmenter, model, str(dev), dtype, quantize)
         seg.surface = "cli"
         say_dtype(seg)
         res = seg.segment(rgb, phrases, **({"allow_unknown_words": True} if allow_unknown else {}))
     except SSPSamError as exc:
         abort(exc)
     _write_segment(image, output, seg.name, rgb, res, dtype_of(seg))
-
-
-def _load(model: str, device: str, dtype: str):
-    """The Segmenter in ``dtype``; a dtype the device cannot run is a one-line error, not a traceback."""
-    from sspsam.predict.segmenter import Segmenter
-
-    try:
-        return Segmenter.from_pretrained(model, device=device, dtype=dtype)
-    except ValueError as exc:  # an unsupported dtype on this device (fp16 on a CPU torch without it)
-        raise SSPSamError(str(exc)) from None
 
 
 def _write_segment(image: Path, output: Path, model_name: str, rgb, res, dtype: str = "float32") -> None:

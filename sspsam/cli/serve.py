@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from sspsam.cli.common import (apply_quantize, check_speed_options, device_option, dtype_option, fail, model_dtype_args,
+from sspsam.cli.common import (apply_quantize, check_speed_options, device_option, dtype_option, fail, go_offline,
+                               model_dtype_args,
                                offline_option, quantize_option, say_dtype, say_warning, threads_option)
 from sspsam.errors import CheckpointError, SSPSamError
 
@@ -53,10 +54,7 @@ def serve(
         if not value.strip():
             raise fail(f"{flag} is empty; give a model name or checkpoint path"
                        + (" ('none' serves without /v1/ovss)" if flag == "--ovss-model" else ""))
-    if offline:  # the whole process (and a local Ray's replicas, which inherit it) never downloads
-        import os
-
-        os.environ["SSPSAM_OFFLINE"] = "1"
+    go_offline(offline)  # the whole process (and a local Ray's replicas, which inherit it)
     if ray and quantize != "none":
         raise fail("--quantize is not available with --ray (each replica loads its own model in its dtype)")
     if ray:

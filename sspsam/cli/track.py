@@ -10,13 +10,12 @@ import typer
 
 from sspsam.cli.common import (
     dtype_option,
-    model_dtype_args,
+    load_predictor,
     device_option,
     offline_option,
     quantize_option,
     threads_option,
     offline_mode,
-    apply_quantize,
     apply_threads,
     check_speed_options,
     fail,
@@ -70,9 +69,7 @@ def track(
 
             apply_threads(threads)
             with offline_mode(offline):
-                seg = Segmenter.from_pretrained(model, device=dev, dtype=model_dtype_args(dtype, quantize))
-            apply_quantize(seg, quantize)
-            return seg
+                return load_predictor(Segmenter, model, dev, dtype, quantize)
 
         with bar:
             summary = run_track(video, output, text, load, model=model, max_frames=max_frames,

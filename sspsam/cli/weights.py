@@ -48,19 +48,6 @@ def _run(fn: Callable[[], T]) -> T:
         raise typer.Exit(130) from None
 
 
-def _human(size: int | None) -> str:
-    if size is None:
-        return "?"
-    if size < 1000:
-        return f"{size} B"
-    value, unit = size / 1000, "KB"
-    for bigger in ("MB", "GB"):
-        if value < 1000:
-            break
-        value, unit = value / 1000, bigger
-    return f"{value:.1f} {unit}"
-
-
 @app.command("list")
 def list_cmd() -> None:
     """Show every registered checkpoint, whether it is cached, and its check status.
@@ -84,7 +71,7 @@ def list_cmd() -> None:
     for row in weights.list_weights():
         style = _STATUS_STYLE.get(row["status"], "red")
         table.add_row(
-            row["name"], row["kind"], _human(row["size"]), f"[{style}]{row['status']}[/]", row["licence"]
+            row["name"], row["kind"], weights.human_size(row["size"]), f"[{style}]{row['status']}[/]", row["licence"]
         )
     from sspsam.io.hub import cache_dir, cached_models
 
@@ -92,7 +79,7 @@ def list_cmd() -> None:
     if hub:
         table.add_section()
         for row in hub:
-            table.add_row(row["name"], "hub", _human(row["size"]), "[green]cached[/]", "see its model card")
+            table.add_row(row["name"], "hub", weights.human_size(row["size"]), "[green]cached[/]", "see its model card")
     Console().print(table)
     if hub:
         Console().print(Text(f"hub checkpoints from {cache_dir()}"))

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sspsam.io.weights import WeightsError
+from sspsam.io.weights import WeightsError, human_size
 
 PREFIX = "hf-hub:"
 #: files a repository listing offers as model checkpoints
@@ -83,16 +83,6 @@ def _repo_cache(hub: HubName) -> Path:
     return cache_dir() / ("models--" + hub.repo_id.replace("/", "--"))
 
 
-def _human(size: int | None) -> str:
-    if size is None:
-        return "? B"
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return ""
-
-
 def _explain(hub: HubName, exc: Exception) -> HubError:
     """huggingface_hub's many error types → one line that names the repository and the fix."""
     import huggingface_hub.errors as e
@@ -150,7 +140,7 @@ def choose(hub: HubName) -> HubName:
     if not files:
         raise HubError(f"{hub}: repository {hub.repo_id} holds no checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)})")
     if len(files) > 1:
-        listed = "; ".join(f"{p} ({_human(s)})" for p, s in files[:12]) + (f"; … {len(files) - 12} more" if len(files) > 12 else "")
+        listed = "; ".join(f"{p} ({human_size(s)})" for p, s in files[:12]) + (f"; … {len(files) - 12} more" if len(files) > 12 else "")
         raise HubError(f"{hub}: repository {hub.repo_id} holds {len(files)} checkpoints, name one as "
                        f"{PREFIX}{hub.repo_id}/PATH: {listed}")
     return HubName(hub.repo_id, files[0][0], hub.revision)
@@ -270,7 +260,7 @@ def model_card(ckpt: dict, hub: HubName, folder: Path | None, sha256: str, comma
     external = ckpt.get("external_backbones") or []
     lines += ["", "## Files", "", f"- `{CHECKPOINT_NAME}`: sha256 `{sha256}`"]
     if external:
-        lines += [f"- backbones loaded from sspsam's weights cache on first use: "
+        lines += ["- backbones loaded from sspsam's weights cache on first use: "
                   + ", ".join(f"`{cfg[p].get('weights')}`" for p in external if isinstance(cfg.get(p), dict))]
     lines += ["", "## Config", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)

@@ -296,6 +296,21 @@ def overlay(image: np.ndarray, masks: list[np.ndarray], labels: list[str] | None
     return _beside(img, _legend_panel(rows, h, fnt, line))
 
 
+def wrap_words(words: list[str], fnt, width: float, draw: ImageDraw.ImageDraw) -> list[str]:
+    """Lines of ``words`` that fit ``width`` pixels in ``fnt`` (a word longer than the width gets a
+    line of its own rather than being cut)."""
+    lines, cur = [], ""
+    for word in words:
+        trial = f"{cur} {word}".strip()
+        if cur and draw.textlength(trial, font=fnt) > width:
+            lines.append(cur)
+            cur = word
+        else:
+            cur = trial
+    lines.append(cur)
+    return lines
+
+
 def warning_banner(img: Image.Image, warnings: list[str]) -> Image.Image:
     """The result's warnings written across the top of the picture on an amber strip, so a frame
     read without its JSON (a video, a screenshot) still says its masks are not to be trusted.
@@ -306,15 +321,7 @@ def warning_banner(img: Image.Image, warnings: list[str]) -> Image.Image:
     fnt = font(max(10, size * 2 // 3))
     draw = ImageDraw.Draw(img)
     pad = max(2, line)
-    words, lines, cur = " ".join(warnings).split(), [], ""
-    for word in words:  # wrap to the picture's width
-        trial = f"{cur} {word}".strip()
-        if cur and draw.textlength(trial, font=fnt) > img.width - 2 * pad:
-            lines.append(cur)
-            cur = word
-        else:
-            cur = trial
-    lines.append(cur)
+    lines = wrap_words(" ".join(warnings).split(), fnt, img.width - 2 * pad, draw)
     asc, desc = fnt.getmetrics() if hasattr(fnt, "getmetrics") else (10, 2)
     step = asc + desc
     room = max(1, (img.height // 3) // step)  # at most a third of the picture
@@ -372,17 +379,8 @@ def with_banner(img: Image.Image, warnings: list[str], max_lines: int = 8) -> Im
     fnt = font(size)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     margin = max(6, size // 2)
-    lines: list[str] = []
-    for w in warnings:
-        words, cur = ("warning: " + w).split(" "), ""
-        for word in words:
-            nxt = f"{cur} {word}".strip()
-            if cur and probe.textlength(nxt, font=fnt) > img.width - 2 * margin:
-                lines.append(cur)
-                cur = word
-            else:
-                cur = nxt
-        lines.append(cur)
+    width = img.width - 2 * margin
+    lines = [line for w in warnings for line in wrap_words(("warning: " + w).split(" "), fnt, width, probe)]
     if len(lines) > max_lines:
         lines = lines[: max_lines - 1] + [f"… ({len(warnings)} warnings in all: see the JSON)"]
     asc, desc = fnt.getmetrics() if hasattr(fnt, "getmetrics") else (size, 2)

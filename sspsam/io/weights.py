@@ -28,6 +28,7 @@ from sspsam.io.weights_registry import (  # noqa: F401 (re-exported)
     find,
     fsync_dir,
     get_spec,
+    human_size,
     list_weights,
     local_path,
     offline,

@@ -275,6 +275,20 @@ def status(name: str) -> str:
     return "verified" if recorded == spec.sha256 else "corrupt"
 
 
+def human_size(size: int | None) -> str:
+    """Bytes as people read them ("375.0 MB"), in decimal units as download sizes are given."""
+    if size is None:
+        return "?"
+    if size < 1000:
+        return f"{size} B"
+    value, unit = size / 1000, "KB"
+    for bigger in ("MB", "GB"):
+        if value < 1000:
+            break
+        value, unit = value / 1000, bigger
+    return f"{value:.1f} {unit}"
+
+
 def list_weights() -> list[dict]:
     """One row per registered name: name, kind, size, present, path, status, licence."""
     rows = []

@@ -307,16 +307,11 @@ class _InOrderWriter:
 
 def load_segmenter(model: str, device: str, dtype: str = "auto", quantize: str = "none"):
     """The job's Segmenter (in the local process or a Ray actor alike), int8 where asked."""
-    from sspsam.errors import SSPSamError
+    from sspsam.predict.precision import quantize_predictor
     from sspsam.predict.segmenter import Segmenter
 
     seg = Segmenter.from_pretrained(model, device=device, dtype=dtype)
-    if quantize != "none":
-        import sspsam.backbones.runtime as runtime
-
-        if seg.device.type != "cpu" or not any(True for _ in seg.model.parameters()):
-            raise SSPSamError("--quantize int8 applies to PyTorch models on the CPU")
-        runtime.quantize(seg.model, quantize)
+    quantize_predictor(seg, quantize)
     return seg
 
 

@@ -3,6 +3,9 @@ whether the files it needs are already on this machine (no hashing, no network).
 
 from __future__ import annotations
 
+#: the SSP-SAM authors' Hugging Face repository (their trained checkpoints and processed annotations)
+OFFICIAL_HUB = "hf-hub:wayneicloud/SSP-SAM"
+
 
 def _weights_state(names: list[str]) -> str:
     import sspsam.io.weights as weights
@@ -47,6 +50,3 @@ def catalog() -> list[dict]:
               "weights": f"the authors' released SSP-SAM checkpoints; -m {OFFICIAL_HUB} lists them"}]
     return rows
 
-
-#: the SSP-SAM authors' Hugging Face repository (their trained checkpoints and processed annotations)
-OFFICIAL_HUB = "hf-hub:wayneicloud/SSP-SAM"

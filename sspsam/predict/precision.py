@@ -146,6 +146,21 @@ def resolve_dtype(dtype) -> torch.dtype:
     return dtype
 
 
+def quantize_predictor(predictor, mode: str) -> None:
+    """Quantize a loaded predictor's model in place ('none' leaves it): after loading, since the
+    checkpoint holds fp32 weights; CPU PyTorch models only (an ONNX export runs its own graphs)."""
+    if mode == "none":
+        return
+    import sspsam.backbones.runtime as runtime
+    from sspsam.errors import SSPSamError
+
+    if predictor.device.type != "cpu":
+        raise SSPSamError(f"--quantize int8 runs on CPU only; the model is on {predictor.device} (add --device cpu)")
+    if not any(True for _ in predictor.model.parameters()):
+        raise SSPSamError("--quantize int8 applies to PyTorch models; an ONNX export runs its graphs in fp32")
+    runtime.quantize(predictor.model, mode)
+
+
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)) or "Norm" in type(module).__name__
 

@@ -17,12 +17,11 @@ import time
 
 import pytest
 
-pytest.importorskip("ray.serve")
-httpx = pytest.importorskip("httpx")
+import httpx
+import ray.serve  # noqa: F401 — the [dev] extras install it: a missing Ray Serve fails here, never skips
+from PIL import Image
 
-from PIL import Image  # noqa: E402
-
-from sspsam.data.shapes import make_scene  # noqa: E402
+from sspsam.data.shapes import make_scene
 
 CLI = "from sspsam.cli.main import app; app(prog_name='sspsam')"
 pytestmark = pytest.mark.slow
